@@ -1,0 +1,1 @@
+"""(placeholder: the kernels land here; see registry.py for the contract)"""

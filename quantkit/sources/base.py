@@ -1,0 +1,62 @@
+"""The contract every source implements: lazy tensors, one in memory at a time.
+
+A ``TensorRef`` describes a tensor without reading it; ``load()`` reads it and
+returns a C-contiguous float32 numpy array of ``shape`` (numpy / row-major
+order, i.e. HF order ``(out_features, in_features)``; GGUF sources give the
+reversed ggml ``ne``). Sources never hold more than the tensor being loaded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    name: str
+    shape: tuple[int, ...]
+    # Storage dtype in the source: "F32", "F16", "BF16" for checkpoints; any
+    # GGML type name ("Q8_0", "Q4_K", ...) for GGUF sources.
+    dtype: str
+    loader: Callable[[], np.ndarray] = field(repr=False, compare=False)
+
+    def load(self) -> np.ndarray:
+        """Read the tensor now; float32, C-contiguous, of ``self.shape``."""
+        arr = self.loader()
+        if arr.dtype != np.float32:
+            arr = arr.astype(np.float32)
+        arr = np.ascontiguousarray(arr)
+        if tuple(arr.shape) != tuple(self.shape):
+            arr = arr.reshape(self.shape)
+        return arr
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= int(d)
+        return n
+
+
+class Source:
+    """A model on disk. Subclasses: HFDirSource (config.json + weights), GGUFSource."""
+
+    kind: str = "?"  # "hf" or "gguf"
+    path: Path
+    name: str  # model name used for default output names and general.name
+
+    def tensors(self) -> Iterator[TensorRef]:
+        """Every tensor, lazily, in a stable order."""
+        raise NotImplementedError
+
+    def close(self) -> None:  # pragma: no cover - trivial default
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
