@@ -1,0 +1,412 @@
+"""GGUF -> Hugging Face checkpoint (``quantkit export``): the way back.
+
+    export_gguf("model.gguf", "out_dir", dtype="bf16")
+
+Writes, into a temporary directory renamed into place only on success:
+  model.safetensors      dequantized tensors with HF names, streamed one at a
+                         time (header first, then each tensor's bytes)
+  config.json            LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM
+  tokenizer.json         rebuilt from the GGUF vocabulary (byte-level BPE)
+  tokenizer_config.json  special tokens, add_bos/add_eos, chat template
+
+For ``llama`` the Q/K row permutation llama.cpp's converter applies
+(conversion/llama.py ``LlamaModel.permute``) is undone. Keys that the GGUF
+lacks are left out of config.json / tokenizer_config.json so that converting
+the export again reproduces the same GGUF metadata.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from gguf import GGMLQuantizationType, TokenType
+
+from .errors import InputError, OutputError, QuantkitError, UnsupportedError
+from .inspect import GGUFHeader, TensorInfo, read_header
+
+# GGUF architecture -> (HF architectures[0], model_type, undo Q/K permutation)
+ARCHS: dict[str, tuple[str, str, bool]] = {
+    "llama": ("LlamaForCausalLM", "llama", True),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3", False),
+}
+
+# GGUF tensor name -> HF name (the inverse of gguf-py's TensorNameMap for these archs).
+TOP_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+_TOP_RE = re.compile(r"^([a-z_]+)\.(weight|bias)$")
+
+# config.json key <- GGUF key (prefixed by "<arch>.") and a converter
+HPARAMS: list[tuple[str, str, Callable[[Any], Any]]] = [
+    ("hidden_size", "embedding_length", int),
+    ("intermediate_size", "feed_forward_length", int),
+    ("num_hidden_layers", "block_count", int),
+    ("num_attention_heads", "attention.head_count", int),
+    ("num_key_value_heads", "attention.head_count_kv", int),
+    ("rms_norm_eps", "attention.layer_norm_rms_epsilon", lambda v: float(str(np.float32(v)))),
+    ("rope_theta", "rope.freq_base", lambda v: float(str(np.float32(v)))),
+    ("max_position_embeddings", "context_length", int),
+    ("head_dim", "attention.key_length", int),
+    ("sliding_window", "attention.sliding_window", int),
+]
+
+# safetensors dtype name, numpy storage dtype, torch_dtype name
+DTYPES: dict[str, tuple[str, str, str]] = {
+    "bf16": ("BF16", "<u2", "bfloat16"),
+    "f16": ("F16", "<f2", "float16"),
+    "f32": ("F32", "<f4", "float32"),
+}
+
+# tokenizer.ggml.pre -> builder of the HF pre-tokenizer (and BPE options)
+def _pre_smollm():
+    from tokenizers import pre_tokenizers as pt
+
+    return pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+
+
+PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
+    "smollm": {"pre": _pre_smollm, "ignore_merges": False, "normalizer": None},
+}
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    arch: str
+    n_tensors: int
+    n_params: int
+    dtype: str
+    files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- tensors
+
+def hf_tensor_name(gguf_name: str) -> str:
+    m = _BLOCK_RE.match(gguf_name)
+    if m and m.group(2) in BLOCK_NAMES:
+        return f"model.layers.{m.group(1)}.{BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    m = _TOP_RE.match(gguf_name)
+    if m and m.group(1) in TOP_NAMES:
+        return f"{TOP_NAMES[m.group(1)]}.{m.group(2)}"
+    raise UnsupportedError(f"tensor {gguf_name!r} has no Hugging Face name quantkit knows (export supports llama, qwen2, qwen3)")
+
+
+def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's ``LlamaModel.permute(w, n_head, n_head)`` on rows."""
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise InputError(f"cannot undo the Q/K permutation: {rows} rows for {n_head} heads")
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's ``LlamaModel.permute`` (conversion/llama.py), for tests and symmetry."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def dequantize_tensor(hdr: GGUFHeader, t: TensorInfo) -> np.ndarray:
+    """float32 array of ``t.shape`` (numpy order), decoded from the file."""
+    raw = np.asarray(hdr.tensor_data(t))
+    shape = t.shape
+    try:
+        from . import quant
+
+        return np.asarray(quant.dequantize(raw, t.qtype, shape), dtype=np.float32).reshape(shape)
+    except (NotImplementedError, UnsupportedError):
+        pass
+    from gguf import quants as gq
+
+    try:
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        out = gq.dequantize(raw.reshape(rows, -1), t.qtype)
+    except NotImplementedError:
+        raise UnsupportedError(f"tensor {t.name!r}: cannot decode type {t.qtype.name}") from None
+    return np.ascontiguousarray(out, dtype=np.float32).reshape(shape)
+
+
+def _to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "f32":
+        return np.ascontiguousarray(x, dtype="<f4")
+    if dtype == "f16":
+        return np.ascontiguousarray(x.astype("<f2"))
+    # bf16, round to nearest even (as torch does); NaN stays NaN
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    r = ((u >> 16) & 1) + np.uint32(0x7FFF)
+    b = ((u + r) >> 16).astype("<u2")
+    nan = np.isnan(x)
+    if nan.any():
+        b[nan] = 0x7FC0
+    return b
+
+
+def _write_safetensors(path: Path, hdr: GGUFHeader, plan: list[tuple[str, TensorInfo, Callable[[np.ndarray], np.ndarray]]],
+                       dtype: str) -> None:
+    st_name, np_dtype, _ = DTYPES[dtype]
+    item = np.dtype(np_dtype).itemsize
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    pos = 0
+    for hf_name, t, _fix in plan:
+        n = t.n_elements * item
+        header[hf_name] = {"dtype": st_name, "shape": list(t.shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    hjson = json.dumps(header, separators=(",", ":")).encode()
+    hjson += b" " * (-len(hjson) % 8)
+    with open(path, "wb") as f:
+        f.write(len(hjson).to_bytes(8, "little"))
+        f.write(hjson)
+        for hf_name, t, fix in plan:
+            x = fix(dequantize_tensor(hdr, t))
+            data = _to_dtype(x, dtype)
+            assert data.nbytes == header[hf_name]["data_offsets"][1] - header[hf_name]["data_offsets"][0]
+            f.write(data.tobytes())
+            del x, data
+
+
+# ---------------------------------------------------------------- config
+
+def _arch(hdr: GGUFHeader) -> str:
+    if hdr.get("general.type") == "imatrix":
+        raise UnsupportedError(f"{hdr.path}: is an importance-matrix file, not a model")
+    arch = hdr.get("general.architecture")
+    if arch not in ARCHS:
+        raise UnsupportedError(
+            f"{hdr.path}: architecture {arch!r} cannot be exported; supported: {', '.join(ARCHS)}"
+        )
+    return arch
+
+
+def build_config(hdr: GGUFHeader, dtype: str) -> dict:
+    arch = _arch(hdr)
+    hf_arch, model_type, _ = ARCHS[arch]
+    cfg: dict[str, Any] = {"architectures": [hf_arch], "model_type": model_type, "hidden_act": "silu"}
+    for key, gkey, conv in HPARAMS:
+        v = hdr.get(f"{arch}.{gkey}")
+        if v is not None:
+            cfg[key] = conv(v)
+    for req in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
+        if req not in cfg:
+            raise InputError(f"{hdr.path}: metadata {arch}.{dict((k, g) for k, g, _ in HPARAMS)[req]} is missing")
+    cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
+    cfg.setdefault("rope_theta", 10000.0)
+    names = {t.name for t in hdr.tensors}
+    if "intermediate_size" not in cfg:
+        raise InputError(f"{hdr.path}: metadata {arch}.feed_forward_length is missing")
+    vocab = hdr.get(f"{arch}.vocab_size")
+    if vocab is None:
+        toks = hdr.kv.get("tokenizer.ggml.tokens")
+        vocab = toks.length if toks is not None else next(t.shape[0] for t in hdr.tensors if t.name == "token_embd.weight")
+    cfg["vocab_size"] = int(vocab)
+    cfg["tie_word_embeddings"] = "output.weight" not in names
+    scaling = hdr.get(f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        if scaling != "linear":
+            raise UnsupportedError(f"{hdr.path}: rope scaling {scaling!r} cannot be exported yet (only linear)")
+        cfg["rope_scaling"] = {"type": "linear", "factor": float(str(np.float32(hdr.get(f"{arch}.rope.scaling.factor"))))}
+    if "rope_freqs.weight" in names:
+        raise UnsupportedError(f"{hdr.path}: llama3-style rope frequency factors cannot be exported yet")
+    for typ, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id")):
+        v = hdr.get(f"tokenizer.ggml.{key}")
+        if v is not None:
+            cfg[f"{typ}_token_id"] = int(v)
+    if arch == "qwen2":
+        cfg.setdefault("use_sliding_window", False)
+    cfg["torch_dtype"] = DTYPES[dtype][2]
+    return cfg
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def _as_list(v: Any) -> list:
+    return v.tolist() if isinstance(v, np.ndarray) else list(v)
+
+
+def build_tokenizer(hdr: GGUFHeader) -> tuple[Any, dict]:
+    """(tokenizers.Tokenizer, tokenizer_config dict) from the GGUF vocabulary."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+
+    model = hdr.get("tokenizer.ggml.model")
+    if model is None:
+        raise InputError(f"{hdr.path}: has no vocabulary (tokenizer.ggml.model missing)")
+    if model != "gpt2":
+        raise UnsupportedError(
+            f"{hdr.path}: vocabulary kind {model!r} cannot be exported yet; supported: byte-level BPE ('gpt2')"
+        )
+    pre = hdr.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise UnsupportedError(
+            f"{hdr.path}: BPE pre-tokenizer {pre!r} cannot be exported yet; supported: {', '.join(PRE_TOKENIZERS)}"
+        )
+    spec = PRE_TOKENIZERS[pre]
+    tokens = _as_list(hdr.get("tokenizer.ggml.tokens", []))
+    types = _as_list(hdr.get("tokenizer.ggml.token_type", [TokenType.NORMAL] * len(tokens)))
+    merges_raw = _as_list(hdr.get("tokenizer.ggml.merges", []))
+    if len(types) != len(tokens):
+        raise InputError(f"{hdr.path}: {len(tokens)} tokens but {len(types)} token types")
+    vocab: dict[str, int] = {}
+    added: list[tuple[int, str, bool]] = []
+    for i, (tok, tt) in enumerate(zip(tokens, types)):
+        if tt == TokenType.UNUSED:
+            continue  # llama.cpp's converter writes "[PAD<i>]" for ids missing from the vocab
+        if tok in vocab:
+            raise InputError(f"{hdr.path}: token {tok!r} appears twice in the vocabulary (ids {vocab[tok]} and {i})")
+        vocab[tok] = i
+        if tt in (TokenType.CONTROL, TokenType.UNKNOWN):
+            added.append((i, tok, True))
+        elif tt == TokenType.USER_DEFINED:
+            added.append((i, tok, False))
+    merges = []
+    for m in merges_raw:
+        parts = m.split(" ")
+        if len(parts) != 2:
+            raise InputError(f"{hdr.path}: malformed BPE merge {m!r}")
+        merges.append((parts[0], parts[1]))
+    bpe = models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, fuse_unk=False,
+                     byte_fallback=False, ignore_merges=spec["ignore_merges"])
+    tk = Tokenizer(bpe)
+    if spec["normalizer"] is not None:
+        tk.normalizer = spec["normalizer"]()
+    tk.pre_tokenizer = spec["pre"]()
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    tk.decoder = decoders.ByteLevel()
+    for i, tok, special in added:  # ids are kept: these tokens are already in the vocab
+        at = AddedToken(tok, special=special, normalized=False, lstrip=False, rstrip=False, single_word=False)
+        (tk.add_special_tokens if special else tk.add_tokens)([at])
+
+    def tok_of(key: str) -> str | None:
+        v = hdr.get(key)
+        return tokens[int(v)] if v is not None and 0 <= int(v) < len(tokens) else None
+
+    tcfg: dict[str, Any] = {}
+    for flag in ("add_bos_token", "add_eos_token"):
+        v = hdr.get(f"tokenizer.ggml.{flag}")
+        if v is not None:
+            tcfg[flag] = bool(v)
+    tcfg["added_tokens_decoder"] = {
+        str(i): {"content": tok, "lstrip": False, "normalized": False, "rstrip": False,
+                 "single_word": False, "special": special}
+        for i, tok, special in added
+    }
+    for typ, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"), ("pad", "padding_token_id")):
+        t = tok_of(f"tokenizer.ggml.{key}")
+        if t is not None:
+            tcfg[f"{typ}_token"] = t
+    tmpl = hdr.get("tokenizer.chat_template")
+    if tmpl is not None:
+        tcfg["chat_template"] = tmpl
+    arch = hdr.get("general.architecture")
+    ctx = hdr.get(f"{arch}.context_length")
+    if ctx is not None:
+        tcfg["model_max_length"] = int(ctx)
+    tcfg["clean_up_tokenization_spaces"] = False
+    tcfg["tokenizer_class"] = "GPT2Tokenizer"
+    return tk, tcfg
+
+
+# ---------------------------------------------------------------- driver
+
+def _tensor_plan(hdr: GGUFHeader, cfg: dict, arch: str) -> list[tuple[str, TensorInfo, Callable]]:
+    undo = ARCHS[arch][2]
+    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    ident = lambda x: x  # noqa: E731
+    plan = []
+    seen: dict[str, str] = {}
+    for t in hdr.tensors:
+        hf = hf_tensor_name(t.name)
+        if hf in seen:
+            raise InputError(f"{hdr.path}: tensors {seen[hf]!r} and {t.name!r} both map to {hf!r}")
+        seen[hf] = t.name
+        fix = ident
+        if undo and re.search(r"\.attn_q\.(weight|bias)$", t.name):
+            fix = lambda x, h=n_head: unpermute(x, h)  # noqa: E731
+        elif undo and re.search(r"\.attn_k\.(weight|bias)$", t.name):
+            fix = lambda x, h=n_kv: unpermute(x, h)  # noqa: E731
+        plan.append((hf, t, fix))
+    return plan
+
+
+def _prepare_out(out_dir: Path, force: bool) -> None:
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise OutputError(f"{out_dir}: exists and is not a directory")
+        if any(out_dir.iterdir()) and not force:
+            raise OutputError(f"{out_dir}: exists and is not empty (use --force to replace it)")
+    parent = out_dir.parent
+    if not parent.is_dir():
+        raise OutputError(f"{parent}: no such directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{parent}: not writable")
+
+
+def export_gguf(path: "str | os.PathLike[str]", out_dir: "str | os.PathLike[str]", dtype: str = "bf16",
+                force: bool = False) -> ExportResult:
+    """Export a llama-family GGUF to a Hugging Face checkpoint directory."""
+    dtype = dtype.lower()
+    if dtype not in DTYPES:
+        from .errors import UsageError
+
+        raise UsageError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    path, out_dir = Path(path), Path(out_dir)
+    hdr = read_header(path)
+    arch = _arch(hdr)
+    cfg = build_config(hdr, dtype)
+    tk, tcfg = build_tokenizer(hdr)
+    plan = _tensor_plan(hdr, cfg, arch)
+    _prepare_out(out_dir, force)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        _write_safetensors(tmp / "model.safetensors", hdr, plan, dtype)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        tk.save(str(tmp / "tokenizer.json"))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2, ensure_ascii=False) + "\n")
+        files = sorted(p.name for p in tmp.iterdir())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+            old.rmdir()
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except QuantkitError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"{out_dir}: cannot write the checkpoint: {e.strerror or e}") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(out_dir, arch, len(plan), sum(t.n_elements for _, t, _ in plan), dtype, files)
+
+
+__all__ = ["export_gguf", "ExportResult", "build_config", "build_tokenizer", "hf_tensor_name", "permute", "unpermute",
+           "dequantize_tensor", "ARCHS", "PRE_TOKENIZERS"]

