@@ -1,0 +1,499 @@
+"""ggml's shared scale solvers, as numba functions, with ggml's names kept.
+
+Everything here follows ggml/src/ggml-quants.c operation by operation so the
+K-quant encoders built on it give ggml's bytes:
+
+* all arithmetic is float32 where C uses ``float`` (every constant below is a
+  ``np.float32`` and ints are converted with ``F(l)`` before they meet a float,
+  otherwise numba would silently widen to float64);
+* accumulations run in the same order as the C loops (no fastmath, so LLVM may
+  not reassociate them);
+* ``nearest_int`` is ggml's magic-number rounding, done on the float's bits;
+* ``fp32_to_fp16`` / ``fp16_to_fp32`` are ggml's software conversions
+  (GGML_FP32_TO_FP16 / GGML_FP16_TO_FP32 from ggml-impl.h), bit for bit,
+  including the NaN pattern.
+
+Where C stores an int into a ``uint8_t``/``int8_t`` it truncates; the numba
+code stores ``v & 0xFF`` into uint8 scratch for the same effect.
+
+The solvers take array views plus the scratch they need; nothing allocates in
+the per-block loops.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+F = np.float32
+
+GROUP_MAX_EPS = F(1e-15)
+_MAGIC = F(12582912.0)  # 1.5 * 2**23
+_F0 = F(0.0)
+_F1 = F(1.0)
+_F0_1 = F(0.1)
+
+# --------------------------------------------------------------------------
+# float bit casts (C's union/memcpy type punning)
+# --------------------------------------------------------------------------
+
+
+@intrinsic
+def f32_as_i32(typingctx, x):
+    """Reinterpret a float32's bits as int32 (memcpy(&i, &f, 4))."""
+    if x != types.float32:
+        return None
+    sig = types.int32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@intrinsic
+def i32_as_f32(typingctx, x):
+    """Reinterpret an int32's bits as float32."""
+    if x != types.int32:
+        return None
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def fp32_bits(f):
+    return np.int64(f32_as_i32(f)) & 0xFFFFFFFF
+
+
+@njit(cache=True, inline="always")
+def fp32_from_bits(w):
+    w = w & 0xFFFFFFFF
+    if w >= 0x80000000:
+        w -= 0x100000000
+    return i32_as_f32(np.int32(w))
+
+
+# --------------------------------------------------------------------------
+# fp16 <-> fp32, ggml's software path (ref: Maratyszcza/FP16)
+# --------------------------------------------------------------------------
+_SCALE_TO_INF = F(2.0**112)
+_SCALE_TO_ZERO = F(2.0**-110)
+_EXP_SCALE = F(2.0**-112)
+_HALF = F(0.5)
+
+
+@njit(cache=True)
+def fp32_to_fp16(f):
+    """GGML_FP32_TO_FP16: float32 -> fp16 bits (round to nearest even)."""
+    base = (abs(f) * _SCALE_TO_INF) * _SCALE_TO_ZERO
+    w = fp32_bits(f)
+    shl1_w = (w + w) & 0xFFFFFFFF
+    sign = w & 0x80000000
+    bias = shl1_w & 0xFF000000
+    if bias < 0x71000000:
+        bias = 0x71000000
+    base = fp32_from_bits((bias >> 1) + 0x07800000) + base
+    bits = fp32_bits(base)
+    exp_bits = (bits >> 13) & 0x00007C00
+    mantissa_bits = bits & 0x00000FFF
+    nonsign = exp_bits + mantissa_bits
+    if shl1_w > 0xFF000000:
+        nonsign = 0x7E00
+    return np.uint16(((sign >> 16) | nonsign) & 0xFFFF)
+
+
+@njit(cache=True)
+def fp16_to_fp32(h):
+    """GGML_FP16_TO_FP32: fp16 bits -> float32."""
+    w = (np.int64(h) & 0xFFFF) << 16
+    sign = w & 0x80000000
+    two_w = (w + w) & 0xFFFFFFFF
+    exp_offset = 0xE0 << 23
+    normalized_value = fp32_from_bits((two_w >> 4) + exp_offset) * _EXP_SCALE
+    magic_mask = 126 << 23
+    denormalized_value = fp32_from_bits((two_w >> 17) | magic_mask) - _HALF
+    if two_w < (1 << 27):
+        result = sign | fp32_bits(denormalized_value)
+    else:
+        result = sign | fp32_bits(normalized_value)
+    return fp32_from_bits(result)
+
+
+@njit(cache=True, inline="always")
+def fp16_round(f):
+    """GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(f))."""
+    return fp16_to_fp32(fp32_to_fp16(f))
+
+
+@njit(cache=True, inline="always")
+def store_fp16(y, off, h):
+    """Write fp16 bits little-endian at y[off:off+2]."""
+    y[off] = np.uint8(h & 0xFF)
+    y[off + 1] = np.uint8((h >> 8) & 0xFF)
+
+
+@njit(cache=True, inline="always")
+def load_fp16(y, off):
+    return fp16_to_fp32(np.uint16(np.int64(y[off]) | (np.int64(y[off + 1]) << 8)))
+
+
+# --------------------------------------------------------------------------
+# rounding
+# --------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def nearest_int(fval):
+    """ggml's nearest_int: add 1.5*2**23 in float32 and read the mantissa."""
+    val = fval + _MAGIC
+    i = np.int64(f32_as_i32(val))
+    return (i & 0x007FFFFF) - 0x00400000
+
+
+# --------------------------------------------------------------------------
+# solvers
+# --------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def make_qx_quants(n, nmax, x, L, rmse_type, qw, has_qw, w):
+    """Symmetric quants in [-nmax, nmax-1] stored as L = l + nmax (int8 in C).
+
+    ``qw`` is used when ``has_qw`` (C: qw != NULL); ``w`` is n floats of
+    scratch holding the per-element weight, computed once (same values as the
+    C expression evaluated inside each loop)."""
+    max_ = _F0
+    amax = _F0
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            max_ = x[i]
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return _F0
+    iscale = F(-nmax) / max_
+    if rmse_type == 0:
+        for i in range(n):
+            l = nearest_int(iscale * x[i])
+            L[i] = nmax + max(-nmax, min(nmax - 1, l))
+        return _F1 / iscale
+    return_early = False
+    if rmse_type < 0:
+        rmse_type = -rmse_type
+        return_early = True
+    for i in range(n):
+        if has_qw:
+            w[i] = qw[i]
+        elif rmse_type == 1:
+            w[i] = x[i] * x[i]
+        elif rmse_type == 2:
+            w[i] = _F1
+        elif rmse_type == 3:
+            w[i] = abs(x[i])
+        else:
+            w[i] = np.sqrt(abs(x[i]))
+    sumlx = _F0
+    suml2 = _F0
+    for i in range(n):
+        l = nearest_int(iscale * x[i])
+        l = max(-nmax, min(nmax - 1, l))
+        L[i] = l + nmax
+        fl = F(l)
+        sumlx += w[i] * x[i] * fl
+        suml2 += w[i] * fl * fl
+    scale = sumlx / suml2 if suml2 != _F0 else _F0
+    if return_early:
+        return _HALF * (scale + _F1 / iscale) if suml2 > _F0 else _F1 / iscale
+    best = scale * sumlx
+    for is_ in range(-9, 10):
+        if is_ == 0:
+            continue
+        iscale = -(F(nmax) + _F0_1 * F(is_)) / max_
+        sumlx = _F0
+        suml2 = _F0
+        for i in range(n):
+            l = nearest_int(iscale * x[i])
+            fl = F(max(-nmax, min(nmax - 1, l)))
+            sumlx += w[i] * x[i] * fl
+            suml2 += w[i] * fl * fl
+        if suml2 > _F0 and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                l = nearest_int(iscale * x[i])
+                L[i] = nmax + max(-nmax, min(nmax - 1, l))
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
+
+
+@njit(cache=True)
+def make_q3_quants(n, nmax, x, L, do_rmse):
+    """Q3_K's symmetric solver; L (int8) ends as l + nmax."""
+    max_ = _F0
+    amax = _F0
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            max_ = x[i]
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return _F0
+    iscale = F(-nmax) / max_
+    if do_rmse:
+        sumlx = _F0
+        suml2 = _F0
+        for i in range(n):
+            l = nearest_int(iscale * x[i])
+            l = max(-nmax, min(nmax - 1, l))
+            L[i] = l
+            w = x[i] * x[i]
+            fl = F(l)
+            sumlx += w * x[i] * fl
+            suml2 += w * fl * fl
+        for itry in range(5):
+            n_changed = 0
+            for i in range(n):
+                w = x[i] * x[i]
+                fLi = F(L[i])
+                slx = sumlx - w * x[i] * fLi
+                if slx > _F0:
+                    sl2 = suml2 - w * fLi * fLi
+                    new_l = nearest_int(x[i] * sl2 / slx)
+                    new_l = max(-nmax, min(nmax - 1, new_l))
+                    if new_l != L[i]:
+                        fn = F(new_l)
+                        slx += w * x[i] * fn
+                        sl2 += w * fn * fn
+                        if sl2 > _F0 and slx * slx * suml2 > sumlx * sumlx * sl2:
+                            L[i] = new_l
+                            sumlx = slx
+                            suml2 = sl2
+                            n_changed += 1
+            if n_changed == 0:
+                break
+        for i in range(n):
+            L[i] += nmax
+        return sumlx / suml2 if suml2 > _F0 else _F0
+    for i in range(n):
+        l = nearest_int(iscale * x[i])
+        l = max(-nmax, min(nmax - 1, l))
+        L[i] = l + nmax
+    return _F1 / iscale
+
+
+@njit(cache=True)
+def _step_sums(n, nmax, x, weights, mn, iscale):
+    """One trial scale of make_qkx2/3_quants: (sum_l, sum_l2, sum_xl), each
+    summed in element order exactly as the C loop does."""
+    sum_l = _F0
+    sum_l2 = _F0
+    sum_xl = _F0
+    for i in range(n):
+        l = nearest_int(iscale * (x[i] - mn))
+        fl = F(max(0, min(nmax, l)))
+        w = weights[i]
+        sum_l += w * fl
+        sum_l2 += w * fl * fl
+        sum_xl += w * fl * x[i]
+    return sum_l, sum_l2, sum_xl
+
+
+@njit(cache=True)
+def _step_error(n, nmax, x, weights, mn, iscale, this_scale, this_min, use_mad):
+    err = _F0
+    for i in range(n):
+        l = nearest_int(iscale * (x[i] - mn))
+        fl = F(max(0, min(nmax, l)))
+        diff = this_scale * fl + this_min - x[i]
+        diff = abs(diff) if use_mad else diff * diff
+        err += weights[i] * diff
+    return err
+
+
+@njit(cache=True)
+def _qkx_search(n, nmax, x, weights, L, mn, mx, sum_w, sum_x, rmin, rdelta, nstep, use_mad):
+    """The shared body of make_qkx2_quants / make_qkx3_quants once min/max and
+    the weighted sums are known (min <= 0 < max - min). Returns (scale, min).
+
+    C keeps the trial quants in Laux and copies them to L when a trial wins;
+    here each trial's sums and error are computed on the fly and L is rebuilt
+    once for the winning trial: the same values in the same order, so the
+    same floats, without the copies."""
+    iscale = F(nmax) / (mx - mn)
+    scale = _F1 / iscale
+    best_error = _F0
+    for i in range(n):
+        l = nearest_int(iscale * (x[i] - mn))
+        l = max(0, min(nmax, l))
+        L[i] = l
+        diff = scale * F(l) + mn - x[i]
+        diff = abs(diff) if use_mad else diff * diff
+        best_error += weights[i] * diff
+    if nstep < 1:
+        return scale, mn
+    # ggml updates min when a trial wins and the later trials use it
+    min_ = mn
+    win_iscale = _F0
+    win_min = _F0
+    won = False
+    for is_ in range(nstep + 1):
+        iscale_is = (rmin + rdelta * F(is_) + F(nmax)) / (mx - min_)
+        sum_l, sum_l2, sum_xl = _step_sums(n, nmax, x, weights, min_, iscale_is)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        if D > _F0:
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            if this_min > _F0:
+                this_min = _F0
+                this_scale = sum_xl / sum_l2
+            cur_error = _step_error(n, nmax, x, weights, min_, iscale_is, this_scale, this_min, use_mad)
+            if cur_error < best_error:
+                best_error = cur_error
+                scale = this_scale
+                won = True
+                win_iscale = iscale_is
+                win_min = min_
+                min_ = this_min
+    if won:
+        for i in range(n):
+            l = nearest_int(win_iscale * (x[i] - win_min))
+            L[i] = max(0, min(nmax, l))
+    return scale, min_
+
+
+@njit(cache=True)
+def make_qkx2_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad):
+    """Asymmetric quants in [0, nmax] with a min; returns (scale, the_min)
+    where the_min = -min >= 0, as ggml's out-parameter."""
+    mn = x[0]
+    mx = x[0]
+    sum_w = weights[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        if x[i] < mn:
+            mn = x[i]
+        if x[i] > mx:
+            mx = x[i]
+        w = weights[i]
+        sum_w += w
+        sum_x += w * x[i]
+    if mn > _F0:
+        mn = _F0
+    if mx == mn:
+        for i in range(n):
+            L[i] = 0
+        return _F0, -mn
+    scale, mn = _qkx_search(n, nmax, x, weights, L, mn, mx, sum_w, sum_x, rmin, rdelta, nstep, use_mad)
+    return scale, -mn
+
+
+@njit(cache=True)
+def make_qkx3_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad):
+    """make_qkx2_quants' weighted sibling (weights given: every ggml caller
+    of a K-quant passes them); differs in the ``max <= min`` test."""
+    mn = x[0]
+    mx = x[0]
+    sum_w = weights[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        if x[i] < mn:
+            mn = x[i]
+        if x[i] > mx:
+            mx = x[i]
+        w = weights[i]
+        sum_w += w
+        sum_x += w * x[i]
+    if mn > _F0:
+        mn = _F0
+    if mx <= mn:
+        for i in range(n):
+            L[i] = 0
+        return _F0, -mn
+    scale, mn = _qkx_search(n, nmax, x, weights, L, mn, mx, sum_w, sum_x, rmin, rdelta, nstep, use_mad)
+    return scale, -mn
+
+
+@njit(cache=True)
+def make_qp_quants(n, nmax, x, L, quant_weights):
+    """Positive quants in [0, nmax] for the sub-block scales/mins of the
+    weighted K-quant paths. L is uint8 (C truncation kept)."""
+    max_ = _F0
+    for i in range(n):
+        max_ = max(max_, x[i])
+    if max_ < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return _F0
+    iscale = F(nmax) / max_
+    for i in range(n):
+        L[i] = nearest_int(iscale * x[i]) & 0xFF
+    scale = _F1 / iscale
+    best_mse = _F0
+    for i in range(n):
+        diff = x[i] - scale * F(L[i])
+        w = quant_weights[i]
+        best_mse += w * diff * diff
+    for is_ in range(-4, 5):
+        if is_ == 0:
+            continue
+        iscale_is = (_F0_1 * F(is_) + F(nmax)) / max_
+        scale_is = _F1 / iscale_is
+        mse = _F0
+        for i in range(n):
+            l = min(nmax, nearest_int(iscale_is * x[i]))
+            diff = x[i] - scale_is * F(l)
+            w = quant_weights[i]
+            mse += w * diff * diff
+        if mse < best_mse:
+            best_mse = mse
+            iscale = iscale_is
+    sumlx = _F0
+    suml2 = _F0
+    for i in range(n):
+        l = min(nmax, nearest_int(iscale * x[i]))
+        L[i] = l & 0xFF
+        w = quant_weights[i]
+        fl = F(l)
+        sumlx += w * x[i] * fl
+        suml2 += w * fl * fl
+    for itry in range(5):
+        n_changed = 0
+        for i in range(n):
+            w = quant_weights[i]
+            fLi = F(L[i])
+            slx = sumlx - w * x[i] * fLi
+            sl2 = suml2 - w * fLi * fLi
+            if slx > _F0 and sl2 > _F0:
+                new_l = min(nmax, nearest_int(x[i] * sl2 / slx))
+                if new_l != np.int64(L[i]):
+                    fn = F(new_l)
+                    slx += w * x[i] * fn
+                    sl2 += w * fn * fn
+                    if slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i] = new_l & 0xFF
+                        sumlx = slx
+                        suml2 = sl2
+                        n_changed += 1
+        if n_changed == 0:
+            break
+    return sumlx / suml2 if suml2 > _F0 else _F0
+
+
+@njit(cache=True, inline="always")
+def get_scale_min_k4(j, q, off):
+    """6-bit scale and min j of a Q4_K/Q5_K 12-byte scales field at q[off:]."""
+    if j < 4:
+        d = q[off + j] & 63
+        m = q[off + j + 4] & 63
+    else:
+        d = (q[off + j + 4] & 0xF) | ((q[off + j - 4] >> 6) << 4)
+        m = (q[off + j + 4] >> 4) | ((q[off + j] >> 6) << 4)
+    return np.int64(d), np.int64(m)
