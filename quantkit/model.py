@@ -32,6 +32,9 @@ class ModelStream:
     tensors: list[TensorRef] = field(default_factory=list)  # GGUF names, lazy
     # Free-form notes for the user (fallbacks taken, warnings) collected on the way.
     notes: list[str] = field(default_factory=list)
+    # Set by the layer-replication pass (quantkit.passes.replicate): new block
+    # index -> source block index. Empty when blocks are not remapped.
+    layer_origin: dict[int, int] = field(default_factory=dict)
 
     def get(self, key: str, default: Any = None) -> Any:
         kv = self.metadata.get(key)
