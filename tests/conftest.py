@@ -28,3 +28,22 @@ def smollm2_checkpoint() -> Path:
 
     return build()
 # ---- end SmolLM2 ----
+
+
+# ---- random checkpoints (fixtures/random_checkpoints.py; owner: sources) ----
+@pytest.fixture(scope="session")
+def random_checkpoint():
+    """Factory: ``random_checkpoint("kquant") -> Path`` of a tiny random HF
+    checkpoint (names: fixtures.random_checkpoints.NAMES), built once per
+    content version under $QUANTKIT_FIXTURES/random."""
+    from fixtures.random_checkpoints import cached
+
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            made[name] = cached(name)
+        return made[name]
+
+    return get
+# ---- end random checkpoints ----
