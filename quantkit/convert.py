@@ -11,13 +11,31 @@ Stages, each in its own module:
   3. quantkit.passes.*  (layer replication)       -> ModelStream
   4. quantkit.mix.make_plan(stream, type, mix)    -> Plan (per-tensor types)
   5. quantize each tensor (quantkit.quant) and stream it to quantkit.writer
+
+File layout: for F32/F16/BF16 (the types llama.cpp's convert_hf_to_gguf.py
+writes) tensors and key/values keep the converter's order. For quantized
+presets the file is laid out as llama-quantize writes it from such a file:
+tensors in llama.cpp's loader order (mix.llama_order_key) and
+general.quantization_version, general.file_type moved to the end.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Callable
 
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from .errors import InputError, UnsupportedError
 from .mix import MixOptions
+
+# The types convert_hf_to_gguf.py writes itself: their files follow its layout.
+CONVERTER_TYPES = ("F32", "F16", "BF16")
+_QUANT_KEYS = ("general.quantization_version", "general.file_type")
 
 
 @dataclass
@@ -53,5 +71,143 @@ class ConvertResult:
     notes: list[str] = field(default_factory=list)
 
 
+def open_stream(src: str, vocab_pre: str | None = None):
+    """``src`` (HF dir, GGUF file, hub id) -> (Source, ModelStream)."""
+    from .sources import open_source
+
+    source = open_source(src)
+    try:
+        if getattr(source, "kind", "") == "gguf":
+            if vocab_pre:
+                raise UnsupportedError("--vocab-pre applies to Hugging Face checkpoints, not GGUF input")
+            stream = source.to_stream()
+        else:
+            from .arch import to_stream
+
+            stream = to_stream(source, vocab_pre)
+    except BaseException:
+        source.close()
+        raise
+    return source, stream
+
+
+def default_out(stream, preset: str) -> Path:
+    name = "".join("-" if c in "/\\ " else c for c in (stream.name or "model").strip()) or "model"
+    return Path.cwd() / f"{name}-{preset}.gguf"
+
+
+def _layout(stream, plan, preset: str) -> tuple[dict, list]:
+    """Metadata with general.file_type set, and plan rows in file order."""
+    from gguf import GGUFValueType
+
+    from .model import KV
+
+    md = dict(stream.metadata)
+    md["general.file_type"] = KV(int(plan.file_type), GGUFValueType.UINT32)
+    md.setdefault("general.quantization_version", KV(2, GGUFValueType.UINT32))
+    rows = list(plan.tensors)
+    if preset not in CONVERTER_TYPES:  # llama-quantize's layout
+        from .mix import llama_order_key
+
+        for k in _QUANT_KEYS:
+            md[k] = md.pop(k)
+        rows.sort(key=lambda tp: llama_order_key(tp.name))
+    return md, rows
+
+
+def _producer(source, ref, tp, imatrix: dict | None) -> Callable[[], np.ndarray]:
+    from . import quant
+
+    def produce() -> np.ndarray:
+        if getattr(tp, "copy", False) and getattr(source, "kind", "") == "gguf" and ref.name == tp.name:
+            return np.array(source.raw_bytes(tp.name))  # stored bytes, unchanged
+        x = ref.load()
+        if x.ndim == 0:
+            x = x.reshape(1)
+        im = imatrix.get(tp.name) if imatrix else None
+        return quant.quantize(x, tp.qtype, imatrix=im, name=tp.name)
+
+    return produce
+
+
+def _imatrix(opts: ConvertOptions, src_stream) -> dict | None:
+    if opts.imatrix_path is not None and opts.calib_text is not None:
+        from .errors import UsageError
+
+        raise UsageError("--imatrix and --calib-text cannot be used together")
+    if opts.imatrix_path is not None:
+        from .calib import load_imatrix
+
+        return load_imatrix(opts.imatrix_path)
+    if opts.calib_text is not None:
+        from .calib import calibrate
+
+        try:
+            text = Path(opts.calib_text).read_text(encoding="utf-8")
+        except OSError as e:
+            raise InputError(f"cannot read {opts.calib_text}: {e.strerror or e}") from None
+        im, _ = calibrate(src_stream, text)
+        return im.importance()
+    return None
+
+
 def convert(opts: ConvertOptions) -> ConvertResult:
-    raise NotImplementedError("convert pipeline: being written (issue 2)")
+    from . import mix, quant
+    from .writer import TensorOut, check_target, write_gguf
+
+    t0 = time.perf_counter()
+    preset = mix.resolve_preset(opts.type).name
+    replicate_mod = None
+    if opts.layer_map is not None or opts.repeat is not None or opts.replica_type or opts.replica_scale is not None:
+        from .passes import replicate as replicate_mod
+
+        replicate_mod.check_options(opts.layer_map, opts.repeat, opts.replica_type, opts.replica_scale)
+    out = Path(opts.out) if opts.out is not None else None
+    if out is not None and not opts.dry_run:
+        check_target(out, opts.force)
+    quant.set_threads(opts.threads)
+
+    source, stream = open_stream(opts.src, opts.vocab_pre)
+    try:
+        if replicate_mod is not None:
+            stream = replicate_mod.apply(stream, opts.layer_map, opts.repeat, opts.replica_scale)
+        imatrix = _imatrix(opts, stream)
+        mix_opts = replace(opts.mix, imatrix=imatrix if imatrix is not None else opts.mix.imatrix,
+                           dry_run=opts.dry_run)
+        plan = mix.make_plan(stream, preset, mix_opts)
+        if replicate_mod is not None and opts.replica_type:
+            plan = replicate_mod.apply_replica_type(plan, stream, opts.replica_type)
+        md, rows = _layout(stream, plan, preset)
+        refs = {t.name: t for t in stream.tensors}
+        used_im = getattr(plan, "imatrix", None) or mix_opts.imatrix
+        outs = [TensorOut(tp.name, tuple(tp.shape), GGMLQuantizationType(tp.qtype), _producer(source, refs[tp.name], tp, used_im))
+                for tp in rows]
+        n_bytes = sum(t.nbytes for t in outs)
+        n_params = sum(int(np.prod(t.shape, dtype=np.int64)) for t in outs)
+        notes = list(stream.notes) + list(getattr(plan, "notes", []) or [])
+        if opts.dry_run:
+            return ConvertResult(None, int(plan.file_type), len(outs), n_bytes, n_params,
+                                 time.perf_counter() - t0, list(plan.tensors), notes)
+        if out is None:
+            out = default_out(stream, preset)
+            check_target(out, opts.force)
+        bar = _progress_bar(opts, n_bytes, out)
+        try:
+            size = write_gguf(out, stream.arch, md, outs, force=opts.force,
+                              on_bytes=bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+    finally:
+        source.close()
+    return ConvertResult(out, int(plan.file_type), len(outs), size, n_params, time.perf_counter() - t0,
+                         list(plan.tensors), notes)
+
+
+def _progress_bar(opts: ConvertOptions, total: int, out: Path) -> Any:
+    show = opts.progress if opts.progress is not None else (not opts.quiet and sys.stderr.isatty())
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(out), file=sys.stderr, leave=False)

@@ -1,0 +1,65 @@
+"""HF architectures -> GGUF: names, hyperparameters and vocabulary, as
+llama.cpp's convert_hf_to_gguf.py writes them.
+
+    stream = to_stream(source, vocab_pre=None)   # quantkit.model.ModelStream
+
+Dispatch is on config.json's ``architectures[0]`` through ``FAMILIES`` (data).
+No tensor is loaded here: the stream's tensors are lazy, in the converter's
+order, under GGUF names, with llama's Q/K row permutation applied on load.
+``general.file_type`` is recorded where the converter writes it, as ALL_F32;
+the convert pipeline sets it to the plan's file type.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import InputError, UnsupportedError
+from ..model import ModelStream
+from .common import TextFamily
+from .llama import LlamaFamily, MistralFamily
+from .qwen import Qwen2Family, Qwen3Family
+
+FAMILIES: dict[str, type[TextFamily]] = {
+    name: fam for fam in (LlamaFamily, MistralFamily, Qwen2Family, Qwen3Family) for name in fam.hf_architectures
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(FAMILIES)
+
+
+def hf_architecture(config: Any) -> str:
+    if not isinstance(config, dict):
+        raise InputError("config.json is not a JSON object")
+    arches = config.get("architectures")
+    if isinstance(config.get("text_config"), dict) and config["text_config"].get("architectures"):
+        arches = config["text_config"]["architectures"]
+    if not arches or not isinstance(arches, list) or not isinstance(arches[0], str):
+        raise InputError(
+            f"config.json names no architectures; supported: {', '.join(supported_architectures())}"
+        )
+    return arches[0]
+
+
+def family_for(config: Any) -> type[TextFamily]:
+    arch = hf_architecture(config)
+    fam = FAMILIES.get(arch)
+    if fam is None:
+        raise UnsupportedError(
+            f"architecture {arch} is not supported; supported: {', '.join(supported_architectures())}"
+        )
+    return fam
+
+
+def to_stream(source: Any, vocab_pre: str | None = None) -> ModelStream:
+    """An HF-checkpoint Source -> ModelStream (GGUF names, metadata, lazy tensors)."""
+    config = getattr(source, "config", None)
+    if config is None:
+        raise InputError(f"{getattr(source, 'path', 'model')}: no config.json")
+    fam = family_for(config)(source, vocab_pre)
+    tensors = fam.tensors()
+    metadata, name = fam.metadata(tensors)
+    return ModelStream(arch=metadata["general.architecture"].value, name=name, metadata=metadata, tensors=tensors)
+
+
+__all__ = ["to_stream", "supported_architectures", "family_for", "FAMILIES"]
