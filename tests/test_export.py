@@ -1,0 +1,444 @@
+"""`quantkit export`: GGUF -> HF checkpoint, checked against gguf-py (names,
+decoders), llama.cpp's converter (Q/K permute, pre-tokenizer hash table) and
+llama-cpp-python's tokenizer; error paths; round trip through convert."""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, MODEL_ARCH, TensorNameMap, TokenType
+from gguf import quants as gq
+
+from quantkit.cli import main
+from quantkit.export import export_gguf, hf_tensor_name
+
+T = GGMLQuantizationType
+
+
+# ---------------------------------------------------------------- oracles from llama.cpp's source
+
+@pytest.fixture(scope="session")
+def llama_cpp_src() -> Path:
+    from fixtures.common import llama_cpp_source
+
+    return llama_cpp_source()
+
+
+@pytest.fixture(scope="session")
+def llama_permute(llama_cpp_src):
+    """``LlamaModel.permute`` taken verbatim from llama.cpp's conversion/llama.py."""
+    src = (llama_cpp_src / "conversion" / "llama.py").read_text()
+    tree = ast.parse(src)
+    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "permute")
+    fn.decorator_list = []
+    ns: dict = {"Tensor": object}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), "llama.py", "exec"), ns)
+    return ns["permute"]
+
+
+@pytest.fixture(scope="session")
+def pre_hash_table(llama_cpp_src):
+    """(chktxt, {name: [hashes]}) from llama.cpp's get_vocab_base_pre."""
+    src = (llama_cpp_src / "conversion" / "base.py").read_text()
+    chktxt = ast.literal_eval(re.search(r"chktxt = ('.*?')\n", src).group(1))
+    table: dict[str, list[str]] = {}
+    for h, name in re.findall(r'if chkhsh == "([0-9a-f]{64})":\n(?:\s*#.*\n)*\s*res = "([^"]+)"', src):
+        table.setdefault(name, []).append(h)
+    assert "smollm" in table
+    return chktxt, table
+
+
+@pytest.fixture(scope="session")
+def smollm2_export(smollm2_checkpoint):
+    return smollm2_checkpoint  # built by `quantkit export` (fixtures/smollm2.py)
+
+
+def _bf16_round(x: np.ndarray) -> np.ndarray:
+    """gguf-py's BF16 encoder, back to float32."""
+    b = gq.quantize(np.ascontiguousarray(x, dtype=np.float32), T.BF16)
+    return (b.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(x.shape)
+
+
+def _load_st(path: Path) -> dict[str, np.ndarray]:
+    """safetensors file -> numpy (BF16 as float32). safetensors' numpy backend has no
+    bfloat16, so the header is parsed here; safe_open validates it first."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="numpy") as f:
+        keys = set(f.keys())
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__", None)
+    assert set(header) == keys
+    out = {}
+    for k, v in header.items():
+        a, b = v["data_offsets"]
+        buf = np.frombuffer(raw, dtype={"BF16": "<u2", "F16": "<f2", "F32": "<f4"}[v["dtype"]], offset=8 + n + a,
+                            count=(b - a) // (4 if v["dtype"] == "F32" else 2))
+        if v["dtype"] == "BF16":
+            buf = (buf.astype(np.uint32) << 16).view(np.float32)
+        out[k] = buf.reshape(v["shape"])
+    return out
+
+
+def _gguf_f32(t) -> np.ndarray:
+    shape = tuple(int(d) for d in reversed(t.shape))
+    return np.asarray(gq.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+
+
+# ---------------------------------------------------------------- SmolLM2
+
+def test_smollm2_tensors(smollm2_gguf, smollm2_export, llama_permute):
+    r = GGUFReader(smollm2_gguf)
+    n_blocks = int(r.fields["llama.block_count"].contents())
+    n_head = int(r.fields["llama.attention.head_count"].contents())
+    n_kv = int(r.fields["llama.attention.head_count_kv"].contents())
+    tmap = TensorNameMap(MODEL_ARCH.LLAMA, n_blocks)
+    st = smollm2_export / "model.safetensors"
+    raw = st.read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
+    sd = _load_st(st)
+    del raw
+    assert set(sd) == {hf_tensor_name(t.name) for t in r.tensors}
+    assert "lm_head.weight" not in sd  # tied embeddings
+    for t in r.tensors:
+        hf = hf_tensor_name(t.name)
+        # gguf-py's own HF -> GGUF map agrees with our inverse
+        assert tmap.get_name(hf, try_suffixes=(".weight", ".bias")) == t.name
+        got = sd[hf]
+        want = _bf16_round(_gguf_f32(t))
+        assert got.shape == want.shape == tuple(int(d) for d in reversed(t.shape))
+        if t.name.endswith("attn_q.weight"):
+            np.testing.assert_array_equal(llama_permute(got, n_head, n_head), want)
+            assert not np.array_equal(got, want)
+        elif t.name.endswith("attn_k.weight"):
+            np.testing.assert_array_equal(llama_permute(got, n_head, n_kv), want)
+            assert not np.array_equal(got, want)
+        else:
+            np.testing.assert_array_equal(got, want)
+
+
+def test_smollm2_config(smollm2_gguf, smollm2_export):
+    r = GGUFReader(smollm2_gguf)
+    g = lambda k: r.fields[k].contents()  # noqa: E731
+    cfg = json.loads((smollm2_export / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
+    for key, gkey in [("hidden_size", "llama.embedding_length"), ("intermediate_size", "llama.feed_forward_length"),
+                      ("num_hidden_layers", "llama.block_count"), ("num_attention_heads", "llama.attention.head_count"),
+                      ("num_key_value_heads", "llama.attention.head_count_kv"),
+                      ("max_position_embeddings", "llama.context_length"), ("vocab_size", "llama.vocab_size"),
+                      ("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id")]:
+        assert cfg[key] == g(gkey), key
+    for key, gkey in [("rms_norm_eps", "llama.attention.layer_norm_rms_epsilon"), ("rope_theta", "llama.rope.freq_base")]:
+        assert np.float32(cfg[key]) == np.float32(g(gkey)), key
+    assert cfg["tie_word_embeddings"] is True
+    assert cfg["torch_dtype"] == "bfloat16"
+    assert "head_dim" not in cfg  # the GGUF has no attention.key_length
+    tcfg = json.loads((smollm2_export / "tokenizer_config.json").read_text())
+    tokens = g("tokenizer.ggml.tokens")
+    assert tcfg["bos_token"] == tokens[g("tokenizer.ggml.bos_token_id")]
+    assert tcfg["eos_token"] == tokens[g("tokenizer.ggml.eos_token_id")]
+    assert tcfg["unk_token"] == tokens[g("tokenizer.ggml.unknown_token_id")]
+    assert tcfg["pad_token"] == tokens[g("tokenizer.ggml.padding_token_id")]
+    assert tcfg["chat_template"] == g("tokenizer.chat_template")
+    assert tcfg["add_bos_token"] is g("tokenizer.ggml.add_bos_token")
+    assert tcfg["model_max_length"] == g("llama.context_length")
+    types = g("tokenizer.ggml.token_type")
+    control = {str(i) for i, tt in enumerate(types) if tt == TokenType.CONTROL}
+    assert set(tcfg["added_tokens_decoder"]) == control
+
+
+def _pydoc_texts() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+def test_smollm2_tokenizer_matches_llama_cpp(smollm2_gguf, smollm2_export):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from tokenizers import Tokenizer
+
+    tk = Tokenizer.from_file(str(smollm2_export / "tokenizer.json"))
+    llm = llama_cpp.Llama(model_path=str(smollm2_gguf), vocab_only=True, verbose=False)
+    texts = _pydoc_texts()
+    n = 0
+    for text in texts:
+        want = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        got = tk.encode(text, add_special_tokens=False).ids
+        assert got == want, text[:80]
+        assert tk.decode(got, skip_special_tokens=False) == text
+        n += len(got)
+    assert n > 100_000
+    chat = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n3.14159 x 2 = ?<|im_end|>\n"
+    assert tk.encode(chat).ids == llm.tokenize(chat.encode(), add_bos=False, special=True)
+
+
+def test_smollm2_pre_tokenizer_hash(smollm2_export, pre_hash_table):
+    """The converter's check-hash over our tokenizer.json is llama.cpp's 'smollm' entry."""
+    from tokenizers import Tokenizer
+
+    chktxt, table = pre_hash_table
+    tk = Tokenizer.from_file(str(smollm2_export / "tokenizer.json"))
+    chkhsh = hashlib.sha256(str(tk.encode(chktxt).ids).encode()).hexdigest()
+    assert chkhsh in table["smollm"]
+
+
+# ---------------------------------------------------------------- a tiny llama GGUF
+
+def _byte_tokens() -> list[str]:
+    """GPT-2's bytes_to_unicode, in byte order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    m = dict(zip(bs, cs))
+    return [chr(m[b]) for b in range(256)]
+
+
+def write_tiny_llama(path: Path, *, arch="llama", pre="smollm", tied=True, qtype=T.F32, n_head=4, n_kv=2,
+                     key_length=None, general_type=None, vocab_model="gpt2"):
+    rng = np.random.default_rng(1)
+    hidden, ffn, n_layer = 64, 96, 2
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    merges = ["Ġ t", "h e", "Ġt he"]
+    tokens = specials + _byte_tokens() + ["Ġt", "he", "Ġthe", "<tool>"]
+    types = [TokenType.CONTROL] * 3 + [TokenType.NORMAL] * 259 + [TokenType.USER_DEFINED]
+    w = GGUFWriter(path, arch)
+    if general_type:
+        w.add_type(general_type)
+    w.add_name("tiny")
+    w.add_block_count(n_layer)
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    if key_length:
+        w.add_key_length(key_length)
+        w.add_value_length(key_length)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model(vocab_model)
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    hd = key_length or hidden // n_head
+
+    def add(name, shape):
+        x = rng.standard_normal(shape, dtype=np.float32)
+        if qtype == T.F32 or len(shape) == 1:
+            w.add_tensor(name, x)
+        else:
+            w.add_tensor(name, gq.quantize(x, qtype), raw_dtype=qtype)
+
+    add("token_embd.weight", (len(tokens), hidden))
+    for b in range(n_layer):
+        add(f"blk.{b}.attn_norm.weight", (hidden,))
+        add(f"blk.{b}.attn_q.weight", (n_head * hd, hidden))
+        add(f"blk.{b}.attn_k.weight", (n_kv * hd, hidden))
+        add(f"blk.{b}.attn_v.weight", (n_kv * hd, hidden))
+        add(f"blk.{b}.attn_output.weight", (hidden, n_head * hd))
+        add(f"blk.{b}.ffn_norm.weight", (hidden,))
+        add(f"blk.{b}.ffn_gate.weight", (ffn, hidden))
+        add(f"blk.{b}.ffn_up.weight", (ffn, hidden))
+        add(f"blk.{b}.ffn_down.weight", (hidden, ffn))
+    add("output_norm.weight", (hidden,))
+    if not tied:
+        add("output.weight", (len(tokens), hidden))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _run(args, capsys):
+    code = main(args)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16", "f32"])
+def test_tiny_dtypes_untied(tmp_path, capsys, dtype, llama_permute):
+    src = write_tiny_llama(tmp_path / "tiny.gguf", tied=False, qtype=T.Q8_0)
+    out = tmp_path / "hf"
+    code, so, err = _run(["export", str(src), "-o", str(out), "--dtype", dtype, "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(so)
+    assert res["out_dir"] == str(out) and res["n_tensors"] == 2 * 9 + 3
+    sd = _load_st(out / "model.safetensors")
+    if dtype != "bf16":
+        from safetensors.numpy import load_file
+
+        ref = load_file(out / "model.safetensors")
+        assert all(np.array_equal(ref[k], sd[k]) for k in ref)
+    assert "lm_head.weight" in sd
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False
+    assert cfg["torch_dtype"] == {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}[dtype]
+    r = GGUFReader(src)
+    for t in r.tensors:
+        got = sd[hf_tensor_name(t.name)]
+        want = _gguf_f32(t)
+        if dtype == "bf16":
+            want = _bf16_round(want)
+        else:
+            assert got.dtype == {"f16": np.float16, "f32": np.float32}[dtype]
+            want = want.astype(got.dtype)
+        if t.name.endswith("attn_q.weight"):
+            got = llama_permute(got, 4, 4)
+        elif t.name.endswith("attn_k.weight"):
+            got = llama_permute(got, 4, 2)
+        np.testing.assert_array_equal(got, want, err_msg=t.name)
+
+
+def test_tiny_tokenizer_and_head_dim(tmp_path, capsys):
+    from tokenizers import Tokenizer
+
+    src = write_tiny_llama(tmp_path / "tiny.gguf", key_length=32, n_head=4, n_kv=1)
+    out = tmp_path / "hf"
+    assert _run(["export", str(src), "-o", str(out)], capsys)[0] == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["head_dim"] == 32 and cfg["num_key_value_heads"] == 1
+    tk = Tokenizer.from_file(str(out / "tokenizer.json"))
+    enc = tk.encode("the then<tool><|im_end|>")
+    r = GGUFReader(src)
+    tokens = r.fields["tokenizer.ggml.tokens"].contents()
+    assert [tokens[i] for i in enc.ids] == ["t", "he", "Ġthe", "n", "<tool>", "<|im_end|>"]
+    tcfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert tcfg["added_tokens_decoder"][str(tokens.index("<tool>"))]["special"] is False
+    assert "chat_template" not in tcfg
+
+
+# ---------------------------------------------------------------- errors
+
+def _assert_one_line(err, code, want_code):
+    assert code == want_code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err
+    return lines[0]
+
+
+def _leftovers(parent: Path, name: str) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+
+
+def test_existing_output_refused_then_forced(tmp_path, capsys):
+    src = write_tiny_llama(tmp_path / "tiny.gguf")
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = _run(["export", str(src), "-o", str(out)], capsys)
+    assert "--force" in _assert_one_line(err, code, 5)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    code, _, err = _run(["export", str(src), "-o", str(out), "--force"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                      "tokenizer_config.json"]
+    assert _leftovers(tmp_path, "hf") == []
+    # an empty existing directory is fine without --force
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _run(["export", str(src), "-o", str(empty)], capsys)[0] == 0
+
+
+@pytest.mark.parametrize("case,code,needle", [
+    ("arch", 4, "architecture"),
+    ("pre", 4, "pre-tokenizer"),
+    ("vocab", 4, "vocabulary kind"),
+    ("imatrix", 4, "importance-matrix"),
+    ("corrupt", 3, "GGUF"),
+    ("dtype", 2, "dtype"),
+    ("parent", 5, "no such directory"),
+])
+def test_export_errors(tmp_path, capsys, case, code, needle):
+    kw = {"arch": {"arch": "gpt2"}, "pre": {"pre": "qwen2"}, "vocab": {"vocab_model": "llama"},
+          "imatrix": {"general_type": "imatrix"}}.get(case, {})
+    src = write_tiny_llama(tmp_path / "tiny.gguf", **kw)
+    args = ["export", str(src), "-o", str(tmp_path / "hf")]
+    if case == "corrupt":
+        src.write_bytes(src.read_bytes()[:5000])
+    if case == "dtype":
+        args += ["--dtype", "int8"]
+    if case == "parent":
+        args[3] = str(tmp_path / "tiny.gguf" / "sub")
+    c, _, err = _run(args, capsys)
+    assert needle in _assert_one_line(err, c, code)
+    assert not (tmp_path / "hf").exists()
+    assert _leftovers(tmp_path, "hf") == []
+
+
+def test_disk_full_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import quantkit.export as ex
+
+    src = write_tiny_llama(tmp_path / "tiny.gguf")
+    real = ex.dequantize_tensor
+    calls = {"n": 0}
+
+    def failing(hdr, t):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(hdr, t)
+
+    monkeypatch.setattr(ex, "dequantize_tensor", failing)
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    c, _, err = _run(["export", str(src), "-o", str(out), "--force"], capsys)
+    assert "No space left" in _assert_one_line(err, c, 5)
+    assert [p.name for p in out.iterdir()] == ["old.txt"]  # nothing overwritten
+    assert _leftovers(tmp_path, "hf") == []
+
+
+# ---------------------------------------------------------------- round trip through convert
+
+ROUND_TRIP_DTYPE = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "f32"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0"])
+def test_round_trip_convert_export_convert(smollm2_checkpoint, tmp_path, qtype):
+    """convert(export(x)) reproduces x: same metadata, tensor names, types, shapes and bytes."""
+    from quantkit.convert import ConvertOptions, convert
+
+    x = tmp_path / f"x-{qtype}.gguf"
+    convert(ConvertOptions(src=str(smollm2_checkpoint), type=qtype, out=x, quiet=True, progress=False))
+    hf = tmp_path / "rt" / smollm2_checkpoint.name  # same directory name: same general.name
+    hf.parent.mkdir()
+    export_gguf(x, hf, dtype=ROUND_TRIP_DTYPE[qtype])
+    y = tmp_path / f"y-{qtype}.gguf"
+    convert(ConvertOptions(src=str(hf), type=qtype, out=y, quiet=True, progress=False))
+
+    rx, ry = GGUFReader(x), GGUFReader(y)
+    kx = [k for k in rx.fields if not k.startswith("GGUF.")]
+    ky = [k for k in ry.fields if not k.startswith("GGUF.")]
+    assert kx == ky
+    for k in kx:
+        fx, fy = rx.fields[k], ry.fields[k]
+        assert fx.types == fy.types, k
+        assert fx.contents() == fy.contents(), k
+    assert [t.name for t in rx.tensors] == [t.name for t in ry.tensors]
+    for a, b in zip(rx.tensors, ry.tensors):
+        assert a.tensor_type == b.tensor_type, a.name
+        assert list(a.shape) == list(b.shape), a.name
+        assert np.array_equal(np.asarray(a.data).view(np.uint8), np.asarray(b.data).view(np.uint8)), a.name
