@@ -115,12 +115,13 @@ def _layout(stream, plan, preset: str) -> tuple[dict, list]:
     return md, rows
 
 
-def _producer(source, ref, tp, imatrix: dict | None) -> Callable[[], np.ndarray]:
+def _producer(source, ref, tp, imatrix: dict | None, raw_name: str | None = None) -> Callable[[], np.ndarray]:
     from . import quant
 
     def produce() -> np.ndarray:
         if getattr(tp, "copy", False) and getattr(source, "kind", "") == "gguf" and ref.name == tp.name:
-            return np.array(source.raw_bytes(tp.name))  # stored bytes, unchanged
+            # stored bytes, unchanged (raw_name: the source tensor of a replicated block)
+            return np.array(source.raw_bytes(raw_name or tp.name))
         x = ref.load()
         if x.ndim == 0:
             x = x.reshape(1)
@@ -174,13 +175,19 @@ def convert(opts: ConvertOptions) -> ConvertResult:
         imatrix = _imatrix(opts, stream)
         mix_opts = replace(opts.mix, imatrix=imatrix if imatrix is not None else opts.mix.imatrix,
                            dry_run=opts.dry_run)
+        if replicate_mod is not None:  # the imatrix must come from the replicated graph
+            im_note = replicate_mod.check_imatrix(
+                stream, mix_opts.imatrix, "--imatrix" if opts.imatrix_path is not None else
+                "--calib-text, collected on the replicated graph" if opts.calib_text is not None else "given")
+            stream.notes.extend([im_note] if im_note else [])
         plan = mix.make_plan(stream, preset, mix_opts)
         if replicate_mod is not None and opts.replica_type:
             plan = replicate_mod.apply_replica_type(plan, stream, opts.replica_type)
         md, rows = _layout(stream, plan, preset)
         refs = {t.name: t for t in stream.tensors}
         used_im = getattr(plan, "imatrix", None) or mix_opts.imatrix
-        outs = [TensorOut(tp.name, tuple(tp.shape), GGMLQuantizationType(tp.qtype), _producer(source, refs[tp.name], tp, used_im))
+        outs = [TensorOut(tp.name, tuple(tp.shape), GGMLQuantizationType(tp.qtype), _producer(source, refs[tp.name], tp, used_im,
+                                    replicate_mod.source_name(stream, tp.name) if replicate_mod else None))
                 for tp in rows]
         n_bytes = sum(t.nbytes for t in outs)
         n_params = sum(int(np.prod(t.shape, dtype=np.int64)) for t in outs)

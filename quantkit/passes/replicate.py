@@ -387,8 +387,8 @@ def replicate(stream: ModelStream, order: Sequence[int], *, replica_scale: float
         targets = _scale_targets({s for s, _ in members}) if (scale is not None and j in reps) else set()
         for suffix, ref in members:
             new = dataclasses.replace(ref, name=f"blk.{j}.{suffix}")
-            if suffix in targets:
-                new = dataclasses.replace(new, loader=_scaled(ref, scale))
+            if suffix in targets:  # computed values, no longer the stored bytes: dtype F32
+                new = dataclasses.replace(new, dtype="F32", loader=_scaled(ref, scale))
             out_blocks.append(new)
 
     md, notes = _remap_metadata(stream, order, n_src)
@@ -415,6 +415,37 @@ def apply(stream: ModelStream, layer_map: str | None, repeat: str | None,
         return stream
     option, spec = ("--layer-map", layer_map) if layer_map is not None else ("--repeat", repeat)
     return replicate(stream, order, replica_scale=replica_scale, spec=spec, option=option)
+
+
+def source_name(stream: ModelStream, name: str) -> str:
+    """The source tensor a (possibly renamed) tensor of ``stream`` comes from."""
+    m = _BLK.match(name)
+    if not m or not stream.layer_origin:
+        return name
+    return f"blk.{stream.layer_origin.get(int(m.group(1)), int(m.group(1)))}.{m.group(2)}"
+
+
+def check_imatrix(stream: ModelStream, imatrix: dict | None, origin: str) -> str | None:
+    """An importance matrix for a replicated stream must come from the replicated
+    graph. Raises UsageError when a file lacks the replicated blocks (it was
+    collected on the source); returns the note to show, or None."""
+    if not stream.layer_origin:
+        return None
+    if imatrix is None:
+        return IMATRIX_NOTE
+    have = {int(m.group(1)) for m in (_BLK.match(k) for k in imatrix) if m}
+    if have:
+        missing = sorted(set(stream.layer_origin) - have)
+        extra = sorted(have - set(stream.layer_origin))
+        if extra:
+            raise UsageError(f"the importance matrix ({origin}) has entries for block {extra[0]}, the "
+                             f"replicated model has {len(stream.layer_origin)} blocks: it was collected on "
+                             f"another graph; run quantkit calibrate SRC --layer-map SPEC")
+        if missing:
+            raise UsageError(f"the importance matrix ({origin}) has no entries for block(s) "
+                             f"{format_order(missing)} of the {len(stream.layer_origin)}-block replicated model; "
+                             f"collect it on the replicated graph: quantkit calibrate SRC --layer-map SPEC")
+    return f"importance matrix ({origin}) used for the {len(stream.layer_origin)}-block replicated graph"
 
 
 # --------------------------------------------------------------- plan override ---
