@@ -52,13 +52,13 @@ _M32 = F(-32.0)
 _M128 = F(-128.0)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _as_i8(v):
     """C's (int8_t) conversion of an int."""
     return ((v + 128) & 0xFF) - 128
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _pack_2bit(L, y, off):
     """qs[32h + l] = L[128h+l] | L[128h+l+32] << 2 | L[128h+l+64] << 4 | L[128h+l+96] << 6"""
     for j in range(0, QK_K, 128):
@@ -81,7 +81,7 @@ def _pack_2bit(L, y, off):
 # ==========================================================================
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _q2_K_finish(x, y, L, dm, mm):
     """Requantize with the rounded scales (ggml's closing loop), then pack."""
     for j in range(QK_K // 16):
@@ -96,8 +96,8 @@ def _q2_K_finish(x, y, L, dm, mm):
     _pack_2bit(L, y, 16)
 
 
-@njit(cache=True)
-def _q2_K_ref_block(x, y, L, weights, scales, mins):
+@njit(cache=True, error_model="numpy")
+def _q2_K_ref_block(x, y, L, weights, scales, mins, fa, fb):
     q4scale = _F15
     max_scale = _F0
     max_min = _F0
@@ -105,7 +105,7 @@ def _q2_K_ref_block(x, y, L, weights, scales, mins):
         xs = x[16 * j : 16 * j + 16]
         for l in range(16):
             weights[l] = abs(xs[l])
-        s, m = make_qkx2_quants(16, 3, xs, weights, L[16 * j : 16 * j + 16], _M0_5, _P0_1, 15, True)
+        s, m = make_qkx2_quants(16, 3, xs, weights, L[16 * j : 16 * j + 16], _M0_5, _P0_1, 15, True, fa, fb)
         scales[j] = s
         mins[j] = m
         if s > max_scale:
@@ -132,8 +132,8 @@ def _q2_K_ref_block(x, y, L, weights, scales, mins):
     _q2_K_finish(x, y, L, load_fp16(y, 80), load_fp16(y, 82))
 
 
-@njit(cache=True)
-def _q2_K_impl_block(x, qw, y, L, weights, scales, mins, sw, Ls, Lm):
+@njit(cache=True, error_model="numpy")
+def _q2_K_impl_block(x, qw, y, L, weights, scales, mins, sw, Ls, Lm, fa, fb):
     sumx2 = _F0
     for j in range(QK_K):
         sumx2 += x[j] * x[j]
@@ -146,7 +146,7 @@ def _q2_K_impl_block(x, qw, y, L, weights, scales, mins, sw, Ls, Lm):
             s += weights[l]
         sw[j] = s
         sc, m = make_qkx3_quants(
-            16, 3, x[16 * j : 16 * j + 16], weights, L[16 * j : 16 * j + 16], _M0_9, _P0_05, 36, False
+            16, 3, x[16 * j : 16 * j + 16], weights, L[16 * j : 16 * j + 16], _M0_9, _P0_05, 36, False, fa, fb
         )
         scales[j] = sc
         mins[j] = m
@@ -161,26 +161,30 @@ def _q2_K_impl_block(x, qw, y, L, weights, scales, mins, sw, Ls, Lm):
     _q2_K_finish(x, y, L, fp16_to_fp32(hd), fp16_to_fp32(hm))
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _q2_K_ref_rows(x, out):
     nrows, n = x.shape
     nb = n // QK_K
     for r in prange(nrows):
         L = np.empty(QK_K, np.uint8)
         weights = np.empty(16, np.float32)
+        fa = np.empty(16, np.float32)
+        fb = np.empty(16, np.float32)
         scales = np.empty(16, np.float32)
         mins = np.empty(16, np.float32)
         for i in range(nb):
-            _q2_K_ref_block(x[r, i * QK_K : (i + 1) * QK_K], out[r, i * 84 : (i + 1) * 84], L, weights, scales, mins)
+            _q2_K_ref_block(x[r, i * QK_K : (i + 1) * QK_K], out[r, i * 84 : (i + 1) * 84], L, weights, scales, mins, fa, fb)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _q2_K_impl_rows(x, qw, out):
     nrows, n = x.shape
     nb = n // QK_K
     for r in prange(nrows):
         L = np.empty(QK_K, np.uint8)
         weights = np.empty(16, np.float32)
+        fa = np.empty(16, np.float32)
+        fb = np.empty(16, np.float32)
         scales = np.empty(16, np.float32)
         mins = np.empty(16, np.float32)
         sw = np.empty(16, np.float32)
@@ -189,11 +193,11 @@ def _q2_K_impl_rows(x, qw, out):
         for i in range(nb):
             _q2_K_impl_block(
                 x[r, i * QK_K : (i + 1) * QK_K], qw[i * QK_K : (i + 1) * QK_K], out[r, i * 84 : (i + 1) * 84],
-                L, weights, scales, mins, sw, Ls, Lm,
+                L, weights, scales, mins, sw, Ls, Lm, fa, fb,
             )
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _q2_K_dequant_rows(data, n):
     nrows = data.shape[0]
     nb = n // QK_K
@@ -252,7 +256,7 @@ class Q2_K(QuantType, qtype=GGMLQuantizationType.Q2_K, takes_imatrix=True):
 # ==========================================================================
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _q3_K_put_scale(y, j, l):
     if j < 8:
         y[96 + j] = l & 0xF
@@ -262,7 +266,7 @@ def _q3_K_put_scale(y, j, l):
     y[96 + 8 + j % 4] = (np.int64(y[96 + 8 + j % 4]) | (l << (2 * (j // 4)))) & 0xFF
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _q3_K_finish(x, y, L):
     dall = load_fp16(y, 108)
     for j in range(QK_K // 16):
@@ -292,7 +296,7 @@ def _q3_K_finish(x, y, L):
     _pack_2bit(L, y, 32)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _q3_K_ref_block(x, y, L, scales):
     max_scale = _F0
     amax = _F0
@@ -317,8 +321,8 @@ def _q3_K_ref_block(x, y, L, scales):
     _q3_K_finish(x, y, L)
 
 
-@njit(cache=True)
-def _q3_K_impl_block(x, qw, y, L, scales, weight, sw, Ls, wtmp):
+@njit(cache=True, error_model="numpy")
+def _q3_K_impl_block(x, qw, y, L, scales, weight, sw, Ls, wtmp, ra, rb):
     sumx2 = _F0
     for j in range(QK_K):
         sumx2 += x[j] * x[j]
@@ -330,17 +334,17 @@ def _q3_K_impl_block(x, qw, y, L, scales, weight, sw, Ls, wtmp):
         for l in range(16):
             sumw += weight[l]
         sw[j] = sumw
-        scales[j] = make_qx_quants(16, 4, x[16 * j : 16 * j + 16], L[16 * j : 16 * j + 16], 1, weight, True, wtmp)
+        scales[j] = make_qx_quants(16, 4, x[16 * j : 16 * j + 16], L[16 * j : 16 * j + 16], 1, weight, True, wtmp, ra, rb)
     for k in range(12):
         y[96 + k] = 0
-    d_block = make_qx_quants(QK_K // 16, 32, scales, Ls, 1, sw, True, wtmp)
+    d_block = make_qx_quants(QK_K // 16, 32, scales, Ls, 1, sw, True, wtmp, ra, rb)
     for j in range(QK_K // 16):
         _q3_K_put_scale(y, j, np.int64(Ls[j]))
     store_fp16(y, 108, fp32_to_fp16(d_block))
     _q3_K_finish(x, y, L)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _q3_K_ref_rows(x, out):
     nrows, n = x.shape
     nb = n // QK_K
@@ -351,7 +355,7 @@ def _q3_K_ref_rows(x, out):
             _q3_K_ref_block(x[r, i * QK_K : (i + 1) * QK_K], out[r, i * 110 : (i + 1) * 110], L, scales)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _q3_K_impl_rows(x, qw, out):
     nrows, n = x.shape
     nb = n // QK_K
@@ -362,14 +366,16 @@ def _q3_K_impl_rows(x, qw, out):
         sw = np.empty(16, np.float32)
         Ls = np.empty(16, np.int8)
         wtmp = np.empty(16, np.float32)
+        ra = np.empty(18, np.float32)
+        rb = np.empty(18, np.float32)
         for i in range(nb):
             _q3_K_impl_block(
                 x[r, i * QK_K : (i + 1) * QK_K], qw[i * QK_K : (i + 1) * QK_K], out[r, i * 110 : (i + 1) * 110],
-                L, scales, weight, sw, Ls, wtmp,
+                L, scales, weight, sw, Ls, wtmp, ra, rb,
             )
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _q3_K_dequant_rows(data, n):
     nrows = data.shape[0]
     nb = n // QK_K
@@ -441,7 +447,7 @@ class Q3_K(QuantType, qtype=GGMLQuantizationType.Q3_K, takes_imatrix=True):
 # ==========================================================================
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _k4_put_scales(y, j, ls, lm):
     if j < 4:
         y[4 + j] = ls & 0xFF
@@ -452,7 +458,7 @@ def _k4_put_scales(y, j, ls, lm):
         y[4 + j] = (np.int64(y[4 + j]) | ((lm >> 4) << 6)) & 0xFF
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _k4_requant(x, y, L, nmax):
     d0 = load_fp16(y, 0)
     m0 = load_fp16(y, 2)
@@ -467,8 +473,8 @@ def _k4_requant(x, y, L, nmax):
             L[32 * j + ii] = max(0, min(nmax, l))
 
 
-@njit(cache=True)
-def _k4_ref_scales(x, y, L, weights, scales, mins, nmax, rmin, rdelta, nstep):
+@njit(cache=True, error_model="numpy")
+def _k4_ref_scales(x, y, L, weights, scales, mins, nmax, rmin, rdelta, nstep, fa, fb):
     """The scale search and packing shared by Q4_K and Q5_K's _ref paths."""
     max_scale = _F0
     max_min = _F0
@@ -480,7 +486,7 @@ def _k4_ref_scales(x, y, L, weights, scales, mins, nmax, rmin, rdelta, nstep):
         for l in range(32):
             weights[l] = av_x + abs(x[32 * j + l])
         s, m = make_qkx2_quants(
-            32, nmax, x[32 * j : 32 * j + 32], weights, L[32 * j : 32 * j + 32], rmin, rdelta, nstep, False
+            32, nmax, x[32 * j : 32 * j + 32], weights, L[32 * j : 32 * j + 32], rmin, rdelta, nstep, False, fa, fb
         )
         scales[j] = s
         mins[j] = m
@@ -499,8 +505,8 @@ def _k4_ref_scales(x, y, L, weights, scales, mins, nmax, rmin, rdelta, nstep):
     _k4_requant(x, y, L, nmax)
 
 
-@njit(cache=True)
-def _k4_impl_scales(x, qw, y, L, weights, scales, mins, sw, Ls, Lm, nmax, clamp63):
+@njit(cache=True, error_model="numpy")
+def _k4_impl_scales(x, qw, y, L, weights, scales, mins, sw, Ls, Lm, nmax, clamp63, fa, fb):
     """The weighted scale search shared by Q4_K and Q5_K's _impl paths."""
     sum_x2 = _F0
     for l in range(QK_K):
@@ -514,7 +520,7 @@ def _k4_impl_scales(x, qw, y, L, weights, scales, mins, sw, Ls, Lm, nmax, clamp6
             sumw += weights[l]
         sw[j] = sumw
         s, m = make_qkx3_quants(
-            32, nmax, x[32 * j : 32 * j + 32], weights, L[32 * j : 32 * j + 32], _M0_9, _P0_05, 36, False
+            32, nmax, x[32 * j : 32 * j + 32], weights, L[32 * j : 32 * j + 32], _M0_9, _P0_05, 36, False, fa, fb
         )
         scales[j] = s
         mins[j] = m
@@ -532,14 +538,14 @@ def _k4_impl_scales(x, qw, y, L, weights, scales, mins, sw, Ls, Lm, nmax, clamp6
     _k4_requant(x, y, L, nmax)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _q4_K_pack(L, y):
     for c in range(QK_K // 64):
         for l in range(32):
             y[16 + 32 * c + l] = (L[64 * c + l] & 0xF) | ((L[64 * c + l + 32] & 0xF) << 4)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _q5_K_pack(L, y):
     for k in range(32):
         y[16 + k] = 0
@@ -560,28 +566,32 @@ def _q5_K_pack(L, y):
         m2 <<= 2
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _q4_K_ref_rows(x, out):
     nrows, n = x.shape
     nb = n // QK_K
     for r in prange(nrows):
         L = np.empty(QK_K, np.uint8)
         weights = np.empty(32, np.float32)
+        fa = np.empty(32, np.float32)
+        fb = np.empty(32, np.float32)
         scales = np.empty(8, np.float32)
         mins = np.empty(8, np.float32)
         for i in range(nb):
             y = out[r, i * 144 : (i + 1) * 144]
-            _k4_ref_scales(x[r, i * QK_K : (i + 1) * QK_K], y, L, weights, scales, mins, 15, _M1_0, _P0_1, 20)
+            _k4_ref_scales(x[r, i * QK_K : (i + 1) * QK_K], y, L, weights, scales, mins, 15, _M1_0, _P0_1, 20, fa, fb)
             _q4_K_pack(L, y)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _q4_K_impl_rows(x, qw, out):
     nrows, n = x.shape
     nb = n // QK_K
     for r in prange(nrows):
         L = np.empty(QK_K, np.uint8)
         weights = np.empty(32, np.float32)
+        fa = np.empty(32, np.float32)
+        fb = np.empty(32, np.float32)
         scales = np.empty(8, np.float32)
         mins = np.empty(8, np.float32)
         sw = np.empty(8, np.float32)
@@ -591,33 +601,37 @@ def _q4_K_impl_rows(x, qw, out):
             y = out[r, i * 144 : (i + 1) * 144]
             _k4_impl_scales(
                 x[r, i * QK_K : (i + 1) * QK_K], qw[i * QK_K : (i + 1) * QK_K], y,
-                L, weights, scales, mins, sw, Ls, Lm, 15, False,
+                L, weights, scales, mins, sw, Ls, Lm, 15, False, fa, fb,
             )
             _q4_K_pack(L, y)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _q5_K_ref_rows(x, out):
     nrows, n = x.shape
     nb = n // QK_K
     for r in prange(nrows):
         L = np.empty(QK_K, np.uint8)
         weights = np.empty(32, np.float32)
+        fa = np.empty(32, np.float32)
+        fb = np.empty(32, np.float32)
         scales = np.empty(8, np.float32)
         mins = np.empty(8, np.float32)
         for i in range(nb):
             y = out[r, i * 176 : (i + 1) * 176]
-            _k4_ref_scales(x[r, i * QK_K : (i + 1) * QK_K], y, L, weights, scales, mins, 31, _M0_5, _P0_1, 15)
+            _k4_ref_scales(x[r, i * QK_K : (i + 1) * QK_K], y, L, weights, scales, mins, 31, _M0_5, _P0_1, 15, fa, fb)
             _q5_K_pack(L, y)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _q5_K_impl_rows(x, qw, out):
     nrows, n = x.shape
     nb = n // QK_K
     for r in prange(nrows):
         L = np.empty(QK_K, np.uint8)
         weights = np.empty(32, np.float32)
+        fa = np.empty(32, np.float32)
+        fb = np.empty(32, np.float32)
         scales = np.empty(8, np.float32)
         mins = np.empty(8, np.float32)
         sw = np.empty(8, np.float32)
@@ -627,12 +641,12 @@ def _q5_K_impl_rows(x, qw, out):
             y = out[r, i * 176 : (i + 1) * 176]
             _k4_impl_scales(
                 x[r, i * QK_K : (i + 1) * QK_K], qw[i * QK_K : (i + 1) * QK_K], y,
-                L, weights, scales, mins, sw, Ls, Lm, 31, True,
+                L, weights, scales, mins, sw, Ls, Lm, 31, True, fa, fb,
             )
             _q5_K_pack(L, y)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _k4_dequant_rows(data, n, bsize, five):
     nrows = data.shape[0]
     nb = n // QK_K
@@ -710,7 +724,7 @@ class Q5_K(QuantType, qtype=GGMLQuantizationType.Q5_K, takes_imatrix=True):
 # ==========================================================================
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _q6_K_finish(x, y, L, scales):
     max_scale = _F0
     max_abs_scale = _F0
@@ -753,7 +767,7 @@ def _q6_K_finish(x, y, L, scales):
             )
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _q6_K_ref_rows(x, out):
     nrows, n = x.shape
     nb = n // QK_K
@@ -761,14 +775,16 @@ def _q6_K_ref_rows(x, out):
         L = np.empty(QK_K, np.int8)
         scales = np.empty(16, np.float32)
         wtmp = np.empty(16, np.float32)
+        ra = np.empty(18, np.float32)
+        rb = np.empty(18, np.float32)
         for i in range(nb):
             xb = x[r, i * QK_K : (i + 1) * QK_K]
             for ib in range(QK_K // 16):
-                scales[ib] = make_qx_quants(16, 32, xb[16 * ib : 16 * ib + 16], L[16 * ib : 16 * ib + 16], 1, wtmp, False, wtmp)
+                scales[ib] = make_qx_quants(16, 32, xb[16 * ib : 16 * ib + 16], L[16 * ib : 16 * ib + 16], 1, wtmp, False, wtmp, ra, rb)
             _q6_K_finish(xb, out[r, i * 210 : (i + 1) * 210], L, scales)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _q6_K_impl_rows(x, qw, out):
     nrows, n = x.shape
     nb = n // QK_K
@@ -776,15 +792,17 @@ def _q6_K_impl_rows(x, qw, out):
         L = np.empty(QK_K, np.int8)
         scales = np.empty(16, np.float32)
         wtmp = np.empty(16, np.float32)
+        ra = np.empty(18, np.float32)
+        rb = np.empty(18, np.float32)
         for i in range(nb):
             xb = x[r, i * QK_K : (i + 1) * QK_K]
             for ib in range(QK_K // 16):
                 o = i * QK_K + 16 * ib
-                scales[ib] = make_qx_quants(16, 32, xb[16 * ib : 16 * ib + 16], L[16 * ib : 16 * ib + 16], 1, qw[o : o + 16], True, wtmp)
+                scales[ib] = make_qx_quants(16, 32, xb[16 * ib : 16 * ib + 16], L[16 * ib : 16 * ib + 16], 1, qw[o : o + 16], True, wtmp, ra, rb)
             _q6_K_finish(xb, out[r, i * 210 : (i + 1) * 210], L, scales)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _q6_K_dequant_rows(data, n):
     nrows = data.shape[0]
     nb = n // QK_K

@@ -65,12 +65,12 @@ def i32_as_f32(typingctx, x):
     return sig, codegen
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def fp32_bits(f):
     return np.int64(f32_as_i32(f)) & 0xFFFFFFFF
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def fp32_from_bits(w):
     w = w & 0xFFFFFFFF
     if w >= 0x80000000:
@@ -87,7 +87,7 @@ _EXP_SCALE = F(2.0**-112)
 _HALF = F(0.5)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def fp32_to_fp16(f):
     """GGML_FP32_TO_FP16: float32 -> fp16 bits (round to nearest even)."""
     base = (abs(f) * _SCALE_TO_INF) * _SCALE_TO_ZERO
@@ -107,7 +107,7 @@ def fp32_to_fp16(f):
     return np.uint16(((sign >> 16) | nonsign) & 0xFFFF)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def fp16_to_fp32(h):
     """GGML_FP16_TO_FP32: fp16 bits -> float32."""
     w = (np.int64(h) & 0xFFFF) << 16
@@ -124,20 +124,20 @@ def fp16_to_fp32(h):
     return fp32_from_bits(result)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def fp16_round(f):
     """GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(f))."""
     return fp16_to_fp32(fp32_to_fp16(f))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def store_fp16(y, off, h):
     """Write fp16 bits little-endian at y[off:off+2]."""
     y[off] = np.uint8(h & 0xFF)
     y[off + 1] = np.uint8((h >> 8) & 0xFF)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def load_fp16(y, off):
     return fp16_to_fp32(np.uint16(np.int64(y[off]) | (np.int64(y[off + 1]) << 8)))
 
@@ -147,7 +147,7 @@ def load_fp16(y, off):
 # --------------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def nearest_int(fval):
     """ggml's nearest_int: add 1.5*2**23 in float32 and read the mantissa."""
     val = fval + _MAGIC
@@ -160,13 +160,13 @@ def nearest_int(fval):
 # --------------------------------------------------------------------------
 
 
-@njit(cache=True)
-def make_qx_quants(n, nmax, x, L, rmse_type, qw, has_qw, w):
+@njit(cache=True, error_model="numpy")
+def make_qx_quants(n, nmax, x, L, rmse_type, qw, has_qw, w, res_a, res_b):
     """Symmetric quants in [-nmax, nmax-1] stored as L = l + nmax (int8 in C).
 
     ``qw`` is used when ``has_qw`` (C: qw != NULL); ``w`` is n floats of
     scratch holding the per-element weight, computed once (same values as the
-    C expression evaluated inside each loop)."""
+    C expression evaluated inside each loop); res_a, res_b: 18 floats each."""
     max_ = _F0
     amax = _F0
     for i in range(n):
@@ -212,27 +212,56 @@ def make_qx_quants(n, nmax, x, L, rmse_type, qw, has_qw, w):
     if return_early:
         return _HALF * (scale + _F1 / iscale) if suml2 > _F0 else _F1 / iscale
     best = scale * sumlx
-    for is_ in range(-9, 10):
-        if is_ == 0:
-            continue
-        iscale = -(F(nmax) + _F0_1 * F(is_)) / max_
-        sumlx = _F0
-        suml2 = _F0
+    # The 18 trials do not depend on each other (only the comparisons do), so
+    # two run per loop for instruction-level parallelism; each sum keeps its
+    # element order, and the comparisons run in ggml's order. L is rewritten
+    # once, for the last winner, instead of at every win.
+    win_iscale = _F0
+    won = False
+    for p in range(9):
+        is_a = p - 9  # -9..-1, then 1..9
+        is_b = p + 1
+        isc_a = -(F(nmax) + _F0_1 * F(is_a)) / max_
+        isc_b = -(F(nmax) + _F0_1 * F(is_b)) / max_
+        slx_a = _F0
+        sl2_a = _F0
+        slx_b = _F0
+        sl2_b = _F0
         for i in range(n):
-            l = nearest_int(iscale * x[i])
-            fl = F(max(-nmax, min(nmax - 1, l)))
-            sumlx += w[i] * x[i] * fl
-            suml2 += w[i] * fl * fl
+            xi = x[i]
+            wi = w[i]
+            la = F(max(-nmax, min(nmax - 1, nearest_int(isc_a * xi))))
+            lb = F(max(-nmax, min(nmax - 1, nearest_int(isc_b * xi))))
+            slx_a += wi * xi * la
+            sl2_a += wi * la * la
+            slx_b += wi * xi * lb
+            sl2_b += wi * lb * lb
+        res_a[p] = slx_a
+        res_a[p + 9] = sl2_a
+        res_b[p] = slx_b
+        res_b[p + 9] = sl2_b
+    for t in range(18):
+        if t < 9:
+            sumlx = res_a[t]
+            suml2 = res_a[t + 9]
+            is_ = t - 9
+        else:
+            sumlx = res_b[t - 9]
+            suml2 = res_b[t]
+            is_ = t - 8
         if suml2 > _F0 and sumlx * sumlx > best * suml2:
-            for i in range(n):
-                l = nearest_int(iscale * x[i])
-                L[i] = nmax + max(-nmax, min(nmax - 1, l))
+            win_iscale = -(F(nmax) + _F0_1 * F(is_)) / max_
+            won = True
             scale = sumlx / suml2
             best = scale * sumlx
+    if won:
+        for i in range(n):
+            l = nearest_int(win_iscale * x[i])
+            L[i] = nmax + max(-nmax, min(nmax - 1, l))
     return scale
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_q3_quants(n, nmax, x, L, do_rmse):
     """Q3_K's symmetric solver; L (int8) ends as l + nmax."""
     max_ = _F0
@@ -289,64 +318,84 @@ def make_q3_quants(n, nmax, x, L, do_rmse):
     return _F1 / iscale
 
 
-@njit(cache=True)
-def _step_sums(n, nmax, x, weights, mn, iscale):
+@njit(cache=True, error_model="numpy", inline="always")
+def _trial_sums(n, nmax, x, weights, mn, iscale, fl_out):
     """One trial scale of make_qkx2/3_quants: (sum_l, sum_l2, sum_xl), each
-    summed in element order exactly as the C loop does."""
+    summed in element order as the C loop does; the clamped quants go to
+    fl_out (as floats) for the error pass."""
     sum_l = _F0
     sum_l2 = _F0
     sum_xl = _F0
     for i in range(n):
         l = nearest_int(iscale * (x[i] - mn))
         fl = F(max(0, min(nmax, l)))
-        w = weights[i]
-        sum_l += w * fl
-        sum_l2 += w * fl * fl
-        sum_xl += w * fl * x[i]
+        fl_out[i] = fl
+        wl = weights[i] * fl
+        sum_l += wl
+        sum_l2 += wl * fl
+        sum_xl += wl * x[i]
     return sum_l, sum_l2, sum_xl
 
 
-@njit(cache=True)
-def _step_error(n, nmax, x, weights, mn, iscale, this_scale, this_min, use_mad):
-    err = _F0
-    for i in range(n):
-        l = nearest_int(iscale * (x[i] - mn))
-        fl = F(max(0, min(nmax, l)))
-        diff = this_scale * fl + this_min - x[i]
-        diff = abs(diff) if use_mad else diff * diff
-        err += weights[i] * diff
-    return err
-
-
-@njit(cache=True)
-def _qkx_search(n, nmax, x, weights, L, mn, mx, sum_w, sum_x, rmin, rdelta, nstep, use_mad):
+@njit(cache=True, error_model="numpy")
+def _qkx_search(n, nmax, x, weights, L, mn, mx, sum_w, sum_x, rmin, rdelta, nstep, use_mad, fa, fb):
     """The shared body of make_qkx2_quants / make_qkx3_quants once min/max and
     the weighted sums are known (min <= 0 < max - min). Returns (scale, min).
 
-    C keeps the trial quants in Laux and copies them to L when a trial wins;
-    here each trial's sums and error are computed on the fly and L is rebuilt
-    once for the winning trial: the same values in the same order, so the
-    same floats, without the copies."""
+    Same floats as ggml, computed in a different schedule: each C loop is a
+    chain of dependent float adds (latency bound), so the error pass of trial
+    k runs in the same loop as the sums of trial k+1, computed with the
+    current min. ggml updates min when a trial wins and later trials use the
+    new one: then trial k+1 is recomputed. Every sum still runs in element
+    order. C copies the winning trial's quants (Laux) into L; here L is
+    rebuilt once for the final winner. fa, fb: n floats of scratch each."""
     iscale = F(nmax) / (mx - mn)
     scale = _F1 / iscale
+    min_ = mn
+    if nstep < 1:
+        best_error = _F0
+        for i in range(n):
+            l = nearest_int(iscale * (x[i] - mn))
+            l = max(0, min(nmax, l))
+            L[i] = l
+        return scale, mn
+    # initial error fused with trial 0's sums (both use min = mn)
     best_error = _F0
+    isc_n = (rmin + F(nmax)) / (mx - min_)
+    s_l = _F0
+    s_l2 = _F0
+    s_xl = _F0
     for i in range(n):
-        l = nearest_int(iscale * (x[i] - mn))
+        xi = x[i]
+        w = weights[i]
+        l = nearest_int(iscale * (xi - mn))
         l = max(0, min(nmax, l))
         L[i] = l
-        diff = scale * F(l) + mn - x[i]
+        diff = scale * F(l) + mn - xi
         diff = abs(diff) if use_mad else diff * diff
-        best_error += weights[i] * diff
-    if nstep < 1:
-        return scale, mn
-    # ggml updates min when a trial wins and the later trials use it
-    min_ = mn
+        best_error += w * diff
+        l2 = nearest_int(isc_n * (xi - min_))
+        fl = F(max(0, min(nmax, l2)))
+        fa[i] = fl
+        wl = w * fl
+        s_l += wl
+        s_l2 += wl * fl
+        s_xl += wl * xi
     win_iscale = _F0
     win_min = _F0
     won = False
+    cur = fa
+    nxt = fb
+    isc_k = isc_n
+    min_k = min_
     for is_ in range(nstep + 1):
-        iscale_is = (rmin + rdelta * F(is_) + F(nmax)) / (mx - min_)
-        sum_l, sum_l2, sum_xl = _step_sums(n, nmax, x, weights, min_, iscale_is)
+        # (s_l, s_l2, s_xl) and cur hold trial is_, computed with min_k == min_
+        sum_l = s_l
+        sum_l2 = s_l2
+        sum_xl = s_xl
+        last = is_ == nstep
+        if not last:
+            isc_n = (rmin + rdelta * F(is_ + 1) + F(nmax)) / (mx - min_)
         D = sum_w * sum_l2 - sum_l * sum_l
         if D > _F0:
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
@@ -354,14 +403,49 @@ def _qkx_search(n, nmax, x, weights, L, mn, mx, sum_w, sum_x, rmin, rdelta, nste
             if this_min > _F0:
                 this_min = _F0
                 this_scale = sum_xl / sum_l2
-            cur_error = _step_error(n, nmax, x, weights, min_, iscale_is, this_scale, this_min, use_mad)
+            cur_error = _F0
+            if last:
+                for i in range(n):
+                    diff = this_scale * cur[i] + this_min - x[i]
+                    diff = abs(diff) if use_mad else diff * diff
+                    cur_error += weights[i] * diff
+            else:
+                s_l = _F0
+                s_l2 = _F0
+                s_xl = _F0
+                for i in range(n):
+                    xi = x[i]
+                    w = weights[i]
+                    diff = this_scale * cur[i] + this_min - xi
+                    diff = abs(diff) if use_mad else diff * diff
+                    cur_error += w * diff
+                    l2 = nearest_int(isc_n * (xi - min_))
+                    fl = F(max(0, min(nmax, l2)))
+                    nxt[i] = fl
+                    wl = w * fl
+                    s_l += wl
+                    s_l2 += wl * fl
+                    s_xl += wl * xi
             if cur_error < best_error:
                 best_error = cur_error
                 scale = this_scale
                 won = True
-                win_iscale = iscale_is
-                win_min = min_
-                min_ = this_min
+                win_iscale = isc_k
+                win_min = min_k
+                if this_min != min_:
+                    min_ = this_min
+                    if not last:  # the speculative next trial used the old min
+                        isc_n = (rmin + rdelta * F(is_ + 1) + F(nmax)) / (mx - min_)
+                        s_l, s_l2, s_xl = _trial_sums(n, nmax, x, weights, min_, isc_n, nxt)
+                else:
+                    min_ = this_min
+        elif not last:
+            s_l, s_l2, s_xl = _trial_sums(n, nmax, x, weights, min_, isc_n, nxt)
+        tmp = cur
+        cur = nxt
+        nxt = tmp
+        isc_k = isc_n
+        min_k = min_
     if won:
         for i in range(n):
             l = nearest_int(win_iscale * (x[i] - win_min))
@@ -369,8 +453,8 @@ def _qkx_search(n, nmax, x, weights, L, mn, mx, sum_w, sum_x, rmin, rdelta, nste
     return scale, min_
 
 
-@njit(cache=True)
-def make_qkx2_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad):
+@njit(cache=True, error_model="numpy")
+def make_qkx2_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, fa, fb):
     """Asymmetric quants in [0, nmax] with a min; returns (scale, the_min)
     where the_min = -min >= 0, as ggml's out-parameter."""
     mn = x[0]
@@ -391,12 +475,12 @@ def make_qkx2_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad):
         for i in range(n):
             L[i] = 0
         return _F0, -mn
-    scale, mn = _qkx_search(n, nmax, x, weights, L, mn, mx, sum_w, sum_x, rmin, rdelta, nstep, use_mad)
+    scale, mn = _qkx_search(n, nmax, x, weights, L, mn, mx, sum_w, sum_x, rmin, rdelta, nstep, use_mad, fa, fb)
     return scale, -mn
 
 
-@njit(cache=True)
-def make_qkx3_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad):
+@njit(cache=True, error_model="numpy")
+def make_qkx3_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, fa, fb):
     """make_qkx2_quants' weighted sibling (weights given: every ggml caller
     of a K-quant passes them); differs in the ``max <= min`` test."""
     mn = x[0]
@@ -417,11 +501,11 @@ def make_qkx3_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad):
         for i in range(n):
             L[i] = 0
         return _F0, -mn
-    scale, mn = _qkx_search(n, nmax, x, weights, L, mn, mx, sum_w, sum_x, rmin, rdelta, nstep, use_mad)
+    scale, mn = _qkx_search(n, nmax, x, weights, L, mn, mx, sum_w, sum_x, rmin, rdelta, nstep, use_mad, fa, fb)
     return scale, -mn
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_qp_quants(n, nmax, x, L, quant_weights):
     """Positive quants in [0, nmax] for the sub-block scales/mins of the
     weighted K-quant paths. L is uint8 (C truncation kept)."""
@@ -487,7 +571,7 @@ def make_qp_quants(n, nmax, x, L, quant_weights):
     return sumlx / suml2 if suml2 > _F0 else _F0
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def get_scale_min_k4(j, q, off):
     """6-bit scale and min j of a Q4_K/Q5_K 12-byte scales field at q[off:]."""
     if j < 4:
