@@ -299,15 +299,24 @@ def hf_name_filter(name: str) -> str:
     return name.replace("language_model.", "")
 
 
+def converter_keeps_f32(name: str, shape: Sequence[int]) -> bool:
+    """Tensors convert_hf_to_gguf.py always writes as F32: 1-D, norms, non-weights."""
+    return len(shape) <= 1 or name.endswith("_norm.weight") or name[-7:] not in (".weight", ".lora_a", ".lora_b")
+
+
 def mapped(ref: TensorRef, new_name: str, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> TensorRef:
-    """A TensorRef under its GGUF name, optionally transformed when loaded."""
+    """A TensorRef under its GGUF name, optionally transformed when loaded.
+    Its dtype is the type the converter's own GGUF would store it in for the
+    tensors it always keeps F32 (so a plan copies them as F32), else the
+    checkpoint's stored type."""
+    dtype = "F32" if converter_keeps_f32(new_name, ref.shape) else ref.dtype
     if transform is None:
-        return TensorRef(new_name, ref.shape, ref.dtype, ref.loader)
+        return TensorRef(new_name, ref.shape, dtype, ref.loader)
 
     def load(ref=ref, f=transform):
         return f(ref.load())
 
-    return TensorRef(new_name, ref.shape, ref.dtype, load)
+    return TensorRef(new_name, ref.shape, dtype, load)
 
 
 def check_tensors(tensors: Sequence[TensorRef], expected: dict[str, tuple[int, ...]], optional: Iterable[str] = ()) -> None:
