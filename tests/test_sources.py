@@ -111,6 +111,36 @@ def test_bf16_header_accepted_by_the_safetensors_library(random_checkpoint):
             assert h.get_slice(n).get_dtype() == "BF16"
 
 
+def test_fixtures_are_deterministic(tmp_path):
+    a = rc.build("qwen2-f16-sharded", tmp_path / "a")
+    b = rc.build("qwen2-f16-sharded", tmp_path / "b")
+    files = sorted(p.name for p in a.iterdir())
+    assert files == sorted(p.name for p in b.iterdir()) and "model.safetensors.index.json" in files
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+@pytest.mark.parametrize("name", ["llama-f32", "kquant"])
+def test_fixture_tokenizer_and_config(random_checkpoint, name):
+    from tokenizers import Tokenizer
+
+    path = random_checkpoint(name)
+    cfg = json.loads((path / "config.json").read_text())
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    assert tok.get_vocab_size() == cfg["vocab_size"] == rc.spec(name).vocab
+    assert [tok.token_to_id(t) for t in rc.SPECIAL_TOKENS] == [0, 1, 2]
+    assert tok.decode(tok.encode("Hello world 2024!").ids) == "Hello world 2024!"
+    # SmolLM2's pre-tokenizer: digits split one by one, byte-level without prefix space
+    assert [p for p, _ in tok.pre_tokenizer.pre_tokenize_str("ab 123")] == ["ab", "Ġ", "1", "2", "3"]
+    tc = json.loads((path / "tokenizer_config.json").read_text())
+    assert tok.id_to_token(cfg["bos_token_id"]) == tc["bos_token"]
+    assert tok.id_to_token(cfg["eos_token_id"]) == tc["eos_token"]
+    sp = rc.spec(name)
+    if name == "kquant":  # what the K-quant rules need
+        assert sp.hidden % 256 == 0 and sp.intermediate % 256 == 0
+        assert sp.n_layers >= 8 and sp.n_head // sp.n_kv_head >= 4 and not sp.tied
+
+
 # ------------------------------------------------------------------ laziness
 @pytest.mark.parametrize("name", ["llama-bf16-sharded", "llama-f16-bin", "llama-bf16-bin-sharded"])
 def test_loading_one_tensor_reads_only_its_bytes(random_checkpoint, monkeypatch, name):
@@ -237,6 +267,7 @@ def _with_header(f: Path, header: bytes, data: bytes = b"") -> None:
     b'{"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [8, 0]}}',
     b'{"w": {"shape": [2, 2], "data_offsets": [0, 16]}}',
     b'{"w": 5}',
+    b"[" * 100000,
 ])
 def test_corrupt_safetensors_header(tmp_path, header):
     f = tmp_path / "model.safetensors"

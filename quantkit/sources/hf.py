@@ -36,7 +36,7 @@ def read_json(path: Path, what: str) -> Any:
         raise InputError(f"{path}: cannot read {what}: {e}") from None
     try:
         return json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise InputError(f"{path}: invalid JSON in {what} ({e})") from None
 
 

@@ -92,8 +92,8 @@ class SafetensorsFile:
             raise InputError(f"{p}: cannot read: {e.strerror or e}") from None
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise InputError(f"{p}: corrupt safetensors header (not valid JSON: {e})") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise InputError(f"{p}: corrupt safetensors header (not valid JSON: {type(e).__name__})") from None
         if not isinstance(header, dict):
             raise InputError(f"{p}: corrupt safetensors header (not a JSON object)")
         self.data_start = 8 + n
