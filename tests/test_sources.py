@@ -85,6 +85,27 @@ def test_tensor_order_is_the_converters(random_checkpoint, name):
         assert got.index("model.layers.10.input_layernorm.weight") < got.index("model.layers.2.input_layernorm.weight")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama-bf16-sharded", "llama-bf16-bin-sharded", "qwen3-f32-bin"])
+def test_tensor_order_matches_llama_cpp_converter_output(random_checkpoint, name):
+    """Oracle: the tensor order in the GGUF llama.cpp's convert_hf_to_gguf.py
+    writes (torch + transformers in their own virtualenv, output cached)."""
+    import gguf
+
+    try:
+        from fixtures.reference_converter import convert
+    except ImportError:  # pragma: no cover
+        pytest.skip("reference converter fixture not available")
+    path = random_checkpoint(name)
+    ref = GGUFReader(convert(path, "f32", vocab_pre=rc.VOCAB_PRE))
+    sp = rc.spec(name)
+    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen3": gguf.MODEL_ARCH.QWEN3}[sp.arch]
+    tmap = gguf.get_tensor_name_map(arch, sp.n_layers)
+    ours = [tmap.get_name(r.name, try_suffixes=(".weight", ".bias")) for r in open_source(path).tensors()]
+    theirs = [t.name for t in ref.tensors if t.name != "rope_freqs.weight"]
+    assert ours == theirs
+
+
 @pytest.mark.parametrize("name", ["llama-f32", "qwen2-f16-sharded"])
 def test_safetensors_values_match_the_safetensors_library(random_checkpoint, name):
     from safetensors.numpy import load_file
