@@ -201,6 +201,24 @@ def test_peak_memory_of_one_small_load_does_not_include_big_tensors(tmp_path):
     assert peak < 1 << 20
 
 
+@pytest.mark.parametrize("name", ["kquant", "qwen3-f32-bin", "llama-bf16-sharded"])
+def test_streaming_all_tensors_holds_one_at_a_time(random_checkpoint, name):
+    """Peak traced memory while loading every tensor stays near the largest
+    tensor, far below the checkpoint's total."""
+    refs = list(open_source(random_checkpoint(name)).tensors())
+    largest = max(r.n_elements for r in refs) * 4
+    total = sum(r.n_elements for r in refs) * 4
+    tracemalloc.start()
+    try:
+        for r in refs:
+            x = r.load()
+            del x
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * largest + (64 << 10) < total
+
+
 # ------------------------------------------------------------------ bad input: HF directory
 def test_missing_config_json(random_checkpoint, tmp_path):
     d = _copy(random_checkpoint("llama-f32"), tmp_path / "m")
@@ -239,6 +257,16 @@ def test_index_naming_a_tensor_no_shard_holds(random_checkpoint, tmp_path):
     j["weight_map"]["model.layers.9.mlp.up_proj.weight"] = "model-00001-of-00002.safetensors"
     idx.write_text(json.dumps(j))
     with pytest.raises(InputError, match="model.layers.9.mlp.up_proj.weight"):
+        list(open_source(d).tensors())
+
+
+def test_tensor_in_a_shard_but_not_in_the_index(random_checkpoint, tmp_path):
+    d = _copy(random_checkpoint("qwen2-f16-sharded"), tmp_path / "m")
+    idx = d / "model.safetensors.index.json"
+    j = json.loads(idx.read_text())
+    del j["weight_map"]["model.norm.weight"]
+    idx.write_text(json.dumps(j))
+    with pytest.raises(InputError, match="not in the index: model.norm.weight"):
         list(open_source(d).tensors())
 
 
