@@ -67,7 +67,7 @@ class ConvertResult:
     n_bytes: int
     n_params: int
     seconds: float
-    plan: list = field(default_factory=list)  # list[mix.TensorPlan]
+    plan: list = field(default_factory=list)  # list[mix.TensorPlan], in file order
     notes: list[str] = field(default_factory=list)
 
 
@@ -194,7 +194,7 @@ def convert(opts: ConvertOptions) -> ConvertResult:
         notes = list(stream.notes) + list(getattr(plan, "notes", []) or [])
         if opts.dry_run:
             return ConvertResult(None, int(plan.file_type), len(outs), n_bytes, n_params,
-                                 time.perf_counter() - t0, list(plan.tensors), notes)
+                                 time.perf_counter() - t0, rows, notes)
         if out is None:
             out = default_out(stream, preset)
             check_target(out, opts.force)
@@ -208,7 +208,7 @@ def convert(opts: ConvertOptions) -> ConvertResult:
     finally:
         source.close()
     return ConvertResult(out, int(plan.file_type), len(outs), size, n_params, time.perf_counter() - t0,
-                         list(plan.tensors), notes)
+                         rows, notes)
 
 
 def _progress_bar(opts: ConvertOptions, total: int, out: Path) -> Any:

@@ -47,3 +47,15 @@ def random_checkpoint():
 
     return get
 # ---- end random checkpoints ----
+
+
+# ---- llama.cpp's convert_hf_to_gguf.py (fixtures/reference_converter.py; owner: convert) ----
+@pytest.fixture(scope="session")
+def reference_gguf():
+    """Factory: ``reference_gguf(ckpt_dir, "f16", vocab_pre=None) -> Path``, the
+    GGUF llama.cpp's own converter writes (its torch venv built once, outputs
+    cached by checkpoint content under $QUANTKIT_FIXTURES/reference-converter)."""
+    from fixtures.reference_converter import convert
+
+    return convert
+# ---- end reference converter ----

@@ -59,7 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     _register_commands()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or bool(os.environ.get("QUANTKIT_DEBUG"))
     try:
-        app(args=argv, standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False)
+        # typer turns Ctrl-C into Exit(130), which standalone_mode=False returns
+        if rv == 130:
+            print("error: interrupted", file=sys.stderr)
+            return 130
+        if isinstance(rv, int) and rv:
+            return rv
     except QuantkitError as e:
         if debug:
             import traceback

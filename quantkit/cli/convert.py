@@ -1,0 +1,127 @@
+"""`quantkit convert SRC [-o OUT] --type T ...`: a thin adapter over quantkit.convert.
+
+``--json`` prints exactly one JSON object on stdout (schema "quantkit.convert/1")::
+
+    {
+      "schema": "quantkit.convert/1",
+      "output": "/abs/path/model-Q8_0.gguf",   # null with --dry-run
+      "type": "Q8_0",                          # the preset, llama-quantize spelling
+      "file_type": 7,                          # general.file_type (llama_ftype)
+      "n_tensors": 272,
+      "n_params": 134515008,
+      "n_bytes": 144811264,                    # file size (planned tensor bytes with --dry-run)
+      "seconds": 3.1,
+      "dry_run": false,
+      "notes": ["..."],                        # fallbacks, warnings
+      "tensors": [                             # one per tensor, in file order
+        {"name": "token_embd.weight", "shape": [49152, 576], "type": "Q8_0",
+         "wanted": null, "reason": "default"}
+      ]
+    }
+
+``shape`` is in numpy/Hugging Face order (rows first), ``wanted`` is the type a
+rule chose before a shape fallback (or null). Without ``--json`` a one-line
+summary goes to stderr (nothing with ``--quiet``); stdout stays empty.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import app
+
+
+def _tensor_types(values: list[str]) -> list[tuple[str, str]]:
+    from ..errors import UsageError
+
+    out = []
+    for v in values:
+        regex, sep, t = v.rpartition("=")
+        if not sep or not regex or not t:
+            raise UsageError(f"--tensor-type {v!r}: expected REGEX=TYPE")
+        out.append((regex, t))
+    return out
+
+
+@app.command()
+def convert(
+    src: str = typer.Argument(..., help="Hugging Face model directory, GGUF file, or hub repo id (org/name).",
+                              show_default=False),
+    out: Optional[Path] = typer.Option(None, "-o", "--output", help="Output file (default: ./<model>-<TYPE>.gguf)."),
+    type_: str = typer.Option("Q8_0", "--type", "-t", help="Output type as llama-quantize spells it (case-insensitive)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Kernel threads (default: all cores)."),
+    vocab_pre: Optional[str] = typer.Option(None, "--vocab-pre", help="BPE pre-tokenizer name when the hash is unknown."),
+    as_json: bool = typer.Option(False, "--json", help='Print the "quantkit.convert/1" JSON object on stdout.'),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, no summary."),
+    pure: bool = typer.Option(False, "--pure", help="Every quantized tensor gets the preset's base type."),
+    output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type", help="Type of output.weight."),
+    token_embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type", help="Type of token_embd.weight."),
+    tensor_type: List[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE override (repeatable)."),
+    leave_output_tensor: bool = typer.Option(False, "--leave-output-tensor", help="Do not quantize output.weight."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix file (llama.cpp GGUF or .dat)."),
+    include_weights: List[str] = typer.Option([], "--include-weights", help="Use the imatrix only for these tensors."),
+    exclude_weights: List[str] = typer.Option([], "--exclude-weights", help="Do not use the imatrix for these tensors."),
+    allow_requantize: bool = typer.Option(False, "--allow-requantize", help="Allow re-quantizing quantized GGUF input."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Plan only: print the per-tensor types, write nothing."),
+    calib_text: Optional[Path] = typer.Option(None, "--calib-text", help="Compute an importance matrix from this text."),
+    layer_map: Optional[str] = typer.Option(None, "--layer-map", help="Layer replication map, e.g. 0:8,4:12."),
+    repeat: Optional[str] = typer.Option(None, "--repeat", help="Repeat layers A:B once (--layer-map 0:B,A:N)."),
+    replica_type: Optional[str] = typer.Option(None, "--replica-type", help="Type for replicated layers' weights."),
+    replica_scale: Optional[float] = typer.Option(None, "--replica-scale", help="Scale of replicas' residual writes."),
+) -> None:
+    """Convert a Hugging Face checkpoint (or GGUF) to a GGUF file of the given type."""
+    from ..convert import ConvertOptions, convert as run
+    from ..mix import MixOptions
+
+    mix = MixOptions(
+        pure=pure, output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type,
+        tensor_types=_tensor_types(tensor_type), leave_output_tensor=leave_output_tensor,
+        include_weights=list(include_weights), exclude_weights=list(exclude_weights),
+        allow_requantize=allow_requantize,
+    )
+    opts = ConvertOptions(
+        src=src, type=type_, out=out, force=force, threads=threads, vocab_pre=vocab_pre, mix=mix,
+        imatrix_path=imatrix, calib_text=calib_text, dry_run=dry_run, quiet=quiet or as_json,
+        layer_map=layer_map, repeat=repeat, replica_type=replica_type, replica_scale=replica_scale,
+    )
+    res = run(opts)
+    if as_json:
+        typer.echo(json.dumps(result_json(res, type_, dry_run), ensure_ascii=False))
+        return
+    if not quiet:
+        for n in res.notes:
+            print(f"note: {n}", file=sys.stderr)
+        if dry_run:
+            for tp in res.plan:
+                print(f"{tp.name:40s} {tp.qtype.name:6s} {list(tp.shape)} {tp.reason}", file=sys.stderr)
+            print(f"dry run: {res.n_tensors} tensors, {res.n_bytes / 1e6:.1f} MB planned", file=sys.stderr)
+        else:
+            print(f"wrote {res.out} ({res.n_tensors} tensors, {res.n_bytes / 1e6:.1f} MB, {res.seconds:.1f} s)",
+                  file=sys.stderr)
+
+
+def result_json(res, type_: str, dry_run: bool) -> dict:
+    from ..mix import resolve_preset
+
+    return {
+        "schema": "quantkit.convert/1",
+        "output": str(Path(res.out).resolve()) if res.out is not None else None,
+        "type": resolve_preset(type_).name,
+        "file_type": res.file_type,
+        "n_tensors": res.n_tensors,
+        "n_params": res.n_params,
+        "n_bytes": res.n_bytes,
+        "seconds": round(res.seconds, 3),
+        "dry_run": dry_run,
+        "notes": list(res.notes),
+        "tensors": [
+            {"name": tp.name, "shape": [int(d) for d in tp.shape], "type": tp.qtype.name,
+             "wanted": tp.wanted.name if tp.wanted is not None else None, "reason": tp.reason}
+            for tp in res.plan
+        ],
+    }
