@@ -21,6 +21,7 @@ from numba import njit, prange
 from .registry import QuantType
 from .solvers import (
     F,
+    clampi,
     GROUP_MAX_EPS,
     fp16_to_fp32,
     fp32_to_fp16,
@@ -92,7 +93,7 @@ def _q2_K_finish(x, y, L, dm, mm):
         m = mm * F(sc >> 4)
         for ii in range(16):
             l = nearest_int((x[16 * j + ii] + m) / d)
-            L[16 * j + ii] = max(0, min(3, l))
+            L[16 * j + ii] = clampi(l, 0, 3)
     _pack_2bit(L, y, 16)
 
 
@@ -280,7 +281,7 @@ def _q3_K_finish(x, y, L):
             continue
         for ii in range(16):
             l = nearest_int(x[16 * j + ii] / d)
-            L[16 * j + ii] = max(-4, min(3, l)) + 4
+            L[16 * j + ii] = clampi(l, -4, 3) + 4
     for k in range(32):
         y[k] = 0
     m = 0
@@ -313,7 +314,7 @@ def _q3_K_ref_block(x, y, L, scales):
         iscale = _M32 / max_scale
         for j in range(QK_K // 16):
             l = _as_i8(nearest_int(iscale * scales[j]))
-            l = max(-32, min(31, l)) + 32
+            l = clampi(l, -32, 31) + 32
             _q3_K_put_scale(y, j, l)
         store_fp16(y, 108, fp32_to_fp16(_F1 / iscale))
     else:
@@ -366,8 +367,8 @@ def _q3_K_impl_rows(x, qw, out):
         sw = np.empty(16, np.float32)
         Ls = np.empty(16, np.int8)
         wtmp = np.empty(16, np.float32)
-        ra = np.empty(18, np.float32)
-        rb = np.empty(18, np.float32)
+        ra = np.empty(48, np.float32)
+        rb = np.empty(24, np.float32)
         for i in range(nb):
             _q3_K_impl_block(
                 x[r, i * QK_K : (i + 1) * QK_K], qw[i * QK_K : (i + 1) * QK_K], out[r, i * 110 : (i + 1) * 110],
@@ -470,7 +471,7 @@ def _k4_requant(x, y, L, nmax):
         dm = m0 * F(m)
         for ii in range(32):
             l = nearest_int((x[32 * j + ii] + dm) / d)
-            L[32 * j + ii] = max(0, min(nmax, l))
+            L[32 * j + ii] = clampi(l, 0, nmax)
 
 
 @njit(cache=True, error_model="numpy")
@@ -749,7 +750,7 @@ def _q6_K_finish(x, y, L, scales):
             continue
         for ii in range(16):
             l = nearest_int(x[16 * j + ii] / d)
-            L[16 * j + ii] = max(-32, min(31, l)) + 32
+            L[16 * j + ii] = clampi(l, -32, 31) + 32
     for h in range(2):
         j = 128 * h
         for l in range(32):
@@ -775,8 +776,8 @@ def _q6_K_ref_rows(x, out):
         L = np.empty(QK_K, np.int8)
         scales = np.empty(16, np.float32)
         wtmp = np.empty(16, np.float32)
-        ra = np.empty(18, np.float32)
-        rb = np.empty(18, np.float32)
+        ra = np.empty(48, np.float32)
+        rb = np.empty(24, np.float32)
         for i in range(nb):
             xb = x[r, i * QK_K : (i + 1) * QK_K]
             for ib in range(QK_K // 16):
@@ -792,8 +793,8 @@ def _q6_K_impl_rows(x, qw, out):
         L = np.empty(QK_K, np.int8)
         scales = np.empty(16, np.float32)
         wtmp = np.empty(16, np.float32)
-        ra = np.empty(18, np.float32)
-        rb = np.empty(18, np.float32)
+        ra = np.empty(48, np.float32)
+        rb = np.empty(24, np.float32)
         for i in range(nb):
             xb = x[r, i * QK_K : (i + 1) * QK_K]
             for ib in range(QK_K // 16):

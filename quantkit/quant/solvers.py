@@ -33,6 +33,7 @@ _MAGIC = F(12582912.0)  # 1.5 * 2**23
 _F0 = F(0.0)
 _F1 = F(1.0)
 _F0_1 = F(0.1)
+_QX_SAFE = F(4000000.0)  # |v| below this: float rounding == nearest_int
 
 # --------------------------------------------------------------------------
 # float bit casts (C's union/memcpy type punning)
@@ -155,6 +156,14 @@ def nearest_int(fval):
     return (i & 0x007FFFFF) - 0x00400000
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def clampi(l, lo, hi):
+    """MAX(lo, MIN(hi, l)) written as selects (builtin min/max become
+    branches, which mispredict at the clamp edges)."""
+    l = hi if l > hi else l
+    return lo if l < lo else l
+
+
 # --------------------------------------------------------------------------
 # solvers
 # --------------------------------------------------------------------------
@@ -166,7 +175,7 @@ def make_qx_quants(n, nmax, x, L, rmse_type, qw, has_qw, w, res_a, res_b):
 
     ``qw`` is used when ``has_qw`` (C: qw != NULL); ``w`` is n floats of
     scratch holding the per-element weight, computed once (same values as the
-    C expression evaluated inside each loop); res_a, res_b: 18 floats each."""
+    C expression evaluated inside each loop); res_a: 48, res_b: 24 floats."""
     max_ = _F0
     amax = _F0
     for i in range(n):
@@ -182,7 +191,7 @@ def make_qx_quants(n, nmax, x, L, rmse_type, qw, has_qw, w, res_a, res_b):
     if rmse_type == 0:
         for i in range(n):
             l = nearest_int(iscale * x[i])
-            L[i] = nmax + max(-nmax, min(nmax - 1, l))
+            L[i] = nmax + clampi(l, -nmax, nmax - 1)
         return _F1 / iscale
     return_early = False
     if rmse_type < 0:
@@ -203,7 +212,7 @@ def make_qx_quants(n, nmax, x, L, rmse_type, qw, has_qw, w, res_a, res_b):
     suml2 = _F0
     for i in range(n):
         l = nearest_int(iscale * x[i])
-        l = max(-nmax, min(nmax - 1, l))
+        l = clampi(l, -nmax, nmax - 1)
         L[i] = l + nmax
         fl = F(l)
         sumlx += w[i] * x[i] * fl
@@ -212,53 +221,73 @@ def make_qx_quants(n, nmax, x, L, rmse_type, qw, has_qw, w, res_a, res_b):
     if return_early:
         return _HALF * (scale + _F1 / iscale) if suml2 > _F0 else _F1 / iscale
     best = scale * sumlx
-    # The 18 trials do not depend on each other (only the comparisons do), so
-    # two run per loop for instruction-level parallelism; each sum keeps its
-    # element order, and the comparisons run in ggml's order. L is rewritten
+    # The 18 trials do not depend on each other (only the comparisons do):
+    # run them side by side, one SIMD lane per trial (_qx_trials), each sum
+    # still in element order; then compare in ggml's order. L is rewritten
     # once, for the last winner, instead of at every win.
     win_iscale = _F0
     won = False
-    for p in range(9):
-        is_a = p - 9  # -9..-1, then 1..9
-        is_b = p + 1
-        isc_a = -(F(nmax) + _F0_1 * F(is_a)) / max_
-        isc_b = -(F(nmax) + _F0_1 * F(is_b)) / max_
-        slx_a = _F0
-        sl2_a = _F0
-        slx_b = _F0
-        sl2_b = _F0
-        for i in range(n):
-            xi = x[i]
-            wi = w[i]
-            la = F(max(-nmax, min(nmax - 1, nearest_int(isc_a * xi))))
-            lb = F(max(-nmax, min(nmax - 1, nearest_int(isc_b * xi))))
-            slx_a += wi * xi * la
-            sl2_a += wi * la * la
-            slx_b += wi * xi * lb
-            sl2_b += wi * lb * lb
-        res_a[p] = slx_a
-        res_a[p + 9] = sl2_a
-        res_b[p] = slx_b
-        res_b[p + 9] = sl2_b
+    for t in range(24):
+        is_ = t - 9 if t < 9 else (t - 8 if t < 18 else 9)
+        res_b[t] = -(F(nmax) + _F0_1 * F(is_)) / max_
+    bound = _F0
     for t in range(18):
-        if t < 9:
-            sumlx = res_a[t]
-            suml2 = res_a[t + 9]
-            is_ = t - 9
-        else:
-            sumlx = res_b[t - 9]
-            suml2 = res_b[t]
-            is_ = t - 8
+        bound = max(bound, abs(res_b[t]))
+    if bound * amax < _QX_SAFE:
+        _qx_trials(n, nmax, x, w, res_b, res_a)
+    else:
+        _qx_trials_exact(n, nmax, x, w, res_b, res_a)
+    for t in range(18):
+        sumlx = res_a[t]
+        suml2 = res_a[t + 24]
         if suml2 > _F0 and sumlx * sumlx > best * suml2:
-            win_iscale = -(F(nmax) + _F0_1 * F(is_)) / max_
+            win_iscale = res_b[t]
             won = True
             scale = sumlx / suml2
             best = scale * sumlx
     if won:
         for i in range(n):
             l = nearest_int(win_iscale * x[i])
-            L[i] = nmax + max(-nmax, min(nmax - 1, l))
+            L[i] = nmax + clampi(l, -nmax, nmax - 1)
     return scale
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _qx_trials(n, nmax, x, w, isc, res):
+    """sumlx / suml2 of make_qx_quants for the 24 trial scales isc[t] (lanes),
+    into res[t] / res[24 + t]. nearest_int + clamp done in float: exact while
+    |isc*x| < 2**22 (the caller checks)."""
+    slx = res[:24]
+    sl2 = res[24:48]
+    for t in range(24):
+        slx[t] = _F0
+        sl2[t] = _F0
+    lo = F(-nmax)
+    hi = F(nmax - 1)
+    for i in range(n):
+        xi = x[i]
+        wi = w[i]
+        wxi = wi * xi
+        for t in range(24):
+            fl = (isc[t] * xi + _MAGIC) - _MAGIC
+            fl = hi if fl > hi else fl
+            fl = lo if fl < lo else fl
+            slx[t] += wxi * fl
+            sl2[t] += wi * fl * fl
+
+
+@njit(cache=True, error_model="numpy")
+def _qx_trials_exact(n, nmax, x, w, isc, res):
+    """_qx_trials with ggml's integer nearest_int (any magnitude)."""
+    for t in range(24):
+        sumlx = _F0
+        suml2 = _F0
+        for i in range(n):
+            fl = F(clampi(nearest_int(isc[t] * x[i]), -nmax, nmax - 1))
+            sumlx += w[i] * x[i] * fl
+            suml2 += w[i] * fl * fl
+        res[t] = sumlx
+        res[24 + t] = suml2
 
 
 @njit(cache=True, error_model="numpy")
@@ -281,7 +310,7 @@ def make_q3_quants(n, nmax, x, L, do_rmse):
         suml2 = _F0
         for i in range(n):
             l = nearest_int(iscale * x[i])
-            l = max(-nmax, min(nmax - 1, l))
+            l = clampi(l, -nmax, nmax - 1)
             L[i] = l
             w = x[i] * x[i]
             fl = F(l)
@@ -296,7 +325,7 @@ def make_q3_quants(n, nmax, x, L, do_rmse):
                 if slx > _F0:
                     sl2 = suml2 - w * fLi * fLi
                     new_l = nearest_int(x[i] * sl2 / slx)
-                    new_l = max(-nmax, min(nmax - 1, new_l))
+                    new_l = clampi(new_l, -nmax, nmax - 1)
                     if new_l != L[i]:
                         fn = F(new_l)
                         slx += w * x[i] * fn
@@ -313,7 +342,7 @@ def make_q3_quants(n, nmax, x, L, do_rmse):
         return sumlx / suml2 if suml2 > _F0 else _F0
     for i in range(n):
         l = nearest_int(iscale * x[i])
-        l = max(-nmax, min(nmax - 1, l))
+        l = clampi(l, -nmax, nmax - 1)
         L[i] = l + nmax
     return _F1 / iscale
 
@@ -328,7 +357,7 @@ def _trial_sums(n, nmax, x, weights, mn, iscale, fl_out):
     sum_xl = _F0
     for i in range(n):
         l = nearest_int(iscale * (x[i] - mn))
-        fl = F(max(0, min(nmax, l)))
+        fl = F(clampi(l, 0, nmax))
         fl_out[i] = fl
         wl = weights[i] * fl
         sum_l += wl
@@ -356,7 +385,7 @@ def _qkx_search(n, nmax, x, weights, L, mn, mx, sum_w, sum_x, rmin, rdelta, nste
         best_error = _F0
         for i in range(n):
             l = nearest_int(iscale * (x[i] - mn))
-            l = max(0, min(nmax, l))
+            l = clampi(l, 0, nmax)
             L[i] = l
         return scale, mn
     # initial error fused with trial 0's sums (both use min = mn)
@@ -369,13 +398,13 @@ def _qkx_search(n, nmax, x, weights, L, mn, mx, sum_w, sum_x, rmin, rdelta, nste
         xi = x[i]
         w = weights[i]
         l = nearest_int(iscale * (xi - mn))
-        l = max(0, min(nmax, l))
+        l = clampi(l, 0, nmax)
         L[i] = l
         diff = scale * F(l) + mn - xi
         diff = abs(diff) if use_mad else diff * diff
         best_error += w * diff
         l2 = nearest_int(isc_n * (xi - min_))
-        fl = F(max(0, min(nmax, l2)))
+        fl = F(clampi(l2, 0, nmax))
         fa[i] = fl
         wl = w * fl
         s_l += wl
@@ -420,7 +449,7 @@ def _qkx_search(n, nmax, x, weights, L, mn, mx, sum_w, sum_x, rmin, rdelta, nste
                     diff = abs(diff) if use_mad else diff * diff
                     cur_error += w * diff
                     l2 = nearest_int(isc_n * (xi - min_))
-                    fl = F(max(0, min(nmax, l2)))
+                    fl = F(clampi(l2, 0, nmax))
                     nxt[i] = fl
                     wl = w * fl
                     s_l += wl
@@ -449,7 +478,7 @@ def _qkx_search(n, nmax, x, weights, L, mn, mx, sum_w, sum_x, rmin, rdelta, nste
     if won:
         for i in range(n):
             l = nearest_int(win_iscale * (x[i] - win_min))
-            L[i] = max(0, min(nmax, l))
+            L[i] = clampi(l, 0, nmax)
     return scale, min_
 
 
