@@ -1,0 +1,149 @@
+"""Calibration: a numpy forward pass, importance matrices (llama.cpp's files),
+perplexity and KL divergence.
+
+    from quantkit.calib import calibrate, open_stream
+    im = calibrate("model-dir-or.gguf", text, ctx=512)      # -> imatrix.IMatrix
+    imatrix.write_imatrix("out.imatrix.gguf", im)
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import InputError, UsageError
+from ..model import KV, ModelStream
+from .imatrix import IMatrix, load_imatrix, read_imatrix, write_imatrix  # noqa: F401
+
+
+def open_stream(src: str | os.PathLike | ModelStream) -> ModelStream:
+    """A ModelStream (GGUF names, llama Q/K permutation applied) for an HF
+    checkpoint directory or a GGUF file."""
+    if isinstance(src, ModelStream):
+        return src
+    path = Path(src)
+    try:
+        from ..sources import open_source
+        from ..arch import to_stream
+    except ImportError:  # loaders not available: a plain GGUF reader
+        if path.suffix == ".gguf" and path.is_file():
+            return _gguf_stream(path)
+        raise InputError(f"{path}: cannot open as a model (loaders not available)") from None
+    source = open_source(str(path))
+    if getattr(source, "kind", "") == "gguf" or hasattr(source, "to_stream"):
+        return source.to_stream()
+    return to_stream(source)
+
+
+def _gguf_stream(path: Path) -> ModelStream:
+    """Fallback GGUF reader (gguf-py) used before quantkit.sources lands."""
+    from gguf import GGUFReader, GGUFValueType
+    from gguf.quants import dequantize
+
+    from ..sources.base import TensorRef
+
+    r = GGUFReader(path)
+    md: dict[str, KV] = {}
+    for k, f in r.fields.items():
+        if k.startswith("GGUF."):
+            continue
+        vt = f.types[0] if f.types else GGUFValueType.STRING
+        md[k] = KV(f.contents(), vt, f.types[-1] if vt == GGUFValueType.ARRAY else None)
+    tensors = []
+    for t in r.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+
+        def load(t=t, shape=shape):
+            return np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+
+        tensors.append(TensorRef(t.name, shape, t.tensor_type.name, load))
+    arch = str(md["general.architecture"].value)
+    return ModelStream(arch=arch, name=str(md.get("general.name", KV(path.stem, None)).value), metadata=md, tensors=tensors)
+
+
+@dataclass
+class CalibStats:
+    n_tokens: int
+    n_chunks: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.n_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def make_chunks(tokens: list[int] | np.ndarray, ctx: int, n_chunks: int | None, bos: int | None) -> list[np.ndarray]:
+    """Split as llama-imatrix/llama-perplexity do: tokens.size // ctx chunks of
+    ctx tokens; the first token of each chunk replaced by BOS when the model
+    adds BOS (``bos`` not None)."""
+    if ctx < 16:
+        raise UsageError(f"--ctx {ctx} is too small (llama-imatrix ignores batches under 16 tokens)")
+    toks = np.asarray(tokens, dtype=np.int64)
+    if toks.size < 2 * ctx:
+        raise InputError(f"the text tokenizes to {toks.size} tokens; at least {2 * ctx} are needed for --ctx {ctx}")
+    n_max = toks.size // ctx
+    n = n_max if not n_chunks or n_chunks < 0 else min(n_chunks, n_max)
+    out = []
+    for i in range(n):
+        c = toks[i * ctx:(i + 1) * ctx].copy()
+        if bos is not None:
+            c[0] = bos
+        out.append(c)
+    return out
+
+
+class Collector:
+    """Accumulates what llama-imatrix's collect_imatrix does for dense
+    matrices: per input column the sum of x**2 over tokens, and the tokens seen."""
+
+    def __init__(self):
+        self.sums: dict[str, np.ndarray] = {}
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, name: str, x: np.ndarray) -> None:
+        wname = name + ".weight" if not name.endswith(".weight") else name
+        x2 = np.einsum("ij,ij->j", x, x, dtype=np.float64, optimize=False) if x.shape[0] else 0
+        if wname in self.sums:
+            self.sums[wname] += x2
+        else:
+            self.sums[wname] = np.array(x2, dtype=np.float64).reshape(-1)
+        self.counts[wname] = self.counts.get(wname, 0) + int(x.shape[0])
+
+    def to_imatrix(self, chunk_count: int, chunk_size: int, datasets: list[str]) -> IMatrix:
+        im = IMatrix(datasets=list(datasets), chunk_count=chunk_count, chunk_size=chunk_size)
+        for name in sorted(self.sums):
+            if not np.isfinite(self.sums[name]).all():
+                raise InputError(f"non-finite activations reaching {name}")
+            im.sums[name] = self.sums[name].astype(np.float32).reshape(1, -1)
+            im.counts[name] = np.array([self.counts[name]], dtype=np.int64)
+        return im
+
+
+def calibrate(src, text: str, ctx: int = 512, n_chunks: int | None = None, process_output: bool = False,
+              dataset: str = "", progress: Callable[[int], None] | None = None,
+              model=None, tokenizer=None, tokens: list[int] | None = None) -> tuple[IMatrix, CalibStats]:
+    """Importance matrix of ``src`` (path or ModelStream) on ``text``, as
+    llama-imatrix -c ctx [--chunks n] [--process-output] computes it.
+    ``progress(n_tokens)`` is called after every chunk."""
+    from .forward import Model
+    from .tokenize import load_tokenizer
+
+    stream = open_stream(src) if model is None or tokenizer is None else None
+    tok = tokenizer or load_tokenizer(stream, src)
+    if tokens is None:
+        tokens = tok.encode(text)
+    chunks = make_chunks(tokens, ctx, n_chunks, tok.bos_id if tok.add_bos else None)
+    m = model or Model.from_stream(stream)
+    col = Collector()
+    t0 = time.perf_counter()
+    for c in chunks:
+        m.forward(c, hook=col, logits_from=None, output_hook=process_output)
+        if progress:
+            progress(len(c))
+    dt = time.perf_counter() - t0
+    im = col.to_imatrix(len(chunks), ctx, [dataset] if dataset else [])
+    return im, CalibStats(n_tokens=len(chunks) * ctx, n_chunks=len(chunks), seconds=dt)

@@ -1,0 +1,364 @@
+"""A float32 numpy forward pass of the llama / qwen2 / qwen3 families, working
+on a ModelStream (GGUF names, GGUF-permuted Q/K), as llama.cpp computes it.
+
+    model = Model.from_stream(stream)          # loads (dequantizes) every weight once
+    logits = model.forward(tokens, hook=fn, logits_from=k)
+
+``hook(name, x)`` is called for every matrix product inside the blocks with
+the weight's GGUF name and its float32 input ``x`` of shape (n_tokens, n_in);
+``output.weight`` too when the model has a separate output matrix.
+Memory: the float32 weights plus one chunk's activations (the attention
+scores are (n_head, T, T) per layer).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..errors import InputError, UnsupportedError
+from ..model import ModelStream
+
+# llama.cpp's rope type per architecture (src/llama-model.cpp llama_model_rope_type)
+ROPE_NORM, ROPE_NEOX = 0, 2
+ROPE_TYPE = {
+    "llama": ROPE_NORM,
+    "mistral": ROPE_NORM,
+    "granite": ROPE_NORM,
+    "qwen2": ROPE_NEOX,
+    "qwen3": ROPE_NEOX,
+}
+
+# weight matrices in a block, in graph order, and the input each one sees
+BLOCK_MATS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+Hook = Callable[[str, np.ndarray], None]
+
+
+@dataclass
+class HParams:
+    arch: str
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    head_dim_v: int
+    n_rot: int
+    eps: float
+    rope_type: int
+    rope_base: float
+    freq_scale: float
+    ext_factor: float
+    attn_factor: float
+    beta_fast: float
+    beta_slow: float
+    n_ctx_orig: int
+
+    @classmethod
+    def from_stream(cls, s: ModelStream, n_vocab: int) -> "HParams":
+        a = s.arch
+        if a not in ROPE_TYPE:
+            raise UnsupportedError(
+                f"calibration forward pass: architecture {a!r} is not supported "
+                f"(supported: {', '.join(sorted(ROPE_TYPE))})")
+
+        def g(key, default=None):
+            v = s.get(f"{a}.{key}", default)
+            if v is None:
+                raise InputError(f"model metadata lacks {a}.{key}")
+            return v
+
+        n_embd = int(g("embedding_length"))
+        n_head = int(g("attention.head_count"))
+        n_head_kv = int(g("attention.head_count_kv", n_head))
+        head_dim = int(g("attention.key_length", n_embd // n_head))
+        head_dim_v = int(g("attention.value_length", head_dim))
+        n_ctx_train = int(g("context_length", 2048))
+        # rope scaling (llama-model.cpp load_hparams + llama-context.cpp)
+        stype = str(s.get(f"{a}.rope.scaling.type", "") or "")
+        factor = float(s.get(f"{a}.rope.scaling.factor", 0.0) or 0.0)
+        if factor <= 0:
+            factor = float(s.get(f"{a}.rope.scale_linear", 0.0) or 0.0)
+        freq_scale = 1.0 / factor if factor > 0 else 1.0
+        if stype == "none":
+            freq_scale = 1.0
+        ext_factor = 1.0 if stype == "yarn" else 0.0
+        attn_factor = 1.0
+        if ext_factor != 0.0:
+            f = 1.0 / freq_scale
+            ms = lambda scale, m: 1.0 if scale <= 1.0 else 0.1 * m * math.log(scale) + 1.0  # noqa: E731
+            log_mul = float(s.get(f"{a}.rope.scaling.yarn_log_multiplier", 0.0) or 0.0)
+            attn_factor = ms(f, 1.0) / ms(f, log_mul) if log_mul != 0.0 else ms(f, 1.0)
+            attn_factor *= 1.0 / (1.0 + 0.1 * math.log(f))
+        attn_factor *= float(s.get(f"{a}.rope.scaling.attn_factor", 1.0) or 1.0)
+        return cls(
+            arch=a, n_vocab=n_vocab, n_embd=n_embd, n_layer=int(g("block_count")),
+            n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, head_dim_v=head_dim_v,
+            n_rot=int(g("rope.dimension_count", head_dim)),
+            eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
+            rope_type=ROPE_TYPE[a], rope_base=float(g("rope.freq_base", 10000.0)),
+            freq_scale=freq_scale, ext_factor=ext_factor, attn_factor=attn_factor,
+            beta_fast=float(s.get(f"{a}.rope.scaling.yarn_beta_fast", 32.0) or 32.0),
+            beta_slow=float(s.get(f"{a}.rope.scaling.yarn_beta_slow", 1.0) or 1.0),
+            n_ctx_orig=int(s.get(f"{a}.rope.scaling.original_context_length", n_ctx_train) or n_ctx_train),
+        )
+
+
+def rope_cache(hp: HParams, n_pos: int, freq_factors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin of shape (n_pos, n_rot // 2), as ggml_rope_cache_init computes
+    them (theta = p * base^(-2i/n_rot) / ff[i], YaRN ramp and mscale)."""
+    n_dims = hp.n_rot
+    i = np.arange(n_dims // 2, dtype=np.float64)
+    theta_scale = hp.rope_base ** (-2.0 / n_dims)
+    inv = theta_scale ** i
+    if freq_factors is not None:
+        inv = inv / np.asarray(freq_factors, dtype=np.float64)[: n_dims // 2]
+    pos = np.arange(n_pos, dtype=np.float64)[:, None]
+    theta_extrap = pos * inv[None, :]
+    theta = hp.freq_scale * theta_extrap
+    mscale = hp.attn_factor
+    if hp.ext_factor != 0.0:
+        def corr_dim(n_rot):
+            return n_dims * math.log(hp.n_ctx_orig / (n_rot * 2 * math.pi)) / (2 * math.log(hp.rope_base))
+        low = max(0.0, math.floor(corr_dim(hp.beta_fast)))
+        high = min(n_dims - 1.0, math.ceil(corr_dim(hp.beta_slow)))
+        y = (i - low) / max(0.001, high - low)  # i == i0 / 2
+        ramp = (1.0 - np.clip(y, 0.0, 1.0)) * hp.ext_factor
+        theta = theta * (1 - ramp) + theta_extrap * ramp
+        mscale *= 1.0 + 0.1 * math.log(1.0 / hp.freq_scale)
+    return (np.cos(theta) * mscale).astype(np.float32), (np.sin(theta) * mscale).astype(np.float32)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_rot: int, rope_type: int) -> np.ndarray:
+    """x: (T, H, head_dim) in place-safe; rotates the first n_rot dims of each head."""
+    if rope_type == ROPE_NEOX:
+        h = n_rot // 2
+        x0, x1 = x[..., :h], x[..., h:n_rot]
+    else:  # normal: adjacent pairs
+        x0, x1 = x[..., 0:n_rot:2], x[..., 1:n_rot:2]
+    c, s = cos[:, None, :], sin[:, None, :]
+    r0 = x0 * c - x1 * s
+    r1 = x0 * s + x1 * c
+    out = x.copy()
+    if rope_type == ROPE_NEOX:
+        out[..., :h], out[..., h:n_rot] = r0, r1
+    else:
+        out[..., 0:n_rot:2], out[..., 1:n_rot:2] = r0, r1
+    return out
+
+
+# llama.cpp's CPU backend rounds a matmul's f32 input to the weight type's
+# vec_dot_type before the dot products (ggml-cpu type_traits_cpu[].vec_dot_type).
+# Emulating that rounding makes our logits follow llama.cpp's on quantized files.
+_Q8_0 = ("Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "MXFP4")
+_Q8_1 = ("Q4_1", "Q5_1")
+_Q8_K = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
+         "IQ1_S", "IQ1_M", "IQ4_XS", "TQ1_0", "TQ2_0")
+VEC_DOT_TYPE: dict[str, str] = {**{t: "q8_0" for t in _Q8_0}, **{t: "q8_0" for t in _Q8_1},
+                                **{t: "q8_k" for t in _Q8_K}, "F16": "f16", "BF16": "bf16"}
+
+
+def _round_q8(x: np.ndarray, block: int) -> np.ndarray:
+    """quantize_row_q8_0/q8_1 then dequantize: scale amax/127 kept as fp16."""
+    n = x.shape[-1]
+    xb = x.reshape(-1, n // block, block)
+    d = np.abs(xb).max(axis=-1, keepdims=True) / np.float32(127)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        idv = np.where(d > 0, np.float32(1) / d, np.float32(0))
+    q = np.round(xb * idv)
+    return (q * d.astype(np.float16).astype(np.float32)).reshape(x.shape)
+
+
+def _round_q8k(x: np.ndarray) -> np.ndarray:
+    """quantize_row_q8_K_ref then dequantize (blocks of 256, signed max)."""
+    n = x.shape[-1]
+    xb = x.reshape(-1, n // 256, 256)
+    idx = np.abs(xb).argmax(axis=-1)[..., None]
+    mx = np.take_along_axis(xb, idx, axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = np.where(mx != 0, np.float32(-127) / mx, np.float32(0))
+        d = np.where(mx != 0, np.float32(1) / iscale, np.float32(0))
+    q = np.minimum(np.rint(iscale * xb), 127)
+    return (q * d).astype(np.float32).reshape(x.shape)
+
+
+def _round_bf16(x: np.ndarray) -> np.ndarray:
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    u = (u + (np.uint32(0x7FFF) + ((u >> 16) & 1))) & np.uint32(0xFFFF0000)
+    return u.view(np.float32)
+
+
+def round_activations(x: np.ndarray, kind: str | None) -> np.ndarray:
+    if kind is None:
+        return x
+    n = x.shape[-1]
+    if kind == "q8_0" and n % 32 == 0:
+        return _round_q8(x, 32)
+    if kind == "q8_k" and n % 256 == 0:
+        return _round_q8k(x)
+    if kind == "f16":
+        return x.astype(np.float16).astype(np.float32)
+    if kind == "bf16":
+        return _round_bf16(x)
+    return x
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray | None, eps: float) -> np.ndarray:
+    ms = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True, dtype=np.float32)
+    y = x * (1.0 / np.sqrt(ms + np.float32(eps))).astype(np.float32)
+    return y * w if w is not None else y
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+class Model:
+    """Weights held as float32, (out, in) numpy layout as the stream gives them."""
+
+    def __init__(self, hp: HParams, w: dict[str, np.ndarray], dtypes: dict[str, str] | None = None,
+                 emulate: bool = True):
+        self.hp = hp
+        self.w = w
+        # weight name -> activation rounding (llama.cpp vec_dot_type), when emulating
+        self.act = {n: VEC_DOT_TYPE.get(t) for n, t in (dtypes or {}).items()} if emulate else {}
+        self.kv_f16 = emulate  # llama.cpp's default KV cache type is F16
+        self.tied = "output.weight" not in w
+        self._rope: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def from_stream(cls, stream: ModelStream, progress: Callable[[int], None] | None = None,
+                    emulate: bool = True) -> "Model":
+        """``emulate``: round matmul inputs as llama.cpp's CPU backend does for
+        each weight's storage type, and keep K/V in F16 (its default cache)."""
+        w: dict[str, np.ndarray] = {}
+        dtypes: dict[str, str] = {}
+        for t in stream.tensors:
+            if t.name.startswith("blk.") or t.name in ("token_embd.weight", "output.weight",
+                                                          "output_norm.weight", "rope_freqs.weight"):
+                w[t.name] = t.load()
+                dtypes[t.name] = str(t.dtype).upper()
+                if progress:
+                    progress(1)
+        if "token_embd.weight" not in w:
+            raise InputError("model has no token_embd.weight")
+        hp = HParams.from_stream(stream, n_vocab=w["token_embd.weight"].shape[0])
+        for i in range(hp.n_layer):
+            for m in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"):
+                if f"blk.{i}.{m}.weight" not in w:
+                    raise InputError(f"model lacks tensor blk.{i}.{m}.weight (unsupported layout for calibration)")
+        return cls(hp, w, dtypes, emulate)
+
+    # -- pieces
+
+    def _rope_tables(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._rope is None or self._rope[0] < n:
+            ff = self.w.get("rope_freqs.weight")
+            cos, sin = rope_cache(self.hp, max(n, 512), ff)
+            self._rope = (cos.shape[0], cos, sin)
+        return self._rope[1][:n], self._rope[2][:n]
+
+    def _lin(self, name: str, x: np.ndarray, hook: Hook | None) -> np.ndarray:
+        if hook is not None:
+            hook(name, x)
+        kind = self.act.get(name + ".weight")
+        if kind is not None:
+            x = round_activations(x, kind)
+        y = x @ self.w[name + ".weight"].T
+        b = self.w.get(name + ".bias")
+        if b is not None:
+            y += b
+        return y
+
+    def _attention(self, i: int, x: np.ndarray, hook: Hook | None) -> np.ndarray:
+        hp, w = self.hp, self.w
+        T = x.shape[0]
+        p = f"blk.{i}."
+        q = self._lin(p + "attn_q", x, hook).reshape(T, hp.n_head, hp.head_dim)
+        k = self._lin(p + "attn_k", x, hook).reshape(T, hp.n_head_kv, hp.head_dim)
+        v = self._lin(p + "attn_v", x, hook).reshape(T, hp.n_head_kv, hp.head_dim_v)
+        if p + "attn_q_norm.weight" in w:
+            q = rms_norm(q, w[p + "attn_q_norm.weight"], hp.eps)
+        if p + "attn_k_norm.weight" in w:
+            k = rms_norm(k, w[p + "attn_k_norm.weight"], hp.eps)
+        cos, sin = self._rope_tables(T)
+        q = apply_rope(q, cos, sin, hp.n_rot, hp.rope_type)
+        k = apply_rope(k, cos, sin, hp.n_rot, hp.rope_type)
+        if self.kv_f16:
+            q, k, v = (a.astype(np.float16).astype(np.float32) for a in (q, k, v))
+        g = hp.n_head // hp.n_head_kv
+        # (Hkv, g*T, d) @ (Hkv, d, T): each kv head serves g query heads
+        qh = q.reshape(T, hp.n_head_kv, g, hp.head_dim).transpose(1, 2, 0, 3).reshape(hp.n_head_kv, g * T, hp.head_dim)
+        kh = k.transpose(1, 2, 0)  # (Hkv, d, T)
+        vh = v.transpose(1, 0, 2)  # (Hkv, T, dv)
+        s = np.matmul(qh, kh)
+        s *= np.float32(1.0 / math.sqrt(hp.head_dim))
+        s = s.reshape(hp.n_head_kv, g, T, T)
+        s += self._mask(T)
+        s -= s.max(axis=-1, keepdims=True)
+        np.exp(s, out=s)
+        s /= s.sum(axis=-1, keepdims=True)
+        o = np.matmul(s.reshape(hp.n_head_kv, g * T, T), vh)  # (Hkv, g*T, dv)
+        o = o.reshape(hp.n_head_kv, g, T, hp.head_dim_v).transpose(2, 0, 1, 3).reshape(T, hp.n_head * hp.head_dim_v)
+        return self._lin(p + "attn_output", np.ascontiguousarray(o), hook)
+
+    def _mask(self, T: int) -> np.ndarray:
+        m = getattr(self, "_mask_cache", None)
+        if m is None or m.shape[0] != T:
+            m = np.triu(np.full((T, T), -np.inf, dtype=np.float32), k=1)
+            self._mask_cache = m
+        return m
+
+    def _ffn(self, i: int, x: np.ndarray, hook: Hook | None) -> np.ndarray:
+        p = f"blk.{i}."
+        gate = self._lin(p + "ffn_gate", x, hook)
+        up = self._lin(p + "ffn_up", x, hook)
+        h = silu(gate)
+        h *= up
+        return self._lin(p + "ffn_down", h, hook)
+
+    # -- whole model
+
+    def hidden(self, tokens: np.ndarray, hook: Hook | None = None) -> np.ndarray:
+        """Final normed hidden states (T, n_embd) for one sequence of tokens."""
+        hp, w = self.hp, self.w
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= hp.n_vocab):
+            raise InputError(f"token id out of range for a vocabulary of {hp.n_vocab}")
+        x = w["token_embd.weight"][tokens]
+        for i in range(hp.n_layer):
+            h = rms_norm(x, w[f"blk.{i}.attn_norm.weight"], hp.eps)
+            x = x + self._attention(i, h, hook)
+            h = rms_norm(x, w[f"blk.{i}.ffn_norm.weight"], hp.eps)
+            x = x + self._ffn(i, h, hook)
+        return rms_norm(x, w.get("output_norm.weight"), hp.eps)
+
+    def output_matrix(self) -> np.ndarray:
+        return self.w["token_embd.weight"] if self.tied else self.w["output.weight"]
+
+    def logits(self, h: np.ndarray) -> np.ndarray:
+        kind = self.act.get("token_embd.weight" if self.tied else "output.weight")
+        if kind is not None:
+            h = round_activations(h, kind)
+        y = h @ self.output_matrix().T
+        b = self.w.get("output.bias")
+        if b is not None:
+            y += b
+        return y
+
+    def forward(self, tokens: np.ndarray, hook: Hook | None = None, logits_from: int | None = 0,
+                output_hook: bool = False) -> np.ndarray | None:
+        """Logits (T - logits_from, n_vocab) for positions logits_from.. (None: no logits).
+        ``output_hook``: also call hook("output.weight", h) on all positions
+        (llama-imatrix --process-output; only for an untied output matrix,
+        since a tied one carries the name token_embd.weight)."""
+        h = self.hidden(tokens, hook)
+        if output_hook and hook is not None and not self.tied:
+            hook("output.weight", h)
+        if logits_from is None:
+            return None
+        return self.logits(h[logits_from:])

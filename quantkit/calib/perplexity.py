@@ -1,0 +1,162 @@
+"""Perplexity and KL divergence with llama-perplexity's method
+(tools/perplexity/perplexity.cpp):
+
+- the text is tokenized once (BOS first when the model adds BOS) and cut into
+  len // ctx chunks of ctx tokens; the first token of each chunk becomes BOS
+  when the model adds BOS;
+- each chunk is evaluated from scratch and scored on its second half: the
+  logits at positions ctx/2 .. ctx-2 predict tokens ctx/2+1 .. ctx-1;
+- PPL = exp(mean NLL), with llama-perplexity's ± (standard error).
+
+With a base model (``--kld BASE``): the same tokens through the base give
+reference distributions; the report follows llama-perplexity
+--kl-divergence: Mean PPL(Q), Mean PPL(base), Cor(ln PPL(Q), ln PPL(base)),
+Mean ln(PPL(Q)/PPL(base)), KLD mean/percentiles, Δp statistics, RMS Δp and
+"Same top p" (top-token agreement). llama.cpp stores base log-probs as 16-bit
+codes; here they are exact float32.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import numpy as np
+
+from ..errors import InputError
+from . import make_chunks, open_stream
+
+
+def _mean_unc(s: float, s2: float, n: int) -> tuple[float, float]:
+    """llama-perplexity mean_and_uncertainty."""
+    if n < 1:
+        return 0.0, 0.0
+    m = s / n
+    d = s2 / n - m * m
+    return m, (math.sqrt(d / (n - 1)) if d > 0 and n > 10 else 0.0)
+
+
+def _percentile(sorted_v: np.ndarray, fraction: float) -> float:
+    if fraction <= 0:
+        return float(sorted_v[0])
+    if fraction >= 1:
+        return float(sorted_v[-1])
+    p = fraction * (len(sorted_v) - 1)
+    ip = int(p)
+    p -= ip
+    return float((1 - p) * sorted_v[ip] + p * sorted_v[min(ip + 1, len(sorted_v) - 1)])
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return x
+
+
+def chunk_nll(logprobs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    return -logprobs[np.arange(len(targets)), targets]
+
+
+def perplexity(src, text: str, ctx: int = 512, n_chunks: int | None = None, kld_base=None,
+               progress: Callable[[int], None] | None = None, model=None, tokenizer=None,
+               base_model=None, tokens: list[int] | None = None) -> dict:
+    """Run llama-perplexity's measurement; returns a JSON-ready dict."""
+    from .forward import Model
+    from .tokenize import load_tokenizer
+
+    stream = None
+    if model is None or tokenizer is None:
+        stream = open_stream(src)
+    tok = tokenizer or load_tokenizer(stream, src)
+    if tokens is None:
+        tokens = tok.encode(text)
+    chunks = make_chunks(tokens, ctx, n_chunks, tok.bos_id if tok.add_bos else None)
+    m = model or Model.from_stream(stream)
+    base = None
+    if kld_base is not None or base_model is not None:
+        base = base_model or Model.from_stream(open_stream(kld_base))
+        if base.hp.n_vocab != m.hp.n_vocab:
+            raise InputError(f"--kld base has a vocabulary of {base.hp.n_vocab}, the model {m.hp.n_vocab}")
+    first = ctx // 2
+    toks = np.asarray(tokens, dtype=np.int64)
+    s_nll = s_nll2 = 0.0
+    sb_nll = sb_nll2 = s_cross = 0.0
+    s_kld = s_kld2 = 0.0
+    s_dp = s_dp2 = s_dp4 = 0.0
+    n_same = 0
+    count = 0
+    running = []
+    kld_values, dp_values = [], []
+    t0 = time.perf_counter()
+    for i, c in enumerate(chunks):
+        targets = toks[i * ctx + first + 1:(i + 1) * ctx]
+        lp = log_softmax(m.forward(c, logits_from=first)[:-1])
+        nll = chunk_nll(lp, targets)
+        s_nll += float(nll.sum())
+        s_nll2 += float((nll * nll).sum())
+        count += len(nll)
+        running.append(math.exp(s_nll / count))
+        if base is not None:
+            lpb = log_softmax(base.forward(c, logits_from=first)[:-1])
+            nllb = chunk_nll(lpb, targets)
+            sb_nll += float(nllb.sum())
+            sb_nll2 += float((nllb * nllb).sum())
+            s_cross += float((nll * nllb).sum())
+            pb = np.where(lpb > -16.0, np.exp(lpb), 0.0)
+            kld = (pb * (lpb - lp)).sum(axis=-1)
+            s_kld += float(kld.sum())
+            s_kld2 += float((kld * kld).sum())
+            n_same += int((lp.argmax(-1) == lpb.argmax(-1)).sum())
+            dp = np.exp(-nll) - np.exp(-nllb)
+            s_dp += float(dp.sum())
+            s_dp2 += float((dp * dp).sum())
+            s_dp4 += float((dp ** 4).sum())
+            kld_values.append(kld)
+            dp_values.append(dp)
+        if progress:
+            progress(len(c))
+    dt = time.perf_counter() - t0
+    mlog, ulog = _mean_unc(s_nll, s_nll2, count)
+    ppl = math.exp(mlog)
+    res: dict = {
+        "ppl": ppl,
+        "ppl_uncertainty": ppl * ulog,
+        "mean_nll": mlog,
+        "n_ctx": ctx,
+        "n_chunks": len(chunks),
+        "n_tokens_scored": count,
+        "add_bos": bool(tok.add_bos),
+        "chunk_running_ppl": running,
+        "seconds": dt,
+        "tokens_per_second": len(chunks) * ctx * (2 if base is not None else 1) / dt if dt > 0 else 0.0,
+    }
+    if base is not None:
+        mb, ub = _mean_unc(sb_nll, sb_nll2, count)
+        cov = (s_cross / count - mlog * mb) / (count - 1) if count >= 10 else 0.0  # llama-perplexity covariance()
+        ratio_unc = math.sqrt(max(ulog * ulog + ub * ub - 2.0 * cov, 0.0))
+        kv = np.sort(np.concatenate(kld_values)).astype(np.float32)
+        dpv = np.sort(np.concatenate(dp_values)).astype(np.float32)
+        kl_m, kl_u = _mean_unc(s_kld, s_kld2, count)
+        dp_m, dp_u = _mean_unc(s_dp, s_dp2, count)
+        mse, mse_u = _mean_unc(s_dp2, s_dp4, count)
+        rms = math.sqrt(mse)
+        top = n_same / count
+        half = len(kv) // 2
+        res["kld"] = {
+            "ppl_q": ppl, "ppl_base": math.exp(mb), "ppl_base_uncertainty": math.exp(mb) * ub,
+            "cor_ln_ppl": cov / (ulog * ub) if ulog > 0 and ub > 0 else None,
+            "mean_ln_ppl_ratio": mlog - mb, "mean_ln_ppl_ratio_uncertainty": ratio_unc,
+            "ppl_ratio": math.exp(mlog - mb),
+            "mean_kld": kl_m, "mean_kld_uncertainty": kl_u,
+            "max_kld": float(kv[-1]),
+            "kld_percentiles": {p: _percentile(kv, float(p) / 100) for p in ("99.9", "99.0", "95.0", "90.0", "10.0", "5.0", "1.0", "0.1")},
+            "median_kld": float(0.5 * (kv[half] + kv[half - 1]) if len(kv) % 2 == 0 else kv[half]),
+            "min_kld": float(kv[0]),
+            "mean_delta_p": dp_m, "mean_delta_p_uncertainty": dp_u,
+            "max_delta_p": float(dpv[-1]), "min_delta_p": float(dpv[0]),
+            "rms_delta_p": rms, "rms_delta_p_uncertainty": 0.5 / rms * mse_u if rms > 0 else 0.0,
+            "same_top_p": top,
+            "same_top_p_uncertainty": math.sqrt(top * (1 - top) / (count - 1)) if count > 1 else 0.0,
+        }
+    return res

@@ -1,0 +1,80 @@
+"""`quantkit calibrate SRC --text FILE -o OUT`: an importance matrix from text,
+written in llama.cpp's imatrix format (GGUF; legacy .dat when OUT ends in .dat)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from . import app
+
+
+def read_text(path: Path) -> str:
+    from ..errors import InputError
+
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise InputError(f"{path}: cannot read text ({e.strerror or e})") from None
+
+
+def progress_bar(total: int, desc: str, enabled: bool | None = None):
+    """tqdm counting tokens (shows tokens/s) on a terminal only; returns (update, close)."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=desc, file=sys.stderr, leave=False)
+    return bar.update, bar.close
+
+
+@app.command()
+def calibrate(
+    src: str = typer.Argument(..., help="HF checkpoint directory or GGUF file.", show_default=False),
+    text: Path = typer.Option(..., "--text", help="Calibration text file (UTF-8).", show_default=False),
+    out: Path = typer.Option(..., "-o", "--out", help="Output imatrix (.gguf, or .dat for the legacy format).",
+                             show_default=False),
+    ctx: int = typer.Option(512, "--ctx", help="Tokens per chunk (llama-imatrix -c)."),
+    chunks: int = typer.Option(0, "--chunks", help="Use at most this many chunks (0 = all)."),
+    process_output: bool = typer.Option(False, "--process-output", help="Also collect output.weight."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary to stdout."),
+) -> None:
+    """Compute an importance matrix as llama-imatrix does (same chunks, same statistics)."""
+    from ..calib import calibrate as run, imatrix, open_stream
+    from ..calib.forward import Model
+    from ..calib.tokenize import load_tokenizer
+    from ..errors import OutputError, UsageError
+
+    if ctx < 16:
+        raise UsageError(f"--ctx {ctx}: must be at least 16")
+    if out.exists() and not force:
+        raise OutputError(f"{out} exists (use --force to overwrite)")
+    if not out.parent.exists():
+        raise OutputError(f"{out.parent}: directory does not exist")
+    body = read_text(text)
+    stream = open_stream(src)
+    tok = load_tokenizer(stream, src)
+    tokens = tok.encode(body)
+    n_max = len(tokens) // ctx
+    total = (min(chunks, n_max) if chunks > 0 else n_max) * ctx
+    model = Model.from_stream(stream)
+    update, close = progress_bar(total, "calibrate")
+    try:
+        im, stats = run(src, body, ctx=ctx, n_chunks=chunks or None, process_output=process_output,
+                        dataset=str(text), progress=update, model=model, tokenizer=tok, tokens=tokens)
+    finally:
+        close()
+    imatrix.save(out, im)
+    summary = {"out": str(out), "entries": len(im.sums), "chunks": stats.n_chunks, "chunk_size": ctx,
+               "tokens": stats.n_tokens, "seconds": round(stats.seconds, 3),
+               "tokens_per_second": round(stats.tokens_per_second, 1)}
+    if as_json:
+        typer.echo(json.dumps(summary))
+    else:
+        typer.echo(f"wrote {out}: {summary['entries']} entries, {stats.n_chunks} chunks of {ctx} tokens, "
+                   f"{stats.tokens_per_second:.0f} tokens/s", err=True)

@@ -1,0 +1,154 @@
+"""Perplexity and KL divergence against llama.cpp (llama-cpp-python logits on
+the same tokens and chunks), and the CLI's error paths."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quantkit.calib import make_chunks, open_stream
+from quantkit.calib.forward import Model
+from quantkit.calib.perplexity import log_softmax, perplexity
+from quantkit.calib.tokenize import load_tokenizer
+from quantkit.cli import main
+
+CTX = 128
+CHUNKS = 4
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory, text) -> Path:
+    p = tmp_path_factory.mktemp("ppl") / "pydoc.txt"
+    p.write_text(text[:60000], encoding="utf-8")
+    return p
+
+
+def llama_logits(gguf: Path, chunks: list[np.ndarray], ctx: int) -> list[np.ndarray]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(gguf), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, verbose=False,
+                          n_threads=2)
+    out = []
+    for c in chunks:
+        llm.reset()
+        llm.eval([int(t) for t in c])
+        out.append(np.array(llm.scores[:ctx], dtype=np.float32))
+    llm.close()
+    return out
+
+
+def llama_ppl(gguf: Path, tokens: list[int], ctx: int, n: int, bos) -> tuple[float, list[np.ndarray]]:
+    """llama-perplexity's scoring, from llama-cpp-python's logits."""
+    chunks = make_chunks(tokens, ctx, n, bos)
+    toks = np.asarray(tokens)
+    first = ctx // 2
+    nll, lps = [], []
+    for i, lg in enumerate(llama_logits(gguf, chunks, ctx)):
+        lp = log_softmax(lg[first:ctx - 1])
+        lps.append(lp)
+        tg = toks[i * ctx + first + 1:(i + 1) * ctx]
+        nll.append(-lp[np.arange(len(tg)), tg])
+    return math.exp(float(np.concatenate(nll).mean())), lps
+
+
+def test_tokenizer_matches_llama_cpp(smollm2_gguf, smollm2_checkpoint, text):
+    import llama_cpp
+
+    sub = text[:30000]
+    llm = llama_cpp.Llama(str(smollm2_gguf), n_ctx=64, vocab_only=True, verbose=False)
+    ref = llm.tokenize(sub.encode("utf-8"), add_bos=True, special=False)
+    for src in (smollm2_gguf, smollm2_checkpoint):
+        tk = load_tokenizer(open_stream(src), src)
+        assert tk.encode(sub) == ref, src
+
+
+@pytest.fixture(scope="module")
+def gguf_model(smollm2_gguf):
+    s = open_stream(smollm2_gguf)
+    return Model.from_stream(s), load_tokenizer(s, smollm2_gguf)
+
+
+def test_perplexity_gguf_matches_llama_cpp(smollm2_gguf, gguf_model, text):
+    model, tok = gguf_model
+    res = perplexity(smollm2_gguf, text, ctx=CTX, n_chunks=CHUNKS, model=model, tokenizer=tok)
+    tokens = tok.encode(text)
+    ref, _ = llama_ppl(smollm2_gguf, tokens, CTX, CHUNKS, tok.bos_id if tok.add_bos else None)
+    assert res["n_chunks"] == CHUNKS and res["n_tokens_scored"] == CHUNKS * (CTX - 1 - CTX // 2)
+    assert abs(res["ppl"] / ref - 1) < 0.005, (res["ppl"], ref)
+
+
+def test_perplexity_hf_checkpoint_matches_llama_cpp(smollm2_checkpoint, text):
+    """The HF checkpoint through our forward pass vs llama.cpp on the BF16 GGUF
+    that llama.cpp's own converter makes from the same checkpoint."""
+    ref_conv = pytest.importorskip("fixtures.reference_converter")
+    try:
+        bf16 = ref_conv.convert(smollm2_checkpoint, "bf16")
+    except Exception as e:  # pragma: no cover - oracle venv unavailable
+        pytest.skip(f"reference converter unavailable: {e}")
+    s = open_stream(smollm2_checkpoint)
+    tok = load_tokenizer(s, smollm2_checkpoint)
+    model = Model.from_stream(s)
+    res = perplexity(smollm2_checkpoint, text, ctx=CTX, n_chunks=CHUNKS, model=model, tokenizer=tok)
+    ref, _ = llama_ppl(bf16, tok.encode(text), CTX, CHUNKS, tok.bos_id if tok.add_bos else None)
+    assert abs(res["ppl"] / ref - 1) < 0.005, (res["ppl"], ref)
+
+
+def test_kld_matches_llama_cpp(smollm2_gguf, smollm2_checkpoint, gguf_model, text):
+    """KLD of the Q4_1 GGUF against the (dequantized, bf16) checkpoint: ours vs
+    the same statistic from llama-cpp-python's logits of both models."""
+    model, tok = gguf_model
+    base = Model.from_stream(open_stream(smollm2_checkpoint))
+    res = perplexity(smollm2_gguf, text, ctx=CTX, n_chunks=2, model=model, tokenizer=tok, base_model=base)
+    k = res["kld"]
+    # identical models: zero divergence, full agreement
+    self_res = perplexity(smollm2_gguf, text, ctx=CTX, n_chunks=1, model=model, tokenizer=tok, base_model=model)
+    assert abs(self_res["kld"]["mean_kld"]) < 1e-9 and self_res["kld"]["same_top_p"] == 1.0
+    # oracle: llama.cpp logits of the Q4_1 file vs of the reference converter's bf16 file
+    ref_conv = pytest.importorskip("fixtures.reference_converter")
+    try:
+        bf16 = ref_conv.convert(smollm2_checkpoint, "bf16")
+    except Exception as e:  # pragma: no cover
+        pytest.skip(f"reference converter unavailable: {e}")
+    tokens = tok.encode(text)
+    _, lq = llama_ppl(smollm2_gguf, tokens, CTX, 2, None)
+    _, lb = llama_ppl(bf16, tokens, CTX, 2, None)
+    lq, lb = np.concatenate(lq), np.concatenate(lb)
+    pb = np.where(lb > -16, np.exp(lb), 0.0)
+    ref_kld = float((pb * (lb - lq)).sum(-1).mean())
+    ref_top = float((lq.argmax(-1) == lb.argmax(-1)).mean())
+    assert k["mean_kld"] > 0
+    assert abs(k["mean_kld"] - ref_kld) < 0.15 * ref_kld + 1e-4, (k["mean_kld"], ref_kld)
+    assert abs(k["same_top_p"] - ref_top) < 0.03, (k["same_top_p"], ref_top)
+    assert abs(k["ppl_base"] / res["ppl"] - 1) < 0.05
+
+
+def test_cli_perplexity_json(smollm2_gguf, text_file, capsys):
+    code = main(["perplexity", str(smollm2_gguf), "--text", str(text_file), "--ctx", "64", "--chunks", "1", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    r = json.loads(out)
+    assert r["n_chunks"] == 1 and r["n_tokens_scored"] == 31 and r["ppl"] > 1
+
+
+@pytest.mark.parametrize("args,code,msg", [
+    (["--text", "/nonexistent/x.txt"], 3, "cannot read text"),
+    (["--ctx", "63"], 2, "even number"),
+    (["--ctx", "100000"], 3, "are needed"),
+])
+def test_cli_perplexity_errors(smollm2_gguf, text_file, capsys, args, code, msg):
+    argv = ["perplexity", str(smollm2_gguf), "--text", str(text_file), *args]
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1
