@@ -69,7 +69,7 @@ def convert(
     allow_requantize: bool = typer.Option(False, "--allow-requantize", help="Allow re-quantizing quantized GGUF input."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan only: print the per-tensor types, write nothing."),
     calib_text: Optional[Path] = typer.Option(None, "--calib-text", help="Compute an importance matrix from this text."),
-    layer_map: Optional[str] = typer.Option(None, "--layer-map", help="Layer replication map, e.g. 0:8,4:12."),
+    layer_map: Optional[str] = typer.Option(None, "--layer-map", help="Experimental: the new block sequence as half-open source ranges, e.g. 0:20,12:30 runs blocks 12-19 twice (stored again: file and KV cache grow). K-quant layer-position rules see the new indices. An imatrix must be collected on the mapped model (quantkit calibrate --layer-map)."),
     repeat: Optional[str] = typer.Option(None, "--repeat", help="Repeat layers A:B once (--layer-map 0:B,A:N)."),
     replica_type: Optional[str] = typer.Option(None, "--replica-type", help="Type for replicated layers' weights."),
     replica_scale: Optional[float] = typer.Option(None, "--replica-scale", help="Scale of replicas' residual writes."),
