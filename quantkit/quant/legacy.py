@@ -1,1 +1,437 @@
-"""(placeholder: the kernels land here; see registry.py for the contract)"""
+"""Legacy 32-value block types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0.
+
+Each type has ggml-quants.c's two encoders side by side:
+
+* ``_ref``: quantize_row_q?_?_ref, ggml's path when there is no importance
+  matrix (ggml_quantize_chunk then quantizes the whole chunk as one row);
+* ``_impl``: quantize_row_q?_?_impl(..., quant_weights), the weighted path
+  (Q4_0/Q5_0 through make_qx_quants, Q4_1/Q5_1 through make_qkx3_quants).
+  Q8_0 has no weighted path: ggml ignores quant_weights for it.
+
+Arithmetic is float32 exactly where C uses ``float``; C's float -> int8/uint8
+conversions go through ``cvt_i32`` (x86 cvttss2si, INT_MIN for NaN/inf) and
+keep the low byte, so even blocks whose 1/d overflows give ggml's bytes.
+
+Block layouts (bytes; fp16 little-endian; q[j] is value j of the block)::
+
+    Q4_0 (18 B)  | d:f16 | qs[16]: lo nibble q[j], hi nibble q[j+16] |   x = (q - 8) * d
+    Q4_1 (20 B)  | d:f16 | m:f16 | qs[16] (as Q4_0) |                     x = q * d + m
+    Q5_0 (22 B)  | d:f16 | qh:u32 | qs[16] |   q = nibble | (qh bit j) << 4,  x = (q - 16) * d
+    Q5_1 (24 B)  | d:f16 | m:f16 | qh:u32 | qs[16] |                       x = q * d + m
+    Q8_0 (34 B)  | d:f16 | qs[32]: int8 |                                  x = q * d
+
+    qs byte j:  7 6 5 4 | 3 2 1 0        qh:  bit j    = bit 4 of q[j]
+               q[j+16]  |  q[j]                bit j+16 = bit 4 of q[j+16]
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType
+from numba import njit, prange
+
+from .floats import INLINE, PJIT, cvt_i32, put_u32, roundf
+from .registry import QuantType
+from .solvers import fp16_to_fp32, fp32_to_fp16, load_fp16, make_qkx3_quants, make_qx_quants, store_fp16
+
+F = np.float32
+_F0 = F(0.0)
+_F1 = F(1.0)
+_FLT_MAX = F(np.finfo(np.float32).max)
+_M8 = F(-8.0)
+_M16 = F(-16.0)
+_F15 = F(15.0)
+_F31 = F(31.0)
+_F127 = F(127.0)
+_P0_5 = F(0.5)
+_P8_5 = F(8.5)
+_P16_5 = F(16.5)
+_M0_9 = F(-0.9)
+_P0_05 = F(0.05)
+
+
+@njit(**INLINE)
+def _i8(c):
+    """Low byte of an int as C's int8_t."""
+    return ((c & 0xFF) ^ 0x80) - 0x80
+
+
+@njit(**INLINE)
+def _min(a, b):
+    return b if a > b else a
+
+
+@njit(**INLINE)
+def _absmax(x, o, n):
+    """(amax, signed value at amax): first element wins ties, as ggml's loop."""
+    amax = _F0
+    mx = _F0
+    for j in range(n):
+        v = x[o + j]
+        if amax < abs(v):
+            amax = abs(v)
+            mx = v
+    return amax, mx
+
+
+@njit(**INLINE)
+def _minmax(x, o, n):
+    mn = _FLT_MAX
+    mx = -_FLT_MAX
+    for j in range(n):
+        v = x[o + j]
+        if v < mn:
+            mn = v
+        if v > mx:
+            mx = v
+    return mn, mx
+
+
+@njit(**INLINE)
+def _sigma2(x):
+    s = _F0
+    for j in range(x.shape[0]):
+        s += x[j] * x[j]
+    return s / F(x.shape[0])
+
+
+@njit(**INLINE)
+def _weights(x, o, qw, sigma2, w):
+    for j in range(32):
+        w[j] = qw[o + j] * np.sqrt(sigma2 + x[o + j] * x[o + j])
+
+
+@njit(**INLINE)
+def _pack_q5(y, o, L):
+    """qs at y[o+4:o+20], qh at y[o:o+4] from 32 five-bit quants L."""
+    qh = 0
+    for j in range(16):
+        xi0 = np.int64(L[j]) & 0xFF
+        xi1 = np.int64(L[j + 16]) & 0xFF
+        y[o + 4 + j] = ((xi0 & 0x0F) | ((xi1 & 0x0F) << 4)) & 0xFF
+        qh |= ((xi0 & 0x10) >> 4) << j
+        qh |= ((xi1 & 0x10) >> 4) << (j + 16)
+    put_u32(y, o, qh)
+
+
+# ----------------------------------------------------------------- Q4_0
+@njit(**PJIT)
+def _q4_0_ref(x, out):
+    nr, n = x.shape
+    for r in prange(nr):
+        xr = x[r]
+        y = out[r]
+        for ib in range(n // 32):
+            o = ib * 32
+            b = ib * 18
+            _, mx = _absmax(xr, o, 32)
+            d = mx / _M8
+            id_ = _F1 / d if d != _F0 else _F0
+            store_fp16(y, b, fp32_to_fp16(d))
+            for j in range(16):
+                xi0 = _min(15, _i8(cvt_i32(xr[o + j] * id_ + _P8_5)))
+                xi1 = _min(15, _i8(cvt_i32(xr[o + 16 + j] * id_ + _P8_5)))
+                y[b + 2 + j] = ((xi0 & 0xFF) | (xi1 << 4)) & 0xFF
+
+
+@njit(**PJIT)
+def _q4_0_impl(x, qw, out):
+    nr, n = x.shape
+    for r in prange(nr):
+        xr = x[r]
+        y = out[r]
+        w = np.empty(32, np.float32)
+        wt = np.empty(32, np.float32)
+        L = np.empty(32, np.int8)
+        ra = np.empty(18, np.float32)
+        rb = np.empty(18, np.float32)
+        sigma2 = _sigma2(xr)
+        for ib in range(n // 32):
+            o = ib * 32
+            b = ib * 18
+            _weights(xr, o, qw, sigma2, w)
+            d = make_qx_quants(32, 8, xr[o:o + 32], L, 1, w, True, wt, ra, rb)
+            store_fp16(y, b, fp32_to_fp16(d))
+            for j in range(16):
+                y[b + 2 + j] = (np.int64(L[j]) | (np.int64(L[j + 16]) << 4)) & 0xFF
+
+
+@njit(**PJIT)
+def _q4_0_dec(q, out):
+    nr, n = out.shape
+    for r in prange(nr):
+        for ib in range(n // 32):
+            b = ib * 18
+            d = load_fp16(q[r], b)
+            for j in range(16):
+                v = np.int64(q[r, b + 2 + j])
+                out[r, ib * 32 + j] = F((v & 0x0F) - 8) * d
+                out[r, ib * 32 + 16 + j] = F((v >> 4) - 8) * d
+
+
+# ----------------------------------------------------------------- Q4_1
+@njit(**PJIT)
+def _q4_1_ref(x, out):
+    nr, n = x.shape
+    for r in prange(nr):
+        xr = x[r]
+        y = out[r]
+        for ib in range(n // 32):
+            o = ib * 32
+            b = ib * 20
+            mn, mx = _minmax(xr, o, 32)
+            d = (mx - mn) / _F15
+            id_ = _F1 / d if d != _F0 else _F0
+            store_fp16(y, b, fp32_to_fp16(d))
+            store_fp16(y, b + 2, fp32_to_fp16(mn))
+            for j in range(16):
+                xi0 = _min(15, _i8(cvt_i32((xr[o + j] - mn) * id_ + _P0_5)))
+                xi1 = _min(15, _i8(cvt_i32((xr[o + 16 + j] - mn) * id_ + _P0_5)))
+                y[b + 4 + j] = ((xi0 & 0xFF) | (xi1 << 4)) & 0xFF
+
+
+@njit(**PJIT)
+def _q4_1_impl(x, qw, out):
+    nr, n = x.shape
+    for r in prange(nr):
+        xr = x[r]
+        y = out[r]
+        w = np.empty(32, np.float32)
+        L = np.empty(32, np.uint8)
+        fa = np.empty(32, np.float32)
+        fb = np.empty(32, np.float32)
+        sigma2 = _sigma2(xr)
+        for ib in range(n // 32):
+            o = ib * 32
+            b = ib * 20
+            _weights(xr, o, qw, sigma2, w)
+            d, the_min = make_qkx3_quants(32, 15, xr[o:o + 32], w, L, _M0_9, _P0_05, 36, False, fa, fb)
+            store_fp16(y, b, fp32_to_fp16(d))
+            store_fp16(y, b + 2, fp32_to_fp16(-the_min))
+            for j in range(16):
+                y[b + 4 + j] = (np.int64(L[j]) | (np.int64(L[j + 16]) << 4)) & 0xFF
+
+
+@njit(**PJIT)
+def _q4_1_dec(q, out):
+    nr, n = out.shape
+    for r in prange(nr):
+        for ib in range(n // 32):
+            b = ib * 20
+            d = load_fp16(q[r], b)
+            m = load_fp16(q[r], b + 2)
+            for j in range(16):
+                v = np.int64(q[r, b + 4 + j])
+                out[r, ib * 32 + j] = F(v & 0x0F) * d + m
+                out[r, ib * 32 + 16 + j] = F(v >> 4) * d + m
+
+
+# ----------------------------------------------------------------- Q5_0
+@njit(**PJIT)
+def _q5_0_ref(x, out):
+    nr, n = x.shape
+    for r in prange(nr):
+        xr = x[r]
+        y = out[r]
+        L = np.empty(32, np.int64)
+        for ib in range(n // 32):
+            o = ib * 32
+            b = ib * 22
+            _, mx = _absmax(xr, o, 32)
+            d = mx / _M16
+            id_ = _F1 / d if d != _F0 else _F0
+            store_fp16(y, b, fp32_to_fp16(d))
+            for j in range(32):
+                L[j] = _min(31, _i8(cvt_i32(xr[o + j] * id_ + _P16_5)))
+            _pack_q5(y, b + 2, L)
+
+
+@njit(**PJIT)
+def _q5_0_impl(x, qw, out):
+    nr, n = x.shape
+    for r in prange(nr):
+        xr = x[r]
+        y = out[r]
+        w = np.empty(32, np.float32)
+        wt = np.empty(32, np.float32)
+        L = np.empty(32, np.int8)
+        ra = np.empty(18, np.float32)
+        rb = np.empty(18, np.float32)
+        sigma2 = _sigma2(xr)
+        for ib in range(n // 32):
+            o = ib * 32
+            b = ib * 22
+            _weights(xr, o, qw, sigma2, w)
+            d = make_qx_quants(32, 16, xr[o:o + 32], L, 1, w, True, wt, ra, rb)
+            store_fp16(y, b, fp32_to_fp16(d))
+            _pack_q5(y, b + 2, L)
+
+
+@njit(**INLINE)
+def _q5_get(q, r, b, qh, j):
+    """Five-bit quants j and j+16 of the block whose qh word is qh."""
+    v = np.int64(q[r, b + j])
+    lo = (v & 0x0F) | (((qh >> j) << 4) & 0x10)
+    hi = (v >> 4) | ((qh >> (j + 12)) & 0x10)
+    return lo, hi
+
+
+@njit(**INLINE)
+def _get_u32(q, r, o):
+    return (np.int64(q[r, o]) | (np.int64(q[r, o + 1]) << 8)
+            | (np.int64(q[r, o + 2]) << 16) | (np.int64(q[r, o + 3]) << 24))
+
+
+@njit(**PJIT)
+def _q5_0_dec(q, out):
+    nr, n = out.shape
+    for r in prange(nr):
+        for ib in range(n // 32):
+            b = ib * 22
+            d = load_fp16(q[r], b)
+            qh = _get_u32(q, r, b + 2)
+            for j in range(16):
+                lo, hi = _q5_get(q, r, b + 6, qh, j)
+                out[r, ib * 32 + j] = F(lo - 16) * d
+                out[r, ib * 32 + 16 + j] = F(hi - 16) * d
+
+
+# ----------------------------------------------------------------- Q5_1
+@njit(**PJIT)
+def _q5_1_ref(x, out):
+    nr, n = x.shape
+    for r in prange(nr):
+        xr = x[r]
+        y = out[r]
+        L = np.empty(32, np.int64)
+        for ib in range(n // 32):
+            o = ib * 32
+            b = ib * 24
+            mn, mx = _minmax(xr, o, 32)
+            d = (mx - mn) / _F31
+            id_ = _F1 / d if d != _F0 else _F0
+            store_fp16(y, b, fp32_to_fp16(d))
+            store_fp16(y, b + 2, fp32_to_fp16(mn))
+            for j in range(32):
+                L[j] = cvt_i32((xr[o + j] - mn) * id_ + _P0_5) & 0xFF
+            _pack_q5(y, b + 4, L)
+
+
+@njit(**PJIT)
+def _q5_1_impl(x, qw, out):
+    nr, n = x.shape
+    for r in prange(nr):
+        xr = x[r]
+        y = out[r]
+        w = np.empty(32, np.float32)
+        L = np.empty(32, np.uint8)
+        fa = np.empty(32, np.float32)
+        fb = np.empty(32, np.float32)
+        sigma2 = _sigma2(xr)
+        for ib in range(n // 32):
+            o = ib * 32
+            b = ib * 24
+            _weights(xr, o, qw, sigma2, w)
+            d, the_min = make_qkx3_quants(32, 31, xr[o:o + 32], w, L, _M0_9, _P0_05, 36, False, fa, fb)
+            store_fp16(y, b, fp32_to_fp16(d))
+            store_fp16(y, b + 2, fp32_to_fp16(-the_min))
+            _pack_q5(y, b + 4, L)
+
+
+@njit(**PJIT)
+def _q5_1_dec(q, out):
+    nr, n = out.shape
+    for r in prange(nr):
+        for ib in range(n // 32):
+            b = ib * 24
+            d = load_fp16(q[r], b)
+            m = load_fp16(q[r], b + 2)
+            qh = _get_u32(q, r, b + 4)
+            for j in range(16):
+                lo, hi = _q5_get(q, r, b + 8, qh, j)
+                out[r, ib * 32 + j] = F(lo) * d + m
+                out[r, ib * 32 + 16 + j] = F(hi) * d + m
+
+
+# ----------------------------------------------------------------- Q8_0
+@njit(**PJIT)
+def _q8_0_ref(x, out):
+    nr, n = x.shape
+    for r in prange(nr):
+        xr = x[r]
+        y = out[r]
+        for ib in range(n // 32):
+            o = ib * 32
+            b = ib * 34
+            amax = _F0
+            for j in range(32):
+                a = abs(xr[o + j])
+                amax = amax if amax > a else a
+            d = amax / _F127
+            id_ = _F1 / d if d != _F0 else _F0
+            store_fp16(y, b, fp32_to_fp16(d))
+            for j in range(32):
+                y[b + 2 + j] = cvt_i32(roundf(xr[o + j] * id_)) & 0xFF
+
+
+@njit(**PJIT)
+def _q8_0_dec(q, out):
+    nr, n = out.shape
+    for r in prange(nr):
+        for ib in range(n // 32):
+            b = ib * 34
+            d = load_fp16(q[r], b)
+            for j in range(32):
+                out[r, ib * 32 + j] = F(_i8(np.int64(q[r, b + 2 + j]))) * d
+
+
+# ------------------------------------------------------------- registry
+def _encode(ref, impl, type_size):
+    def quantize_rows(x, imatrix):
+        out = np.empty((x.shape[0], x.shape[1] // 32 * type_size), np.uint8)
+        if imatrix is None or impl is None:
+            ref(x, out)
+        else:
+            impl(x, imatrix, out)
+        return out
+
+    return staticmethod(quantize_rows)
+
+
+def _decode(dec, type_size):
+    def dequantize_rows(data, n_per_row):
+        q = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, n_per_row // 32 * type_size)
+        out = np.empty((q.shape[0], n_per_row), np.float32)
+        dec(q, out)
+        return out
+
+    return staticmethod(dequantize_rows)
+
+
+class Q4_0(QuantType, qtype=GGMLQuantizationType.Q4_0, takes_imatrix=True):
+    quantize_rows = _encode(_q4_0_ref, _q4_0_impl, 18)
+    dequantize_rows = _decode(_q4_0_dec, 18)
+
+
+class Q4_1(QuantType, qtype=GGMLQuantizationType.Q4_1, takes_imatrix=True):
+    quantize_rows = _encode(_q4_1_ref, _q4_1_impl, 20)
+    dequantize_rows = _decode(_q4_1_dec, 20)
+
+
+class Q5_0(QuantType, qtype=GGMLQuantizationType.Q5_0, takes_imatrix=True):
+    quantize_rows = _encode(_q5_0_ref, _q5_0_impl, 22)
+    dequantize_rows = _decode(_q5_0_dec, 22)
+
+
+class Q5_1(QuantType, qtype=GGMLQuantizationType.Q5_1, takes_imatrix=True):
+    quantize_rows = _encode(_q5_1_ref, _q5_1_impl, 24)
+    dequantize_rows = _decode(_q5_1_dec, 24)
+
+
+class Q8_0(QuantType, qtype=GGMLQuantizationType.Q8_0, takes_imatrix=False):
+    quantize_rows = _encode(_q8_0_ref, None, 34)
+    dequantize_rows = _decode(_q8_0_dec, 34)
+
+
+for _t in (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0):
+    assert _t.type_size == {Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24, Q8_0: 34}[_t], _t.name
+    assert _t.block_size == 32, _t.name
