@@ -43,6 +43,10 @@ def calibrate(
     process_output: bool = typer.Option(False, "--process-output", help="Also collect output.weight."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary to stdout."),
+    layer_map: str = typer.Option(None, "--layer-map", help="Calibrate the replicated model (experimental): "
+                                  "the same map as `convert --layer-map`.", show_default=False),
+    repeat: str = typer.Option(None, "--repeat", help="Shorthand: repeat blocks A:B once, as `convert --repeat`.",
+                               show_default=False),
 ) -> None:
     """Compute an importance matrix as llama-imatrix does (same chunks, same statistics)."""
     from ..calib import calibrate as run, imatrix, open_stream
@@ -52,12 +56,20 @@ def calibrate(
 
     if ctx < 16:
         raise UsageError(f"--ctx {ctx}: must be at least 16")
+    from ..passes import replicate
+
+    mapped = replicate.check_options(layer_map, repeat, None, None)
     if out.exists() and not force:
         raise OutputError(f"{out} exists (use --force to overwrite)")
     if not out.parent.exists():
         raise OutputError(f"{out.parent}: directory does not exist")
     body = read_text(text)
     stream = open_stream(src)
+    if mapped:  # the imatrix of a replicated model comes from the replicated graph
+        n_src = replicate.n_blocks(stream)
+        stream = replicate.apply(stream, layer_map, repeat)
+        print(f"note: {replicate.order_note(list(stream.layer_origin.values()), n_src)}; the importance "
+              f"matrix is collected on this replicated graph", file=sys.stderr)
     tok = load_tokenizer(stream, src)
     tokens = tok.encode(body)
     n_max = len(tokens) // ctx

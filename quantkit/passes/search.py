@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from ..errors import UsageError
 from . import replicate as R
 
@@ -73,6 +75,18 @@ class SearchResult:
         return d
 
 
+def mean_uncertainty(v: np.ndarray) -> tuple[float, float]:
+    """Mean and its standard error as llama-perplexity reports them (0 for 10 values or fewer)."""
+    n = len(v)
+    m = float(v.sum()) / n
+    d = float((v * v).sum()) / n - m * m
+    return m, (math.sqrt(d / (n - 1)) if d > 0 and n > 10 else 0.0)
+
+
+def config_filename(preset: str, repeat: str | None) -> str:
+    return f"{preset}" + (f"-r{repeat.replace(':', '_').replace(',', '-')}" if repeat else "") + ".gguf"
+
+
 def default_candidates(n: int) -> list[tuple[int, int]]:
     """Windows of about a tenth of the depth over the inner blocks (first and last kept once)."""
     w = max(1, n // 10)
@@ -93,7 +107,7 @@ class Evaluator:
     def __init__(self, src: str, text: str, *, ctx: int, chunks: int, workdir: Path,
                  imatrix_text: str | None = None, imatrix_chunks: int | None = None,
                  replica_type: str | None = None, replica_scale: float | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, keep: bool = False):
         from ..calib import open_stream
         from ..calib.forward import Model
         from ..calib.tokenize import load_tokenizer
@@ -103,12 +117,49 @@ class Evaluator:
         self.imatrix_text, self.imatrix_chunks = imatrix_text, imatrix_chunks
         self.replica_type, self.replica_scale = replica_type, replica_scale
         self.log = log or (lambda s: None)
+        self.keep = keep  # keep the converted files in workdir
         self.stream = open_stream(src)
         self.n_blocks = R.n_blocks(self.stream)
         self.tok = load_tokenizer(self.stream, src)
-        self.base = Model.from_stream(self.stream)  # the unquantized reference
+        base = Model.from_stream(self.stream)  # the unquantized reference
+        self.chunks_tok, self.base_lp = self._base_logprobs(base)
+        del base
         self._plain_sizes: dict[str, int] = {}
         self._plan_bytes: dict[tuple[str, str | None], int] = {}
+
+    def _base_logprobs(self, base):
+        """The reference's log-probabilities on the scored halves, computed once."""
+        from ..calib import make_chunks
+        from ..calib.perplexity import log_softmax
+
+        tokens = self.tok.encode(self.text)
+        chunks = make_chunks(tokens, self.ctx, self.chunks, self.tok.bos_id if self.tok.add_bos else None)
+        first = self.ctx // 2
+        toks = np.asarray(tokens, dtype=np.int64)
+        out = []
+        for i, c in enumerate(chunks):
+            targets = toks[i * self.ctx + first + 1:(i + 1) * self.ctx]
+            out.append((targets, log_softmax(base.forward(c, logits_from=first)[:-1]).astype(np.float32)))
+        return chunks, out
+
+    def score(self, model) -> dict:
+        """llama-perplexity's PPL and KLD (as quantkit.calib.perplexity computes them) against the cached base."""
+        from ..calib.perplexity import chunk_nll, log_softmax
+
+        first = self.ctx // 2
+        nll_all, kld_all, same = [], [], 0
+        for c, (targets, lpb) in zip(self.chunks_tok, self.base_lp):
+            lp = log_softmax(model.forward(c, logits_from=first)[:-1])
+            nll_all.append(chunk_nll(lp, targets))
+            lpb64 = lpb.astype(np.float64)
+            pb = np.where(lpb64 > -16.0, np.exp(lpb64), 0.0)
+            kld_all.append((pb * (lpb64 - lp)).sum(axis=-1))
+            same += int((lp.argmax(-1) == lpb.argmax(-1)).sum())
+        nll, kld = np.concatenate(nll_all), np.concatenate(kld_all)
+        m, u = mean_uncertainty(nll)
+        km, ku = mean_uncertainty(kld)
+        return {"ppl": math.exp(m), "ppl_uncertainty": math.exp(m) * u, "kld": km, "kld_uncertainty": ku,
+                "same_top_p": same / len(nll), "n_tokens_scored": int(len(nll))}
 
     # -- sizes without converting
     def plan_bytes(self, preset: str, repeat: str | None) -> int:
@@ -143,12 +194,11 @@ class Evaluator:
     def measure(self, cfg: Config) -> Config:
         from ..calib import open_stream
         from ..calib.forward import Model
-        from ..calib.perplexity import perplexity
         from ..convert import ConvertOptions, convert
         from ..mix import MixOptions
 
         t0 = time.perf_counter()
-        out = self.workdir / f"cfg-{abs(hash((cfg.preset, cfg.repeat))):x}.gguf"
+        out = self.workdir / config_filename(cfg.preset, cfg.repeat)
         opts = ConvertOptions(src=self.src, type=cfg.preset, out=out, force=True, quiet=True, progress=False,
                               mix=MixOptions(imatrix=self._imatrix(cfg.repeat)), repeat=cfg.repeat,
                               replica_type=self.replica_type if cfg.repeat else None,
@@ -160,15 +210,14 @@ class Evaluator:
             cfg.n_blocks = R.n_blocks(stream)
             model = Model.from_stream(stream)
             del stream
-            r = perplexity(str(out), self.text, ctx=self.ctx, n_chunks=self.chunks, model=model,
-                           tokenizer=self.tok, base_model=self.base)
+            r = self.score(model)
+            del model
         finally:
-            if out.exists():
+            if out.exists() and not self.keep:
                 out.unlink()
         del res
         cfg.ppl, cfg.ppl_uncertainty = r["ppl"], r["ppl_uncertainty"]
-        k = r["kld"]
-        cfg.kld, cfg.kld_uncertainty, cfg.same_top_p = k["mean_kld"], k["mean_kld_uncertainty"], k["same_top_p"]
+        cfg.kld, cfg.kld_uncertainty, cfg.same_top_p = r["kld"], r["kld_uncertainty"], r["same_top_p"]
         cfg.seconds = time.perf_counter() - t0
         if cfg.repeat is None:
             self._plain_sizes[cfg.preset] = cfg.size_bytes
