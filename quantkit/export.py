@@ -81,16 +81,33 @@ DTYPES: dict[str, tuple[str, str, str]] = {
     "f32": ("F32", "<f4", "float32"),
 }
 
-# tokenizer.ggml.pre -> builder of the HF pre-tokenizer (and BPE options)
-def _pre_smollm():
+# tokenizer.ggml.pre -> the HF pre-tokenizer that model family ships (as data):
+#   digits: Digits(individual_digits=True) first; split: a Split(regex, "isolated")
+#   before a regex-free ByteLevel (else ByteLevel's own GPT-2 regex);
+#   ignore_merges / nfc: BPE option and NFC normalizer of that family.
+_LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
+    "smollm": {"digits": True, "split": None, "ignore_merges": False, "nfc": False},
+    "gpt-2": {"digits": False, "split": None, "ignore_merges": False, "nfc": False},
+    "llama-bpe": {"digits": False, "split": _LLAMA3_RE, "ignore_merges": True, "nfc": False},
+    "qwen2": {"digits": False, "split": _QWEN2_RE, "ignore_merges": False, "nfc": True},
+}
+
+
+def _pre_tokenizer(spec: dict[str, Any]):
+    from tokenizers import Regex
     from tokenizers import pre_tokenizers as pt
 
-    return pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
-
-
-PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
-    "smollm": {"pre": _pre_smollm, "ignore_merges": False, "normalizer": None},
-}
+    parts = []
+    if spec["digits"]:
+        parts.append(pt.Digits(individual_digits=True))
+    if spec["split"]:
+        parts.append(pt.Split(Regex(spec["split"]), behavior="isolated", invert=False))
+    parts.append(pt.ByteLevel(add_prefix_space=False, trim_offsets=not spec["split"], use_regex=not spec["split"]))
+    return parts[0] if len(parts) == 1 else pt.Sequence(parts)
 
 
 @dataclass
@@ -288,9 +305,11 @@ def build_tokenizer(hdr: GGUFHeader) -> tuple[Any, dict]:
     bpe = models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, fuse_unk=False,
                      byte_fallback=False, ignore_merges=spec["ignore_merges"])
     tk = Tokenizer(bpe)
-    if spec["normalizer"] is not None:
-        tk.normalizer = spec["normalizer"]()
-    tk.pre_tokenizer = spec["pre"]()
+    if spec["nfc"]:
+        from tokenizers import normalizers
+
+        tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = _pre_tokenizer(spec)
     tk.post_processor = processors.ByteLevel(trim_offsets=False)
     tk.decoder = decoders.ByteLevel()
     for i, tok, special in added:  # ids are kept: these tokens are already in the vocab

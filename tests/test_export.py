@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, MODEL_ARCH, Tenso
 from gguf import quants as gq
 
 from quantkit.cli import main
-from quantkit.export import export_gguf, hf_tensor_name
+from quantkit.export import PRE_TOKENIZERS, export_gguf, hf_tensor_name
 
 T = GGMLQuantizationType
 
@@ -189,6 +189,62 @@ def test_smollm2_pre_tokenizer_hash(smollm2_export, pre_hash_table):
     tk = Tokenizer.from_file(str(smollm2_export / "tokenizer.json"))
     chkhsh = hashlib.sha256(str(tk.encode(chktxt).ids).encode()).hexdigest()
     assert chkhsh in table["smollm"]
+
+
+# Extra vocabulary that makes the known pre-tokenizers disagree: multi-digit
+# tokens (digit grouping) and a word reachable by no merge (ignore_merges).
+_EXTRA_TOKENS = ["33", "333", "ĠZyzzq"]
+_EXTRA_MERGES = ["3 3", "33 3"]
+_EXTRA_TEXT = "3 33 333 3333 x1234567 Zyzzq Zyzzq's IT'S"
+
+
+@pytest.fixture(scope="module")
+def pre_tokenizer_results(smollm2_gguf, tmp_path_factory, pre_hash_table):
+    """For each pre-tokenizer export knows: (ours, llama.cpp's) token ids on a few texts,
+    with SmolLM2's vocabulary (+ _EXTRA_TOKENS) relabelled with that tokenizer.ggml.pre."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from quantkit.export import build_tokenizer
+    from quantkit.inspect import read_header
+
+    hdr = read_header(smollm2_gguf)
+    chktxt, _ = pre_hash_table
+    texts = [chktxt, _EXTRA_TEXT] + _pydoc_texts()[::4]
+    out = {}
+    for pre in PRE_TOKENIZERS:
+        path = tmp_path_factory.mktemp("vocab") / f"vocab-{pre}.gguf"
+        w = GGUFWriter(path, "llama")
+        for k, e in hdr.kv.items():
+            if k == "general.architecture":
+                continue
+            v = e.value.tolist() if isinstance(e.value, np.ndarray) else e.value
+            v = {"tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": v + _EXTRA_TOKENS if k.endswith(".tokens") else v,
+                 "tokenizer.ggml.token_type": v + [TokenType.NORMAL] * len(_EXTRA_TOKENS) if k.endswith(".token_type") else v,
+                 "tokenizer.ggml.merges": v + _EXTRA_MERGES if k.endswith(".merges") else v,
+                 "llama.vocab_size": v + len(_EXTRA_TOKENS) if k == "llama.vocab_size" else v}.get(k, v)
+            w.add_key_value(k, v, e.vtype, sub_type=e.subtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        tk, _ = build_tokenizer(read_header(path))
+        llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        out[pre] = [(tk.encode(t, add_special_tokens=False).ids, llm.tokenize(t.encode(), add_bos=False, special=False))
+                    for t in texts]
+    return out
+
+
+@pytest.mark.parametrize("pre", sorted(PRE_TOKENIZERS))
+def test_pre_tokenizers_match_llama_cpp(pre, pre_tokenizer_results):
+    for i, (ours, theirs) in enumerate(pre_tokenizer_results[pre]):
+        assert ours == theirs, (pre, i)
+
+
+def test_pre_tokenizer_test_can_tell_them_apart(pre_tokenizer_results):
+    """The texts above separate every pair of pre-tokenizers (so the test above can fail)."""
+    names = sorted(pre_tokenizer_results)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert [r[1] for r in pre_tokenizer_results[a]] != [r[1] for r in pre_tokenizer_results[b]], (a, b)
 
 
 # ---------------------------------------------------------------- a tiny llama GGUF
