@@ -189,7 +189,6 @@ def test_peak_memory_of_one_small_load_does_not_include_big_tensors(tmp_path):
     small = np.arange(64, dtype=np.float32)
     f = tmp_path / "m.safetensors"
     write_safetensors(f, [("big", "F32", big.shape, lambda: big), ("small", "F32", small.shape, lambda: small)])
-    del big
     sf = SafetensorsFile(f)
     tracemalloc.start()
     try:
