@@ -425,7 +425,7 @@ def test_existing_output_refused_then_forced(tmp_path, capsys):
     ("parent", 5, "no such directory"),
 ])
 def test_export_errors(tmp_path, capsys, case, code, needle):
-    kw = {"arch": {"arch": "gpt2"}, "pre": {"pre": "qwen2"}, "vocab": {"vocab_model": "llama"},
+    kw = {"arch": {"arch": "gpt2"}, "pre": {"pre": "chatglm-bpe"}, "vocab": {"vocab_model": "llama"},
           "imatrix": {"general_type": "imatrix"}}.get(case, {})
     src = write_tiny_llama(tmp_path / "tiny.gguf", **kw)
     args = ["export", str(src), "-o", str(tmp_path / "hf")]
