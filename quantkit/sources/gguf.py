@@ -229,7 +229,9 @@ def dequantize(data: np.ndarray, qt: GGMLQuantizationType, shape: tuple[int, ...
     if qt in _PLAIN:
         return np.frombuffer(data, dtype=_PLAIN[qt]).astype(np.float32).reshape(shape)
     if qt == GGMLQuantizationType.BF16:
-        return (np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        u = np.frombuffer(data, dtype="<u2").astype(np.uint32)
+        u <<= np.uint32(16)
+        return u.view(np.float32).reshape(shape)
     from .. import quant
 
     if qt in quant.REGISTRY:

@@ -62,7 +62,9 @@ def to_float32(buf, dtype: str, shape: tuple[int, ...], where: str) -> np.ndarra
     if dtype == "F32":
         out = raw
     elif dtype == "BF16":
-        out = (raw.astype(np.uint32) << np.uint32(16)).view(np.float32)
+        out = raw.astype(np.uint32)
+        out <<= np.uint32(16)
+        out = out.view(np.float32)
     else:
         out = raw.astype(np.float32)
     return out.reshape(shape)
