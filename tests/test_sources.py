@@ -778,3 +778,18 @@ def test_corrupt_gguf_headers(tmp_path):
     g.rename(g2)
     with pytest.raises(InputError, match="not a GGUF file"):
         open_source(g2)
+
+
+def test_big_endian_inputs_are_unsupported(tmp_path):
+    f = tmp_path / "tiny.gguf"
+    _small_gguf(f)
+    g = tmp_path / "be.gguf"
+    g.write_bytes(_patch(f.read_bytes(), 4, ">I", 3))
+    with pytest.raises(UnsupportedError, match="big-endian"):
+        open_source(g)
+    b = tmp_path / "be.bin"
+    with zipfile.ZipFile(b, "w") as zf:
+        zf.writestr("archive/data.pkl", pickle.dumps({}, protocol=2))
+        zf.writestr("archive/byteorder", b"big")
+    with pytest.raises(UnsupportedError, match="big-endian"):
+        tb_mod.TorchZipFile(b)
