@@ -411,3 +411,42 @@ def test_interrupt_leaves_nothing(random_checkpoint, tmp_path, capsys, monkeypat
     assert rc == 130 and "interrupted" in _one_error_line(err), (calls, err)
     assert not out.exists()
     _no_partial(tmp_path)
+
+
+def _spm_model() -> Path:
+    """A small SentencePiece BPE model (byte fallback, one user-defined token), trained once into the cache."""
+    import sentencepiece as spm
+
+    from fixtures.common import cache_dir
+
+    d = cache_dir("spm-llama")
+    model = d / "tokenizer.model"
+    if not model.exists():
+        import pydoc_data.topics as t
+
+        (d / "text.txt").write_text("\n".join(t.topics[k] for k in sorted(t.topics)), encoding="utf-8")
+        spm.SentencePieceTrainer.train(input=str(d / "text.txt"), model_prefix=str(d / "tokenizer"), vocab_size=512,
+                                       model_type="bpe", byte_fallback=True, num_threads=1, minloglevel=2,
+                                       user_defined_symbols=["<|im_start|>"])
+    return model
+
+
+def test_sentencepiece_vocab_parity(random_checkpoint, reference_gguf, tmp_path, capsys):
+    d = tmp_path / "llama-spm"
+    shutil.copytree(random_checkpoint("llama-f32"), d)
+    (d / "tokenizer.json").unlink()
+    shutil.copy(_spm_model(), d / "tokenizer.model")
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "tokenizer_class": "LlamaTokenizer", "legacy": True, "chat_template": "{{ messages[0]['content'] }}",
+        "added_tokens_decoder": {"3": {"content": "<|im_start|>", "lstrip": False, "normalized": False,
+                                       "rstrip": False, "single_word": False, "special": True}},
+    }))
+    ref = reference_gguf(d, "f32")
+    out = tmp_path / "ours.gguf"
+    rc, _, err = _cli(["convert", str(d), "--type", "F32", "-o", str(out), "--quiet"], capsys)
+    assert rc == 0, err
+    kv = kv_items(out)
+    assert kv["tokenizer.ggml.model"][2] == "llama" and kv["tokenizer.ggml.pre"][2] == "default"
+    assert diff(out, ref) == []
+    assert filecmp.cmp(out, ref, shallow=False)
