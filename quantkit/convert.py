@@ -141,14 +141,16 @@ def _imatrix(opts: ConvertOptions, src_stream) -> dict | None:
 
         return load_imatrix(opts.imatrix_path)
     if opts.calib_text is not None:
-        from .calib import calibrate
+        from .calib import calibrate_cached
 
         try:
             text = Path(opts.calib_text).read_text(encoding="utf-8")
         except OSError as e:
             raise InputError(f"cannot read {opts.calib_text}: {e.strerror or e}") from None
-        im, _ = calibrate(src_stream, text)
-        return im.importance()
+        # cached next to the output (calib.calibrate_cached names the file)
+        out_dir = Path(opts.out).parent if opts.out is not None else Path.cwd()
+        return calibrate_cached(src_stream, text, opts.src, out_dir, dataset=str(opts.calib_text),
+                                progress=opts.progress, quiet=opts.quiet).importance()
     return None
 
 

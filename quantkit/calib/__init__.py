@@ -20,7 +20,7 @@ from ..model import KV, ModelStream
 from .imatrix import IMatrix, load_imatrix, read_imatrix, write_imatrix  # noqa: F401
 
 
-def open_stream(src: str | os.PathLike | ModelStream) -> ModelStream:
+def open_stream(src: str | os.PathLike | ModelStream, vocab_pre: str | None = None) -> ModelStream:
     """A ModelStream (GGUF names, llama Q/K permutation applied) for an HF
     checkpoint directory or a GGUF file."""
     if isinstance(src, ModelStream):
@@ -36,7 +36,7 @@ def open_stream(src: str | os.PathLike | ModelStream) -> ModelStream:
     source = open_source(str(path))
     if getattr(source, "kind", "") == "gguf" or hasattr(source, "to_stream"):
         return source.to_stream()
-    return to_stream(source)
+    return to_stream(source, vocab_pre)
 
 
 def _gguf_stream(path: Path) -> ModelStream:
@@ -147,3 +147,57 @@ def calibrate(src, text: str, ctx: int = 512, n_chunks: int | None = None, proce
     dt = time.perf_counter() - t0
     im = col.to_imatrix(len(chunks), ctx, [dataset] if dataset else [])
     return im, CalibStats(n_tokens=len(chunks) * ctx, n_chunks=len(chunks), seconds=dt)
+
+
+def cache_path(stream: ModelStream, text: str, out_dir: Path, ctx: int = 512) -> Path:
+    """Where convert --calib-text keeps the imatrix it computes: next to the
+    output, keyed by the model's tensors and hyperparameters, the text and ctx."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(f"{stream.arch}|{ctx}|".encode())
+    for k, kv in stream.metadata.items():
+        if k.startswith(f"{stream.arch}."):
+            h.update(f"{k}={kv.value}|".encode())
+    for t in stream.tensors:
+        h.update(f"{t.name}:{t.shape}:{t.dtype}|".encode())
+    h.update(text.encode("utf-8", "replace"))
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in (stream.name or "model"))
+    return Path(out_dir) / f"{safe}.calib-{h.hexdigest()[:12]}.imatrix.gguf"
+
+
+def calibrate_cached(stream: ModelStream, text: str, src, out_dir: Path, ctx: int = 512, dataset: str = "",
+                     progress: bool | None = None, quiet: bool = False, use_cache: bool = True) -> IMatrix:
+    """convert --calib-text: reuse the cached imatrix for this model+text, else
+    calibrate (tokenizer.json when ``src`` is an HF directory) and cache it."""
+    import sys
+
+    from .tokenize import load_tokenizer
+
+    path = cache_path(stream, text, out_dir, ctx)
+    if use_cache and path.is_file():
+        try:
+            return read_imatrix(path)
+        except InputError:
+            pass  # unreadable cache: recompute
+    tok = load_tokenizer(stream, src if not isinstance(src, ModelStream) else None)
+    tokens = tok.encode(text)
+    n_chunks = len(tokens) // ctx
+    update, close = None, (lambda: None)
+    if progress is None:
+        progress = sys.stderr.isatty() and not quiet
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_chunks * ctx, unit="tok", unit_scale=True, desc="calibrate", file=sys.stderr, leave=False)
+        update, close = bar.update, bar.close
+    try:
+        im, _ = calibrate(stream, text, ctx=ctx, dataset=dataset, progress=update, tokenizer=tok, tokens=tokens)
+    finally:
+        close()
+    if use_cache:
+        try:
+            write_imatrix(path, im)
+        except Exception:  # the cache is a convenience: an unwritable dir is not an error
+            pass
+    return im

@@ -232,16 +232,18 @@ class Model:
 
     @classmethod
     def from_stream(cls, stream: ModelStream, progress: Callable[[int], None] | None = None,
-                    emulate: bool = True) -> "Model":
+                    emulate: bool = True, weight_type: str | None = None) -> "Model":
         """``emulate``: round matmul inputs as llama.cpp's CPU backend does for
-        each weight's storage type, and keep K/V in F16 (its default cache)."""
+        each weight's storage type (or for ``weight_type`` given for all, e.g.
+        "F32" to follow an F32 GGUF of the same model), and keep K/V in F16
+        (llama.cpp's default cache type)."""
         w: dict[str, np.ndarray] = {}
         dtypes: dict[str, str] = {}
         for t in stream.tensors:
             if t.name.startswith("blk.") or t.name in ("token_embd.weight", "output.weight",
                                                           "output_norm.weight", "rope_freqs.weight"):
                 w[t.name] = t.load()
-                dtypes[t.name] = str(t.dtype).upper()
+                dtypes[t.name] = (weight_type or str(t.dtype)).upper()
                 if progress:
                     progress(1)
         if "token_embd.weight" not in w:
