@@ -90,11 +90,13 @@ def best_preset(checkpoint: Path) -> str:
 
 def demo_checkpoint(log: Callable[[str], None] = lambda s: None) -> tuple[Path, Path, bool]:
     """(packaged GGUF, cached HF checkpoint, reused?). Exported once, then reused."""
-    from .export import export_gguf
+    from .export import EXPORT_FORMAT, export_gguf
 
     src = find_demo_gguf()
     ckpt = user_cache_dir() / "demo" / DEMO_MODEL
-    if (ckpt / "config.json").is_file() and (ckpt / "model.safetensors").is_file():
+    stamp = ckpt.with_name(ckpt.name + ".export-format")
+    fmt = str(EXPORT_FORMAT)
+    if (ckpt / "config.json").is_file() and stamp.is_file() and stamp.read_text().strip() == fmt:
         return src, ckpt, True
     log(f"exporting {src.name} to a Hugging Face checkpoint in {ckpt} (once)")
     try:
@@ -104,6 +106,7 @@ def demo_checkpoint(log: Callable[[str], None] = lambda s: None) -> tuple[Path, 
 
         raise OutputError(f"{ckpt.parent}: cannot create the cache directory: {e.strerror or e}") from e
     export_gguf(src, ckpt, dtype="bf16", force=True)
+    stamp.write_text(fmt + "\n")
     return src, ckpt, False
 
 

@@ -31,6 +31,10 @@ from gguf import GGMLQuantizationType, TokenType
 from .errors import InputError, OutputError, QuantkitError, UnsupportedError
 from .inspect import GGUFHeader, TensorInfo, read_header
 
+# Bumped whenever the files export writes change, so caches of exported
+# checkpoints (quantkit demo, fixtures/smollm2.py) are rebuilt.
+EXPORT_FORMAT = 2
+
 # GGUF architecture -> (HF architectures[0], model_type, undo Q/K permutation)
 ARCHS: dict[str, tuple[str, str, bool]] = {
     "llama": ("LlamaForCausalLM", "llama", True),
@@ -321,6 +325,8 @@ def build_tokenizer(hdr: GGUFHeader) -> tuple[Any, dict]:
         return tokens[int(v)] if v is not None and 0 <= int(v) < len(tokens) else None
 
     tcfg: dict[str, Any] = {}
+    if (aps := hdr.get("tokenizer.ggml.add_space_prefix")) is not None:
+        tcfg["add_prefix_space"] = bool(aps)
     for flag in ("add_bos_token", "add_eos_token"):
         v = hdr.get(f"tokenizer.ggml.{flag}")
         if v is not None:
@@ -427,5 +433,5 @@ def export_gguf(path: "str | os.PathLike[str]", out_dir: "str | os.PathLike[str]
     return ExportResult(out_dir, arch, len(plan), sum(t.n_elements for _, t, _ in plan), dtype, files)
 
 
-__all__ = ["export_gguf", "ExportResult", "build_config", "build_tokenizer", "hf_tensor_name", "permute", "unpermute",
+__all__ = ["EXPORT_FORMAT", "export_gguf", "ExportResult", "build_config", "build_tokenizer", "hf_tensor_name", "permute", "unpermute",
            "dequantize_tensor", "ARCHS", "PRE_TOKENIZERS"]

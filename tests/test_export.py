@@ -485,6 +485,13 @@ def test_round_trip_convert_export_convert(smollm2_checkpoint, tmp_path, qtype):
     y = tmp_path / f"y-{qtype}.gguf"
     convert(ConvertOptions(src=str(hf), type=qtype, out=y, quiet=True, progress=False))
 
+    _assert_same_gguf(x, y)
+
+
+def _assert_same_gguf(x: Path, y: Path, ordered: bool = True) -> None:
+    """Same metadata (keys, order, types, values) and tensors (names, types, shapes,
+    bytes). ``ordered=False``: tensor order may differ (x came from shards or a .bin,
+    whose order a single exported safetensors file cannot carry)."""
     rx, ry = GGUFReader(x), GGUFReader(y)
     kx = [k for k in rx.fields if not k.startswith("GGUF.")]
     ky = [k for k in ry.fields if not k.startswith("GGUF.")]
@@ -493,8 +500,50 @@ def test_round_trip_convert_export_convert(smollm2_checkpoint, tmp_path, qtype):
         fx, fy = rx.fields[k], ry.fields[k]
         assert fx.types == fy.types, k
         assert fx.contents() == fy.contents(), k
-    assert [t.name for t in rx.tensors] == [t.name for t in ry.tensors]
-    for a, b in zip(rx.tensors, ry.tensors):
+    tx, ty = list(rx.tensors), list(ry.tensors)
+    if not ordered:
+        tx, ty = sorted(tx, key=lambda t: t.name), sorted(ty, key=lambda t: t.name)
+    assert [t.name for t in tx] == [t.name for t in ty]
+    for a, b in zip(tx, ty):
         assert a.tensor_type == b.tensor_type, a.name
         assert list(a.shape) == list(b.shape), a.name
         assert np.array_equal(np.asarray(a.data).view(np.uint8), np.asarray(b.data).view(np.uint8)), a.name
+
+
+@pytest.mark.parametrize("name,qtype", [
+    ("qwen2-f16-sharded", "F16"),   # q/k/v biases, tied
+    ("qwen3-bf16", "BF16"),         # q/k norms, head_dim != hidden / heads
+    ("qwen3-f32-bin", "F32"),       # untied
+    ("mistral-bf16", "Q8_0"),       # llama arch, GQA 4:1, Q/K permutation
+    ("kquant", "F32"),              # 256-wide, GQA, untied
+])
+def test_round_trip_random_checkpoints(random_checkpoint, tmp_path, name, qtype):
+    """convert(export(x)) == x for the random families (vocab_pre as their fixture says)."""
+    from fixtures.random_checkpoints import VOCAB_PRE
+
+    from quantkit.convert import ConvertOptions, convert
+
+    ckpt = random_checkpoint(name)
+    x = tmp_path / "x.gguf"
+    convert(ConvertOptions(src=str(ckpt), type=qtype, out=x, vocab_pre=VOCAB_PRE, quiet=True, progress=False))
+    hf = tmp_path / "rt" / ckpt.name
+    hf.parent.mkdir()
+    export_gguf(x, hf, dtype=ROUND_TRIP_DTYPE[qtype])
+    cfg = json.loads((hf / "config.json").read_text())
+    assert cfg["model_type"] == {"qwen2": "qwen2", "qwen3": "qwen3"}.get(name.split("-")[0], "llama")
+    y = tmp_path / "y.gguf"
+    convert(ConvertOptions(src=str(hf), type=qtype, out=y, vocab_pre=VOCAB_PRE, quiet=True, progress=False))
+    _assert_same_gguf(x, y, ordered=name == "kquant")
+
+
+def test_llama3_rope_factors_unsupported(random_checkpoint, tmp_path, capsys):
+    from fixtures.random_checkpoints import VOCAB_PRE
+
+    from quantkit.convert import ConvertOptions, convert
+
+    x = tmp_path / "x.gguf"
+    convert(ConvertOptions(src=str(random_checkpoint("llama3-rope")), type="F32", out=x, vocab_pre=VOCAB_PRE,
+                           quiet=True, progress=False))
+    code, _, err = _run(["export", str(x), "-o", str(tmp_path / "hf")], capsys)
+    assert "rope" in _assert_one_line(err, code, 4)
+    assert not (tmp_path / "hf").exists()
