@@ -28,8 +28,8 @@ from .solvers import (
     get_scale_min_k4,
     load_fp16,
     make_q3_quants,
-    make_qkx2_quants,
-    make_qkx3_quants,
+    QKX_ROWS,
+    make_qkx_lanes,
     make_qp_quants,
     make_qx_quants,
     nearest_int,
@@ -98,21 +98,23 @@ def _q2_K_finish(x, y, L, dm, mm):
 
 
 @njit(cache=True, error_model="numpy")
-def _q2_K_ref_block(x, y, L, weights, scales, mins, fa, fb):
+def _q2_K_ref_block(x, y, L, scales, mins, xt, wt, Lt, S):
     q4scale = _F15
+    for j in range(QK_K // 16):
+        for l in range(16):
+            xt[l, j] = x[16 * j + l]
+            wt[l, j] = abs(x[16 * j + l])
+    # make_qkx2_quants(16, 3, x + 16*j, weights, L + 16*j, &mins[j], Laux, -0.5f, 0.1f, 15, true) for all j
+    make_qkx_lanes(16, 16, 3, xt, wt, Lt, _M0_5, _P0_1, 15, True, False, scales, mins, S)
     max_scale = _F0
     max_min = _F0
     for j in range(QK_K // 16):
-        xs = x[16 * j : 16 * j + 16]
         for l in range(16):
-            weights[l] = abs(xs[l])
-        s, m = make_qkx2_quants(16, 3, xs, weights, L[16 * j : 16 * j + 16], _M0_5, _P0_1, 15, True, fa, fb)
-        scales[j] = s
-        mins[j] = m
-        if s > max_scale:
-            max_scale = s
-        if m > max_min:
-            max_min = m
+            L[16 * j + l] = Lt[l, j]
+        if scales[j] > max_scale:
+            max_scale = scales[j]
+        if mins[j] > max_min:
+            max_min = mins[j]
     if max_scale > _F0:
         iscale = q4scale / max_scale
         for j in range(QK_K // 16):
@@ -134,23 +136,24 @@ def _q2_K_ref_block(x, y, L, weights, scales, mins, fa, fb):
 
 
 @njit(cache=True, error_model="numpy")
-def _q2_K_impl_block(x, qw, y, L, weights, scales, mins, sw, Ls, Lm, fa, fb):
+def _q2_K_impl_block(x, qw, y, L, scales, mins, sw, Ls, Lm, xt, wt, Lt, S):
     sumx2 = _F0
     for j in range(QK_K):
         sumx2 += x[j] * x[j]
     sigma2 = sumx2 / _FQK
     for j in range(QK_K // 16):
-        for l in range(16):
-            weights[l] = qw[16 * j + l] * np.sqrt(sigma2 + x[16 * j + l] * x[16 * j + l])
         s = _F0
         for l in range(16):
-            s += weights[l]
+            w = qw[16 * j + l] * np.sqrt(sigma2 + x[16 * j + l] * x[16 * j + l])
+            xt[l, j] = x[16 * j + l]
+            wt[l, j] = w
+            s += w
         sw[j] = s
-        sc, m = make_qkx3_quants(
-            16, 3, x[16 * j : 16 * j + 16], weights, L[16 * j : 16 * j + 16], _M0_9, _P0_05, 36, False, fa, fb
-        )
-        scales[j] = sc
-        mins[j] = m
+    # make_qkx3_quants(16, 3, x + 16*j, weight, L + 16*j, &mins[j], Laux, -0.9f, 0.05f, 36, false) for all j
+    make_qkx_lanes(16, 16, 3, xt, wt, Lt, _M0_9, _P0_05, 36, False, True, scales, mins, S)
+    for j in range(QK_K // 16):
+        for l in range(16):
+            L[16 * j + l] = Lt[l, j]
     dm = make_qp_quants(QK_K // 16, 15, scales, Ls, sw)
     mm = make_qp_quants(QK_K // 16, 15, mins, Lm, sw)
     hd = fp32_to_fp16(dm)
@@ -168,13 +171,14 @@ def _q2_K_ref_rows(x, out):
     nb = n // QK_K
     for r in prange(nrows):
         L = np.empty(QK_K, np.uint8)
-        weights = np.empty(16, np.float32)
-        fa = np.empty(16, np.float32)
-        fb = np.empty(16, np.float32)
+        xt = np.empty((16, 16), np.float32)
+        wt = np.empty((16, 16), np.float32)
+        Lt = np.empty((16, 16), np.uint8)
+        S = np.empty((QKX_ROWS, 16), np.float32)
         scales = np.empty(16, np.float32)
         mins = np.empty(16, np.float32)
         for i in range(nb):
-            _q2_K_ref_block(x[r, i * QK_K : (i + 1) * QK_K], out[r, i * 84 : (i + 1) * 84], L, weights, scales, mins, fa, fb)
+            _q2_K_ref_block(x[r, i * QK_K : (i + 1) * QK_K], out[r, i * 84 : (i + 1) * 84], L, scales, mins, xt, wt, Lt, S)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
@@ -183,9 +187,10 @@ def _q2_K_impl_rows(x, qw, out):
     nb = n // QK_K
     for r in prange(nrows):
         L = np.empty(QK_K, np.uint8)
-        weights = np.empty(16, np.float32)
-        fa = np.empty(16, np.float32)
-        fb = np.empty(16, np.float32)
+        xt = np.empty((16, 16), np.float32)
+        wt = np.empty((16, 16), np.float32)
+        Lt = np.empty((16, 16), np.uint8)
+        S = np.empty((QKX_ROWS, 16), np.float32)
         scales = np.empty(16, np.float32)
         mins = np.empty(16, np.float32)
         sw = np.empty(16, np.float32)
@@ -194,7 +199,7 @@ def _q2_K_impl_rows(x, qw, out):
         for i in range(nb):
             _q2_K_impl_block(
                 x[r, i * QK_K : (i + 1) * QK_K], qw[i * QK_K : (i + 1) * QK_K], out[r, i * 84 : (i + 1) * 84],
-                L, weights, scales, mins, sw, Ls, Lm, fa, fb,
+                L, scales, mins, sw, Ls, Lm, xt, wt, Lt, S,
             )
 
 
@@ -475,58 +480,68 @@ def _k4_requant(x, y, L, nmax):
 
 
 @njit(cache=True, error_model="numpy")
-def _k4_ref_scales(x, y, L, weights, scales, mins, nmax, rmin, rdelta, nstep, fa, fb):
-    """The scale search and packing shared by Q4_K and Q5_K's _ref paths."""
-    max_scale = _F0
-    max_min = _F0
+def _k4_ref_prep(x, xt, wt, c0):
+    """Q4_K/Q5_K _ref weights of one super-block into lanes c0..c0+7."""
     for j in range(QK_K // 32):
         sum_x2 = _F0
         for l in range(32):
             sum_x2 += x[32 * j + l] * x[32 * j + l]
         av_x = np.sqrt(sum_x2 / _F32)
         for l in range(32):
-            weights[l] = av_x + abs(x[32 * j + l])
-        s, m = make_qkx2_quants(
-            32, nmax, x[32 * j : 32 * j + 32], weights, L[32 * j : 32 * j + 32], rmin, rdelta, nstep, False, fa, fb
-        )
-        scales[j] = s
-        mins[j] = m
-        if s > max_scale:
-            max_scale = s
-        if m > max_min:
-            max_min = m
+            xt[l, c0 + j] = x[32 * j + l]
+            wt[l, c0 + j] = av_x + abs(x[32 * j + l])
+
+
+@njit(cache=True, error_model="numpy")
+def _k4_ref_finish(x, y, L, scales, mins, Lt, c0, nmax):
+    """Q4_K/Q5_K _ref: super-block scales from lanes c0..c0+7, requantize."""
+    max_scale = _F0
+    max_min = _F0
+    for j in range(QK_K // 32):
+        for l in range(32):
+            L[32 * j + l] = Lt[l, c0 + j]
+        if scales[c0 + j] > max_scale:
+            max_scale = scales[c0 + j]
+        if mins[c0 + j] > max_min:
+            max_min = mins[c0 + j]
     inv_scale = _F63 / max_scale if max_scale > _F0 else _F0
     inv_min = _F63 / max_min if max_min > _F0 else _F0
     for j in range(QK_K // 32):
-        ls = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)
-        lm = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
+        ls = min(63, nearest_int(inv_scale * scales[c0 + j]) & 0xFF)
+        lm = min(63, nearest_int(inv_min * mins[c0 + j]) & 0xFF)
         _k4_put_scales(y, j, ls, lm)
     store_fp16(y, 0, fp32_to_fp16(max_scale / _F63))
     store_fp16(y, 2, fp32_to_fp16(max_min / _F63))
     _k4_requant(x, y, L, nmax)
 
 
+
 @njit(cache=True, error_model="numpy")
-def _k4_impl_scales(x, qw, y, L, weights, scales, mins, sw, Ls, Lm, nmax, clamp63, fa, fb):
-    """The weighted scale search shared by Q4_K and Q5_K's _impl paths."""
+def _k4_impl_prep(x, qw, xt, wt, sw, c0):
+    """Q4_K/Q5_K weighted-path weights of one super-block into lanes c0..c0+7."""
     sum_x2 = _F0
     for l in range(QK_K):
         sum_x2 += x[l] * x[l]
     sigma2 = _F2 * sum_x2 / _FQK
     for j in range(QK_K // 32):
-        for l in range(32):
-            weights[l] = qw[32 * j + l] * np.sqrt(sigma2 + x[32 * j + l] * x[32 * j + l])
         sumw = _F0
         for l in range(32):
-            sumw += weights[l]
-        sw[j] = sumw
-        s, m = make_qkx3_quants(
-            32, nmax, x[32 * j : 32 * j + 32], weights, L[32 * j : 32 * j + 32], _M0_9, _P0_05, 36, False, fa, fb
-        )
-        scales[j] = s
-        mins[j] = m
-    d_block = make_qp_quants(QK_K // 32, 63, scales, Ls, sw)
-    m_block = make_qp_quants(QK_K // 32, 63, mins, Lm, sw)
+            w = qw[32 * j + l] * np.sqrt(sigma2 + x[32 * j + l] * x[32 * j + l])
+            xt[l, c0 + j] = x[32 * j + l]
+            wt[l, c0 + j] = w
+            sumw += w
+        sw[c0 + j] = sumw
+
+
+@njit(cache=True, error_model="numpy")
+def _k4_impl_finish(x, y, L, scales, mins, sw, Ls, Lm, Lt, c0, nmax, clamp63):
+    """Q4_K/Q5_K weighted path: make_qp_quants on the sub-block scales and
+    mins of lanes c0..c0+7, pack, requantize."""
+    for j in range(QK_K // 32):
+        for l in range(32):
+            L[32 * j + l] = Lt[l, c0 + j]
+    d_block = make_qp_quants(QK_K // 32, 63, scales[c0 : c0 + 8], Ls, sw[c0 : c0 + 8])
+    m_block = make_qp_quants(QK_K // 32, 63, mins[c0 : c0 + 8], Lm, sw[c0 : c0 + 8])
     for j in range(QK_K // 32):
         ls = np.int64(Ls[j])
         lm = np.int64(Lm[j])
@@ -537,6 +552,48 @@ def _k4_impl_scales(x, qw, y, L, weights, scales, mins, sw, Ls, Lm, nmax, clamp6
     store_fp16(y, 0, fp32_to_fp16(d_block))
     store_fp16(y, 2, fp32_to_fp16(m_block))
     _k4_requant(x, y, L, nmax)
+
+
+@njit(cache=True, error_model="numpy")
+def _k4_ref_row(x, out, bsize, nmax, rmin, rdelta, nstep, five, L, scales, mins, xt, wt, Lt, S):
+    """One row of Q4_K/Q5_K, _ref path. Two super-blocks share one call of the
+    solver (16 lanes; an odd last block is solved twice, once ignored)."""
+    nb = x.shape[0] // QK_K
+    for i in range(0, nb, 2):
+        i2 = i + 1 if i + 1 < nb else i
+        _k4_ref_prep(x[i * QK_K : (i + 1) * QK_K], xt, wt, 0)
+        _k4_ref_prep(x[i2 * QK_K : (i2 + 1) * QK_K], xt, wt, 8)
+        # ggml: make_qkx2_quants(32, nmax, x + 32*j, weights, L + 32*j, &mins[j], Laux, rmin, rdelta, nstep, false)
+        make_qkx_lanes(16, 32, nmax, xt, wt, Lt, rmin, rdelta, nstep, False, False, scales, mins, S)
+        for k in range(2 if i2 != i else 1):
+            b = i + k
+            y = out[b * bsize : (b + 1) * bsize]
+            _k4_ref_finish(x[b * QK_K : (b + 1) * QK_K], y, L, scales, mins, Lt, 8 * k, nmax)
+            if five:
+                _q5_K_pack(L, y)
+            else:
+                _q4_K_pack(L, y)
+
+
+@njit(cache=True, error_model="numpy")
+def _k4_impl_row(x, qw, out, bsize, nmax, five, L, scales, mins, sw, Ls, Lm, xt, wt, Lt, S):
+    """One row of Q4_K/Q5_K, weighted path (two super-blocks per solver call)."""
+    nb = x.shape[0] // QK_K
+    for i in range(0, nb, 2):
+        i2 = i + 1 if i + 1 < nb else i
+        _k4_impl_prep(x[i * QK_K : (i + 1) * QK_K], qw[i * QK_K : (i + 1) * QK_K], xt, wt, sw, 0)
+        _k4_impl_prep(x[i2 * QK_K : (i2 + 1) * QK_K], qw[i2 * QK_K : (i2 + 1) * QK_K], xt, wt, sw, 8)
+        # ggml: make_qkx3_quants(32, nmax, x + 32*j, weights, L + 32*j, &mins[j], Laux, -0.9f, 0.05f, 36, false)
+        make_qkx_lanes(16, 32, nmax, xt, wt, Lt, _M0_9, _P0_05, 36, False, True, scales, mins, S)
+        for k in range(2 if i2 != i else 1):
+            b = i + k
+            y = out[b * bsize : (b + 1) * bsize]
+            _k4_impl_finish(x[b * QK_K : (b + 1) * QK_K], y, L, scales, mins, sw, Ls, Lm, Lt, 8 * k, nmax, five)
+            if five:
+                _q5_K_pack(L, y)
+            else:
+                _q4_K_pack(L, y)
+
 
 
 @njit(cache=True, error_model="numpy")
@@ -568,83 +625,32 @@ def _q5_K_pack(L, y):
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def _q4_K_ref_rows(x, out):
-    nrows, n = x.shape
-    nb = n // QK_K
-    for r in prange(nrows):
+def _k4_ref_rows(x, out, bsize, nmax, rmin, rdelta, nstep, five):
+    for r in prange(x.shape[0]):
         L = np.empty(QK_K, np.uint8)
-        weights = np.empty(32, np.float32)
-        fa = np.empty(32, np.float32)
-        fb = np.empty(32, np.float32)
-        scales = np.empty(8, np.float32)
-        mins = np.empty(8, np.float32)
-        for i in range(nb):
-            y = out[r, i * 144 : (i + 1) * 144]
-            _k4_ref_scales(x[r, i * QK_K : (i + 1) * QK_K], y, L, weights, scales, mins, 15, _M1_0, _P0_1, 20, fa, fb)
-            _q4_K_pack(L, y)
+        xt = np.empty((32, 16), np.float32)
+        wt = np.empty((32, 16), np.float32)
+        Lt = np.empty((32, 16), np.uint8)
+        S = np.empty((QKX_ROWS, 16), np.float32)
+        scales = np.empty(16, np.float32)
+        mins = np.empty(16, np.float32)
+        _k4_ref_row(x[r], out[r], bsize, nmax, rmin, rdelta, nstep, five, L, scales, mins, xt, wt, Lt, S)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def _q4_K_impl_rows(x, qw, out):
-    nrows, n = x.shape
-    nb = n // QK_K
-    for r in prange(nrows):
+def _k4_impl_rows(x, qw, out, bsize, nmax, five):
+    for r in prange(x.shape[0]):
         L = np.empty(QK_K, np.uint8)
-        weights = np.empty(32, np.float32)
-        fa = np.empty(32, np.float32)
-        fb = np.empty(32, np.float32)
-        scales = np.empty(8, np.float32)
-        mins = np.empty(8, np.float32)
-        sw = np.empty(8, np.float32)
+        xt = np.empty((32, 16), np.float32)
+        wt = np.empty((32, 16), np.float32)
+        Lt = np.empty((32, 16), np.uint8)
+        S = np.empty((QKX_ROWS, 16), np.float32)
+        scales = np.empty(16, np.float32)
+        mins = np.empty(16, np.float32)
+        sw = np.empty(16, np.float32)
         Ls = np.empty(8, np.uint8)
         Lm = np.empty(8, np.uint8)
-        for i in range(nb):
-            y = out[r, i * 144 : (i + 1) * 144]
-            _k4_impl_scales(
-                x[r, i * QK_K : (i + 1) * QK_K], qw[i * QK_K : (i + 1) * QK_K], y,
-                L, weights, scales, mins, sw, Ls, Lm, 15, False, fa, fb,
-            )
-            _q4_K_pack(L, y)
-
-
-@njit(cache=True, error_model="numpy", parallel=True)
-def _q5_K_ref_rows(x, out):
-    nrows, n = x.shape
-    nb = n // QK_K
-    for r in prange(nrows):
-        L = np.empty(QK_K, np.uint8)
-        weights = np.empty(32, np.float32)
-        fa = np.empty(32, np.float32)
-        fb = np.empty(32, np.float32)
-        scales = np.empty(8, np.float32)
-        mins = np.empty(8, np.float32)
-        for i in range(nb):
-            y = out[r, i * 176 : (i + 1) * 176]
-            _k4_ref_scales(x[r, i * QK_K : (i + 1) * QK_K], y, L, weights, scales, mins, 31, _M0_5, _P0_1, 15, fa, fb)
-            _q5_K_pack(L, y)
-
-
-@njit(cache=True, error_model="numpy", parallel=True)
-def _q5_K_impl_rows(x, qw, out):
-    nrows, n = x.shape
-    nb = n // QK_K
-    for r in prange(nrows):
-        L = np.empty(QK_K, np.uint8)
-        weights = np.empty(32, np.float32)
-        fa = np.empty(32, np.float32)
-        fb = np.empty(32, np.float32)
-        scales = np.empty(8, np.float32)
-        mins = np.empty(8, np.float32)
-        sw = np.empty(8, np.float32)
-        Ls = np.empty(8, np.uint8)
-        Lm = np.empty(8, np.uint8)
-        for i in range(nb):
-            y = out[r, i * 176 : (i + 1) * 176]
-            _k4_impl_scales(
-                x[r, i * QK_K : (i + 1) * QK_K], qw[i * QK_K : (i + 1) * QK_K], y,
-                L, weights, scales, mins, sw, Ls, Lm, 31, True, fa, fb,
-            )
-            _q5_K_pack(L, y)
+        _k4_impl_row(x[r], qw, out[r], bsize, nmax, five, L, scales, mins, sw, Ls, Lm, xt, wt, Lt, S)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
@@ -685,9 +691,9 @@ class Q4_K(QuantType, qtype=GGMLQuantizationType.Q4_K, takes_imatrix=True):
     def quantize_rows(x, imatrix):
         out = np.empty((x.shape[0], x.shape[1] // QK_K * 144), np.uint8)
         if imatrix is None:
-            _q4_K_ref_rows(x, out)
+            _k4_ref_rows(x, out, 144, 15, _M1_0, _P0_1, 20, False)
         else:
-            _q4_K_impl_rows(x, imatrix, out)
+            _k4_impl_rows(x, imatrix, out, 144, 15, False)
         return out
 
     @staticmethod
@@ -700,9 +706,9 @@ class Q5_K(QuantType, qtype=GGMLQuantizationType.Q5_K, takes_imatrix=True):
     def quantize_rows(x, imatrix):
         out = np.empty((x.shape[0], x.shape[1] // QK_K * 176), np.uint8)
         if imatrix is None:
-            _q5_K_ref_rows(x, out)
+            _k4_ref_rows(x, out, 176, 31, _M0_5, _P0_1, 15, True)
         else:
-            _q5_K_impl_rows(x, imatrix, out)
+            _k4_impl_rows(x, imatrix, out, 176, 31, True)
         return out
 
     @staticmethod

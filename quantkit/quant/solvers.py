@@ -610,3 +610,177 @@ def get_scale_min_k4(j, q, off):
         d = (q[off + j + 4] & 0xF) | ((q[off + j - 4] >> 6) << 4)
         m = (q[off + j + 4] >> 4) | ((q[off + j] >> 6) << 4)
     return np.int64(d), np.int64(m)
+
+
+# --------------------------------------------------------------------------
+# make_qkx2_quants / make_qkx3_quants on all sub-blocks of a super-block at once
+# --------------------------------------------------------------------------
+QKX_ROWS = 20  # rows of per-lane state in the scratch of make_qkx_lanes
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _qkx_exact_needed(nsub, ok, isc, mx, xlo, cmin):
+    """True when some lane could have |iscale*(x-min)| >= 2**22, where the
+    float rounding below would differ from ggml's nearest_int."""
+    bound = _F0
+    for j in range(nsub):
+        if ok[j] != _F0:
+            span = max(abs(mx[j] - cmin[j]), abs(xlo[j] - cmin[j]))
+            b = abs(isc[j]) * span
+            bound = b if b > bound else bound
+    return not (bound < _QX_SAFE)
+
+
+@njit(cache=True, error_model="numpy")
+def make_qkx_lanes(nsub, n, nmax, xt, wt, Lt, rmin, rdelta, nstep, use_mad, qkx3, scales, the_mins, S):
+    """make_qkx2_quants (qkx3=False) or make_qkx3_quants (qkx3=True, with
+    weights) on nsub independent sub-blocks side by side.
+
+    xt, wt: (n, nsub) float32, column j = sub-block j's values / weights;
+    Lt: (n, nsub) uint8 quants out; scales, the_mins: (nsub,) out;
+    S: (QKX_ROWS, nsub) float32 scratch.
+
+    Each C loop over a sub-block's elements is a chain of dependent float
+    adds, so ggml's solver is latency bound. Here the element loop is outer
+    and the sub-blocks are the inner, independent lanes (SIMD or at least
+    instruction-parallel); every lane runs ggml's sequence of trials with its
+    own min, every sum in element order, so each lane's floats are ggml's.
+    nearest_int + clamp is done as float rounding (exact while
+    |iscale*(x-min)| < 2**22, checked per pass, ggml's integer rounding
+    otherwise). C copies the winning trial's quants into L at every win;
+    here they are rebuilt once from the winning (iscale, min)."""
+    mn = S[0]
+    mx = S[1]
+    xlo = S[2]
+    sw = S[3]
+    sx = S[4]
+    scale = S[5]
+    best = S[6]
+    cmin = S[7]
+    wisc = S[8]
+    wmin = S[9]
+    isc = S[10]
+    sl = S[11]
+    sl2 = S[12]
+    sxl = S[13]
+    err = S[14]
+    ts = S[15]
+    tm = S[16]
+    ok = S[17]
+    dd = S[18]
+    fmax = F(nmax)
+    x0 = xt[0]
+    w0 = wt[0]
+    for j in range(nsub):
+        mn[j] = x0[j]
+        mx[j] = x0[j]
+        sw[j] = w0[j]
+        sx[j] = w0[j] * x0[j]
+    for i in range(1, n):
+        xi = xt[i]
+        wi = wt[i]
+        for j in range(nsub):
+            v = xi[j]
+            mn[j] = v if v < mn[j] else mn[j]
+            mx[j] = v if v > mx[j] else mx[j]
+            sw[j] += wi[j]
+            sx[j] += wi[j] * v
+    for j in range(nsub):
+        xlo[j] = mn[j]
+        if mn[j] > _F0:
+            mn[j] = _F0
+        if qkx3:
+            okj = not (mx[j] <= mn[j])
+        else:
+            okj = not (mx[j] == mn[j])
+        ok[j] = _F1 if okj else _F0
+        isc[j] = fmax / (mx[j] - mn[j])
+        scale[j] = _F1 / isc[j]
+        best[j] = _F0
+        cmin[j] = mn[j]
+        wisc[j] = isc[j]
+        wmin[j] = mn[j]
+    # error of the first guess
+    exact = _qkx_exact_needed(nsub, ok, isc, mx, xlo, cmin)
+    for i in range(n):
+        xi = xt[i]
+        wi = wt[i]
+        for j in range(nsub):
+            d = xi[j] - cmin[j]
+            if exact:
+                fl = F(clampi(nearest_int(isc[j] * d), 0, nmax))
+            else:
+                fl = (isc[j] * d + _MAGIC) - _MAGIC
+                fl = fmax if fl > fmax else fl
+                fl = _F0 if fl < _F0 else fl
+            diff = scale[j] * fl + cmin[j] - xi[j]
+            diff = abs(diff) if use_mad else diff * diff
+            best[j] += wi[j] * diff
+    for is_ in range(nstep + 1 if nstep >= 1 else 0):
+        step = rmin + rdelta * F(is_) + fmax
+        for j in range(nsub):
+            isc[j] = step / (mx[j] - cmin[j])
+            sl[j] = _F0
+            sl2[j] = _F0
+            sxl[j] = _F0
+            err[j] = _F0
+        exact = _qkx_exact_needed(nsub, ok, isc, mx, xlo, cmin)
+        for i in range(n):
+            xi = xt[i]
+            wi = wt[i]
+            for j in range(nsub):
+                d = xi[j] - cmin[j]
+                if exact:
+                    fl = F(clampi(nearest_int(isc[j] * d), 0, nmax))
+                else:
+                    fl = (isc[j] * d + _MAGIC) - _MAGIC
+                    fl = fmax if fl > fmax else fl
+                    fl = _F0 if fl < _F0 else fl
+                wl = wi[j] * fl
+                sl[j] += wl
+                sl2[j] += wl * fl
+                sxl[j] += wl * xi[j]
+        for j in range(nsub):
+            D = sw[j] * sl2[j] - sl[j] * sl[j]
+            this_scale = (sw[j] * sxl[j] - sx[j] * sl[j]) / D
+            this_min = (sl2[j] * sx[j] - sl[j] * sxl[j]) / D
+            if this_min > _F0:
+                this_min = _F0
+                this_scale = sxl[j] / sl2[j]
+            dd[j] = D
+            ts[j] = this_scale
+            tm[j] = this_min
+        for i in range(n):
+            xi = xt[i]
+            wi = wt[i]
+            for j in range(nsub):
+                d = xi[j] - cmin[j]
+                if exact:
+                    fl = F(clampi(nearest_int(isc[j] * d), 0, nmax))
+                else:
+                    fl = (isc[j] * d + _MAGIC) - _MAGIC
+                    fl = fmax if fl > fmax else fl
+                    fl = _F0 if fl < _F0 else fl
+                diff = ts[j] * fl + tm[j] - xi[j]
+                diff = abs(diff) if use_mad else diff * diff
+                err[j] += wi[j] * diff
+        for j in range(nsub):
+            if ok[j] != _F0 and dd[j] > _F0 and err[j] < best[j]:
+                best[j] = err[j]
+                scale[j] = ts[j]
+                wisc[j] = isc[j]
+                wmin[j] = cmin[j]
+                cmin[j] = tm[j]
+    for j in range(nsub):
+        if ok[j] != _F0:
+            scales[j] = scale[j]
+            the_mins[j] = -cmin[j]
+        else:
+            scales[j] = _F0
+            the_mins[j] = -mn[j]
+    for i in range(n):
+        for j in range(nsub):
+            if ok[j] != _F0:
+                Lt[i, j] = clampi(nearest_int(wisc[j] * (xt[i, j] - wmin[j])), 0, nmax)
+            else:
+                Lt[i, j] = 0
