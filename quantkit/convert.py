@@ -119,8 +119,9 @@ def _producer(source, ref, tp, imatrix: dict | None, raw_name: str | None = None
     from . import quant
 
     def produce() -> np.ndarray:
-        if getattr(tp, "copy", False) and getattr(source, "kind", "") == "gguf" and ref.name == tp.name:
-            # stored bytes, unchanged (raw_name: the source tensor of a replicated block)
+        if (getattr(tp, "copy", False) and getattr(source, "kind", "") == "gguf" and ref.name == tp.name
+                and raw_name != ""):
+            # stored bytes, unchanged (raw_name: the source tensor of a replicated block; "" = computed values)
             return np.array(source.raw_bytes(raw_name or tp.name))
         x = ref.load()
         if x.ndim == 0:
@@ -189,7 +190,7 @@ def convert(opts: ConvertOptions) -> ConvertResult:
         refs = {t.name: t for t in stream.tensors}
         used_im = getattr(plan, "imatrix", None) or mix_opts.imatrix
         outs = [TensorOut(tp.name, tuple(tp.shape), GGMLQuantizationType(tp.qtype), _producer(source, refs[tp.name], tp, used_im,
-                                    replicate_mod.source_name(stream, tp.name) if replicate_mod else None))
+                                    replicate_mod.raw_source_name(stream, refs[tp.name]) if replicate_mod else None))
                 for tp in rows]
         n_bytes = sum(t.nbytes for t in outs)
         n_params = sum(int(np.prod(t.shape, dtype=np.int64)) for t in outs)

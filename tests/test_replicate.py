@@ -232,3 +232,242 @@ def test_chart_png_roundtrip(tmp_path):
     # the red path goes down and right: its pixels' mean row falls as the column grows
     ys, xs = np.nonzero(red[:, 81:680])  # inside the plot frame (the legend is outside)
     assert np.corrcoef(xs, ys)[0, 1] > 0.5  # image rows grow downwards
+
+
+# ----------------------------------------------------- end to end (files) ---
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from quantkit.cli import main as cli_main  # noqa: E402
+
+
+def _text() -> str:
+    import pydoc_data.topics as T
+
+    return "\n".join(T.topics.values())
+
+
+@pytest.fixture(scope="module")
+def kq_ckpt(random_checkpoint) -> Path:
+    """8 blocks, 256-wide, GQA 4, untied output: every K-quant rule applies."""
+    return random_checkpoint("kquant")
+
+
+@pytest.fixture(scope="module")
+def kq_f32(kq_ckpt, tmp_path_factory) -> Path:
+    from quantkit.convert import ConvertOptions, convert
+
+    out = tmp_path_factory.mktemp("rep") / "kq-f32.gguf"
+    convert(ConvertOptions(src=str(kq_ckpt), type="F32", out=out, vocab_pre="gpt-2", quiet=True))
+    return out
+
+
+@pytest.mark.parametrize("args,what", [
+    (["--layer-map", "0:9"], "out of range"),
+    (["--layer-map", ""], "empty"),
+    (["--layer-map", "5:2"], "reversed"),
+    (["--layer-map", "3:3"], "empty"),
+    (["--layer-map", "0:x"], "not a non-negative integer"),
+    (["--layer-map", "0:8,0:8,0:8,0:8,0:1"], "too long"),
+    (["--repeat", "1:4,3:6"], "overlap"),
+    (["--repeat", "2:4", "--layer-map", "0:8"], "cannot be used together"),
+    (["--replica-type", "Q4_K"], "needs --layer-map"),
+    (["--repeat", "2:4", "--replica-type", "Q7_K"], "--replica-type"),
+    (["--repeat", "2:4", "--replica-scale", "0"], "above 0"),
+])
+def test_cli_bad_specs(kq_ckpt, tmp_path, capsys, args, what):
+    out = tmp_path / "o.gguf"
+    rc = cli_main(["convert", str(kq_ckpt), "--vocab-pre", "gpt-2", "--type", "Q4_K_M", "-o", str(out)] + args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert what in err and len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_bad_imatrix_from_source_graph(kq_f32, tmp_path, capsys):
+    # an imatrix collected on the 8-block source does not cover the replicated blocks
+    im = tmp_path / "src.imatrix.gguf"
+    assert cli_main(["calibrate", str(kq_f32), "--text", _write_text(tmp_path), "--ctx", "64", "--chunks", "2",
+                     "-o", str(im)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "o.gguf"
+    rc = cli_main(["convert", str(kq_f32), "--type", "Q4_K_M", "--repeat", "2:4", "--imatrix", str(im),
+                   "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "replicated graph" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    # the one collected with the same map is accepted
+    im2 = tmp_path / "mapped.imatrix.gguf"
+    assert cli_main(["calibrate", str(kq_f32), "--text", _write_text(tmp_path), "--ctx", "64", "--chunks", "2",
+                     "-o", str(im2), "--repeat", "2:4"]) == 0
+    assert "replicated graph" in capsys.readouterr().err
+    assert cli_main(["convert", str(kq_f32), "--type", "Q4_K_M", "--repeat", "2:4", "--imatrix", str(im2),
+                     "-o", str(out), "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert any("0-3, 2-7" in n for n in notes) and any("importance matrix" in n for n in notes)
+
+
+def _write_text(d: Path) -> str:
+    p = d / "text.txt"
+    if not p.exists():
+        p.write_text(_text()[:40000], encoding="utf-8")
+    return str(p)
+
+
+def test_replicated_file_f32_equals_mapped_source(kq_ckpt, kq_f32, tmp_path, capsys):
+    """The F32 file of a layer map holds exactly the source blocks, renamed; metadata follows."""
+    out = tmp_path / "r.gguf"
+    assert cli_main(["convert", str(kq_ckpt), "--vocab-pre", "gpt-2", "--type", "F32", "--layer-map", "0:6,3:8",
+                     "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "source order [0-5, 3-7]" in err and "replicated graph" in err
+    src = {t.name: t for t in GGUFReader(kq_f32).tensors}
+    rd = GGUFReader(out)
+    order = R.expand("0:6,3:8", 8)
+    assert int(rd.fields["llama.block_count"].parts[-1][0]) == len(order)
+    names = [t.name for t in rd.tensors]
+    assert len(names) == len(set(names)) == (len(src) - 8 * 9) + len(order) * 9
+    for t in rd.tensors:
+        m = re.match(r"blk\.(\d+)\.(.+)$", t.name)
+        sname = f"blk.{order[int(m.group(1))]}.{m.group(2)}" if m else t.name
+        np.testing.assert_array_equal(np.asarray(t.data), np.asarray(src[sname].data), err_msg=t.name)
+    # the converter's order: blocks by the names' sort order, as for the source
+    blocks = list(dict.fromkeys(int(n.split(".")[1]) for n in names if n.startswith("blk.")))
+    assert blocks == sorted(range(len(order)), key=lambda i: f"{i}.")
+
+
+def _llama_ppl(path: Path, chunks: list[np.ndarray], ctx: int) -> tuple[float, np.ndarray]:
+    """llama-perplexity's method through llama-cpp-python: score the second half of each chunk."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
+                          verbose=False, n_threads=2)
+    first = ctx // 2
+    nll, last = [], None
+    for c in chunks:
+        llm.reset()
+        llm.eval(c.tolist())
+        lg = np.array(llm.scores[:ctx], dtype=np.float64)
+        last = lg
+        x = lg[first:ctx - 1]
+        x = x - x.max(-1, keepdims=True)
+        lp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+        nll.append(-lp[np.arange(len(lp)), c[first + 1:]])
+    del llm
+    return math.exp(float(np.concatenate(nll).mean())), last
+
+
+def _quantkit_ppl(path_or_stream, text: str, ctx: int, n: int):
+    from quantkit.calib import make_chunks, open_stream
+    from quantkit.calib.forward import Model
+    from quantkit.calib.perplexity import perplexity
+    from quantkit.calib.tokenize import load_tokenizer
+
+    st = open_stream(path_or_stream)
+    tok = load_tokenizer(st, None if not isinstance(path_or_stream, (str, Path)) else path_or_stream)
+    model = Model.from_stream(st)
+    chunks = make_chunks(tok.encode(text), ctx, n, tok.bos_id if tok.add_bos else None)
+    res = perplexity(None, text, ctx=ctx, n_chunks=n, model=model, tokenizer=tok)
+    return res["ppl"], chunks, model
+
+
+CASES = [  # (preset, options)
+    ("F16", ["--layer-map", "0:6,3:8"]),
+    ("Q8_0", ["--repeat", "2:4"]),
+    ("Q4_K_M", ["--repeat", "2:4"]),
+    ("Q4_K_M", ["--layer-map", "0:4,2:4,2:8", "--replica-type", "Q6_K", "--replica-scale", "0.7071"]),
+    ("Q2_K", ["--layer-map", "0:8,4:6"]),
+    ("Q3_K_S", ["--repeat", "1:3,5:7", "--replica-type", "Q4_K"]),
+]
+
+
+@pytest.mark.parametrize("preset,opts", CASES, ids=[f"{p}{''.join(o)}" for p, o in CASES])
+def test_llama_cpp_loads_replicated_and_agrees(kq_f32, tmp_path, capsys, preset, opts):
+    from quantkit.quant import REGISTRY
+
+    want = {"Q8_0": GGMLQuantizationType.Q8_0}.get(preset)
+    if want is not None and want not in REGISTRY:
+        pytest.skip(f"{preset} kernels not in the registry yet")
+    out = tmp_path / "r.gguf"
+    rc = cli_main(["convert", str(kq_f32), "--type", preset, "-o", str(out), "--json"] + opts)
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads(capsys.readouterr().out)
+    spec = opts[opts.index("--layer-map") + 1] if "--layer-map" in opts else None
+    order = R.expand(spec, 8) if spec else R.expand_repeat(opts[opts.index("--repeat") + 1], 8)
+    rd = GGUFReader(out)
+    assert int(rd.fields["llama.block_count"].parts[-1][0]) == len(order)
+    types = {t.name: t.tensor_type for t in rd.tensors}
+    if "--replica-type" in opts:
+        rt = GGMLQuantizationType[opts[opts.index("--replica-type") + 1]]
+        for j in R.replica_blocks(order):
+            assert types[f"blk.{j}.ffn_up.weight"] == rt and types[f"blk.{j}.attn_q.weight"] == rt
+    text = _text()[:30000]
+    ctx = 128
+    q_ppl, chunks, _ = _quantkit_ppl(out, text, ctx, 3)
+    l_ppl, _ = _llama_ppl(out, chunks, ctx)
+    assert abs(l_ppl / q_ppl - 1) < 0.005, (l_ppl, q_ppl)
+    assert any("source order" in n for n in res["notes"])
+
+
+def test_llama_cpp_f32_replicated_logits_match_the_mapped_graph(kq_f32, tmp_path):
+    """llama.cpp running the F32 file computes the graph of the in-memory pass, not the source's."""
+    from quantkit.calib import make_chunks, open_stream
+    from quantkit.calib.forward import Model
+    from quantkit.calib.tokenize import load_tokenizer
+    from quantkit.convert import ConvertOptions, convert
+
+    out = tmp_path / "r32.gguf"
+    convert(ConvertOptions(src=str(kq_f32), type="F32", out=out, layer_map="0:8,2:6", quiet=True))
+    st = open_stream(str(kq_f32))
+    tok = load_tokenizer(st, str(kq_f32))
+    ctx = 64
+    chunk = make_chunks(tok.encode(_text()[:5000]), ctx, 1, tok.bos_id if tok.add_bos else None)[0]
+    mapped = Model.from_stream(R.apply(st, "0:8,2:6", None)).forward(chunk, logits_from=0)
+    plain = Model.from_stream(st).forward(chunk, logits_from=0)
+    _, ll = _llama_ppl(out, [chunk], ctx)
+    err = np.abs(ll - mapped).max()
+    assert err < 1e-3 * np.abs(mapped).max() + 1e-4, err
+    assert np.abs(ll - plain).max() > 50 * err  # the map changed the function
+
+
+def test_replicated_from_gguf_input_copies_stored_bytes(kq_f32, tmp_path):
+    """GGUF input at its stored type: replicas are the source block's bytes; scaled ones are recomputed."""
+    from quantkit.convert import ConvertOptions, convert
+
+    out = tmp_path / "r.gguf"
+    convert(ConvertOptions(src=str(kq_f32), type="F32", out=out, repeat="6:8", replica_scale=0.5, quiet=True))
+    src = {t.name: np.asarray(t.data) for t in GGUFReader(kq_f32).tensors}
+    got = {t.name: np.asarray(t.data) for t in GGUFReader(out).tensors}
+    for j, s in ((8, 6), (9, 7)):
+        np.testing.assert_array_equal(got[f"blk.{j}.attn_q.weight"], src[f"blk.{s}.attn_q.weight"])
+        np.testing.assert_array_equal(got[f"blk.{j}.ffn_down.weight"], src[f"blk.{s}.ffn_down.weight"] * np.float32(0.5))
+        np.testing.assert_array_equal(got[f"blk.{s}.ffn_down.weight"], src[f"blk.{s}.ffn_down.weight"])
+
+
+def test_replicate_search_cli(kq_f32, tmp_path, capsys):
+    chart = tmp_path / "c.png"
+    dev = tmp_path / "dev.txt"
+    dev.write_text(_text()[30000:60000], encoding="utf-8")
+    rc = cli_main(["replicate-search", str(kq_f32), "--type", "Q2_K", "--text", str(dev), "--candidates",
+                   "2:4,5:6", "--presets", "Q2_K,Q4_K_M", "--budget-mb", "100", "--ctx", "64", "--chunks", "2",
+                   "--rounds", "2", "--json", "--chart", str(chart)])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    res = json.loads(cap.out)
+    cfgs = {c["label"]: c for c in res["configs"]}
+    assert res["n_tried"] == len(res["configs"]) >= 4
+    assert {"Q2_K", "Q4_K_M", "Q2_K +2:4", "Q2_K +5:6"} <= set(cfgs)
+    # real measurements: the bigger preset is closer to the source, copies make bigger files
+    assert cfgs["Q4_K_M"]["kld"] < cfgs["Q2_K"]["kld"]
+    assert cfgs["Q2_K +2:4"]["size_bytes"] > cfgs["Q2_K +5:6"]["size_bytes"] > cfgs["Q2_K"]["size_bytes"]
+    assert cfgs["Q2_K +2:4"]["n_blocks"] == 10
+    assert res["best"] in cfgs and cfgs[res["best"]]["kld"] == min(
+        c["kld"] for c in res["configs"] if c["preset"] == "Q2_K")
+    assert read_png(chart).shape[2] == 3
+    # bad candidates: one line, exit 2, no chart
+    chart2 = tmp_path / "d.png"
+    rc = cli_main(["replicate-search", str(kq_f32), "--type", "Q2_K", "--text", str(dev), "--candidates", "2:40",
+                   "--chart", str(chart2)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "out of range" in err.splitlines()[-1] and not chart2.exists()

@@ -257,6 +257,7 @@ def _scaled(ref: TensorRef, factor: float) -> "callable":
     def load() -> np.ndarray:
         return ref.load() * f
 
+    load.computed = True  # values differ from the stored bytes: never copied raw
     return load
 
 
@@ -423,6 +424,14 @@ def source_name(stream: ModelStream, name: str) -> str:
     if not m or not stream.layer_origin:
         return name
     return f"blk.{stream.layer_origin.get(int(m.group(1)), int(m.group(1)))}.{m.group(2)}"
+
+
+def raw_source_name(stream: ModelStream, ref: TensorRef) -> str:
+    """The source tensor whose stored bytes ``ref`` is, or "" when its values
+    are computed (a scaled replica) and must not be copied raw."""
+    if getattr(ref.loader, "computed", False):
+        return ""
+    return source_name(stream, ref.name)
 
 
 def check_imatrix(stream: ModelStream, imatrix: dict | None, origin: str) -> str | None:
