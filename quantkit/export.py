@@ -150,10 +150,18 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def dequantize_tensor(hdr: GGUFHeader, t: TensorInfo) -> np.ndarray:
-    """float32 array of ``t.shape`` (numpy order), decoded from the file."""
-    raw = np.asarray(hdr.tensor_data(t))
-    shape = t.shape
+CHUNK_ELEMENTS = 1 << 22  # rows are decoded and written in chunks of about this many values
+
+
+def dequantize_tensor(hdr: GGUFHeader, t: TensorInfo, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """float32 array of ``t.shape`` (numpy order), decoded from the file; with
+    ``rows=(r0, r1)`` only those rows of the 2-D view (n_rows, row length)."""
+    n_per_row = int(t.ne[0])
+    n_rows = t.n_elements // n_per_row if n_per_row else 0
+    row_bytes = t.n_bytes // n_rows if n_rows else 0
+    r0, r1 = rows if rows is not None else (0, n_rows)
+    raw = np.asarray(hdr.tensor_data(t))[r0 * row_bytes:r1 * row_bytes].reshape(r1 - r0, row_bytes)
+    shape = t.shape if rows is None else (r1 - r0, n_per_row)
     try:
         from . import quant
 
@@ -163,11 +171,14 @@ def dequantize_tensor(hdr: GGUFHeader, t: TensorInfo) -> np.ndarray:
     from gguf import quants as gq
 
     try:
-        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-        out = gq.dequantize(raw.reshape(rows, -1), t.qtype)
+        out = gq.dequantize(raw, t.qtype)
     except NotImplementedError:
         raise UnsupportedError(f"tensor {t.name!r}: cannot decode type {t.qtype.name}") from None
     return np.ascontiguousarray(out, dtype=np.float32).reshape(shape)
+
+
+def _identity(x: np.ndarray) -> np.ndarray:
+    return x
 
 
 def _to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -201,11 +212,21 @@ def _write_safetensors(path: Path, hdr: GGUFHeader, plan: list[tuple[str, Tensor
         f.write(len(hjson).to_bytes(8, "little"))
         f.write(hjson)
         for hf_name, t, fix in plan:
-            x = fix(dequantize_tensor(hdr, t))
-            data = _to_dtype(x, dtype)
-            assert data.nbytes == header[hf_name]["data_offsets"][1] - header[hf_name]["data_offsets"][0]
-            f.write(data.tobytes())
-            del x, data
+            start = f.tell()
+            n_per_row = max(int(t.ne[0]), 1)
+            n_rows = t.n_elements // n_per_row
+            if fix is _identity and n_rows > 1 and t.n_elements > CHUNK_ELEMENTS:
+                step = max(1, CHUNK_ELEMENTS // n_per_row)
+                for r0 in range(0, n_rows, step):
+                    data = _to_dtype(dequantize_tensor(hdr, t, (r0, min(n_rows, r0 + step))), dtype)
+                    f.write(memoryview(data).cast("B"))
+            else:
+                data = _to_dtype(fix(dequantize_tensor(hdr, t)), dtype)
+                f.write(memoryview(data).cast("B"))
+            del data
+            a, b = header[hf_name]["data_offsets"]
+            if f.tell() - start != b - a:
+                raise AssertionError(f"{hf_name}: wrote {f.tell() - start} bytes, header says {b - a}")
 
 
 # ---------------------------------------------------------------- config
@@ -357,7 +378,7 @@ def build_tokenizer(hdr: GGUFHeader) -> tuple[Any, dict]:
 def _tensor_plan(hdr: GGUFHeader, cfg: dict, arch: str) -> list[tuple[str, TensorInfo, Callable]]:
     undo = ARCHS[arch][2]
     n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    ident = lambda x: x  # noqa: E731
+    ident = _identity
     plan = []
     seen: dict[str, str] = {}
     for t in hdr.tensors:

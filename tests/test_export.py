@@ -331,8 +331,10 @@ def _run(args, capsys):
     return code, cap.out, cap.err
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "f16", "f32"])
-def test_tiny_dtypes_untied(tmp_path, capsys, dtype, llama_permute):
+@pytest.mark.parametrize("dtype,chunk", [("bf16", None), ("f16", None), ("f32", None), ("bf16", 1000)])
+def test_tiny_dtypes_untied(tmp_path, capsys, monkeypatch, dtype, chunk, llama_permute):
+    if chunk:  # decode and write big tensors in row chunks (uneven last chunk)
+        monkeypatch.setattr("quantkit.export.CHUNK_ELEMENTS", chunk)
     src = write_tiny_llama(tmp_path / "tiny.gguf", tied=False, qtype=T.Q8_0)
     out = tmp_path / "hf"
     code, so, err = _run(["export", str(src), "-o", str(out), "--dtype", dtype, "--json"], capsys)
@@ -450,11 +452,11 @@ def test_disk_full_leaves_nothing(tmp_path, capsys, monkeypatch):
     real = ex.dequantize_tensor
     calls = {"n": 0}
 
-    def failing(hdr, t):
+    def failing(hdr, t, *a, **k):
         calls["n"] += 1
         if calls["n"] == 5:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(hdr, t)
+        return real(hdr, t, *a, **k)
 
     monkeypatch.setattr(ex, "dequantize_tensor", failing)
     out = tmp_path / "hf"
