@@ -191,9 +191,13 @@ def param_counts(shapes: Iterable[tuple[str, tuple[int, ...]]]) -> tuple[int, in
     return total, shared, expert, (expert_sum // n_expert) if n_expert else 0
 
 
-def add_general_metadata(w: GGUFWriter, model_dir: Path | None, fallback_name: str, counts: tuple[int, int, int, int]) -> gguf.Metadata:
-    """ModelBase.prepare_metadata's general.* part: type, sampling, name, size label..."""
+def add_general_metadata(w: GGUFWriter, model_dir: Path | None, fallback_name: str, counts: tuple[int, int, int, int],
+                         name: str | None = None) -> gguf.Metadata:
+    """ModelBase.prepare_metadata's general.* part: type, sampling, name, size label...
+    ``name`` forces general.name (the converter does so for hub models)."""
     meta = gguf.Metadata.load(None, model_dir, None, counts[0])
+    if name is not None:
+        meta.name = name
     if model_dir is not None:
         gen = model_dir / "generation_config.json"
         if gen.is_file():  # newer gguf-py (the converter's) also reads repetition_penalty
@@ -411,8 +415,11 @@ class TextFamily:
         w = new_recorder(self.arch)
         counts = param_counts((t.name, tuple(t.shape)) for t in tensors)
         fallback = getattr(self.source, "name", None) or (self.model_dir.name if self.model_dir else "model")
-        meta = add_general_metadata(w, self.model_dir, fallback, counts)
+        # a hub snapshot's directory is a commit hash: name it after the repo instead
+        in_hub_cache = self.model_dir is not None and self.model_dir.parent.name == "snapshots"
+        add_general_metadata(w, self.model_dir, fallback, counts, name=fallback if in_hub_cache else None)
         self.add_parameters(w)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         self.add_vocab(w)
-        return recorded(w), meta.name or fallback
+        # the stream's name (default output file names) is the checkpoint's: directory or repo name
+        return recorded(w), fallback
