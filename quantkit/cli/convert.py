@@ -21,7 +21,9 @@
 
 ``shape`` is in numpy/Hugging Face order (rows first), ``wanted`` is the type a
 rule chose before a shape fallback (or null). Without ``--json`` a one-line
-summary goes to stderr (nothing with ``--quiet``); stdout stays empty.
+summary goes to stderr (nothing with ``--quiet``) and stdout stays empty,
+except with ``--dry-run``: then the plan, one tensor per line (name, type,
+shape, rule), is printed on stdout.
 """
 from __future__ import annotations
 
@@ -93,13 +95,16 @@ def convert(
     if as_json:
         typer.echo(json.dumps(result_json(res, type_, dry_run), ensure_ascii=False))
         return
+    if dry_run:  # the plan is data: stdout
+        for tp in res.plan:
+            wanted = f" (wanted {tp.wanted.name})" if tp.wanted is not None else ""
+            typer.echo(f"{tp.name:40s} {tp.qtype.name:7s} {str(list(tp.shape)):18s} {tp.reason}{wanted}")
     if not quiet:
         for n in res.notes:
             print(f"note: {n}", file=sys.stderr)
         if dry_run:
-            for tp in res.plan:
-                print(f"{tp.name:40s} {tp.qtype.name:6s} {list(tp.shape)} {tp.reason}", file=sys.stderr)
-            print(f"dry run: {res.n_tensors} tensors, {res.n_bytes / 1e6:.1f} MB planned", file=sys.stderr)
+            print(f"dry run: {res.n_tensors} tensors, {res.n_bytes / 1e6:.1f} MB planned, nothing written",
+                  file=sys.stderr)
         else:
             print(f"wrote {res.out} ({res.n_tensors} tensors, {res.n_bytes / 1e6:.1f} MB, {res.seconds:.1f} s)",
                   file=sys.stderr)
