@@ -27,6 +27,11 @@ JSON schema "quantkit.inspect/1" (``quantkit inspect --json``)::
       "by_type": {TYPE: {"tensors": int, "params": int, "bytes": int,
                          "bits_per_weight": float}},
       "bits_per_weight": float,      # tensor data bits / n_params
+      "imatrix": {...},              # only for kind "imatrix": describe_imatrix() in
+                                     # quantkit/calib/imatrix.py (format, entries,
+                                     # chunk_count, chunk_size, datasets, tensors:
+                                     # [{name, n_values, n_mat, count, min, mean,
+                                     #   median, max, max_over_mean}])
       "tensors": [{"name": str, "type": str,
                    "shape": [int],   # ggml order (ne0 first), as gguf-dump prints
                    "bytes": int,
@@ -362,6 +367,13 @@ def inspect_gguf(path: "str | os.PathLike[str]", tensors: bool = False) -> dict:
         "by_type": dict(sorted(by_type.items(), key=lambda kv: -kv[1]["bytes"])),
         "bits_per_weight": n_bytes * 8 / n_params if n_params else 0.0,
     }
+    if kind == "imatrix":  # entries, chunks, datasets, per-tensor spread (quantkit.calib.imatrix)
+        from .calib.imatrix import describe_imatrix
+
+        try:
+            out["imatrix"] = {k: v for k, v in describe_imatrix(path).items() if k != "path"}
+        except InputError as e:  # header fine, no usable entries: still inspectable
+            out["imatrix"] = {"error": str(e)}
     if tensors:
         out["tensors"] = [
             {"name": t.name, "type": t.qtype.name, "shape": list(t.ne), "bytes": t.n_bytes, "offset": t.offset}
@@ -415,6 +427,9 @@ def format_summary(info: dict) -> str:
                 f"  {name:<10} {d['tensors']:>8} {_human_count(d['params']):>10} "
                 f"{_human_size(d['bytes']):>11} {d['bits_per_weight']:>7.2f}"
             )
+    if "imatrix" in info:
+        lines.extend(format_imatrix(info["imatrix"]) if "error" not in info["imatrix"]
+                     else [f"  imatrix:    {info['imatrix']['error']}"])
     lines.append(f"  metadata ({len(md)} keys):")
     for k, v in md.items():
         lines.append(f"    {k} = {_short(v)}")
@@ -426,6 +441,19 @@ def format_summary(info: dict) -> str:
             shape = "x".join(str(d) for d in t["shape"])
             lines.append(f"    {t['name']:<{w}} {t['type']:<8} {shape:<22} {t['bytes']:>12} {t['offset']:>12}")
     return "\n".join(lines)
+
+
+def format_imatrix(im: dict) -> list[str]:
+    """Lines for an imatrix file: entries, chunks, datasets, spread per tensor."""
+    lines = [f"  imatrix:    {im['entries']} entries, {im['chunk_count']} chunks of {im['chunk_size']} tokens, "
+             f"datasets: {', '.join(im['datasets']) or '-'}"]
+    w = max((len(t["name"]) for t in im["tensors"]), default=4)
+    lines.append(f"    {'tensor':<{w}} {'values':>7} {'tokens':>8} {'min':>10} {'median':>10} {'mean':>10} {'max':>10} {'max/mean':>8}")
+    for t in im["tensors"]:
+        r = t["max_over_mean"]
+        lines.append(f"    {t['name']:<{w}} {t['n_values']:>7} {t['count']:>8} {t['min']:>10.4g} {t['median']:>10.4g} "
+                     f"{t['mean']:>10.4g} {t['max']:>10.4g} {(f'{r:.1f}' if r is not None else '-'):>8}")
+    return lines
 
 
 __all__ = ["inspect_gguf", "read_header", "format_summary", "GGUFHeader", "TensorInfo", "KVEntry", "SCHEMA"]

@@ -43,15 +43,23 @@ def _cos(a, b) -> float:
 # ------------------------------------------------------------ vs llama-imatrix
 
 
-@pytest.mark.slow
-def test_imatrix_matches_llama_imatrix(smollm2_gguf, llama_tools, text_file, tmp_path):
-    ref = tmp_path / "ref.imatrix.gguf"
-    ours = tmp_path / "ours.imatrix.gguf"
+@pytest.fixture(scope="module")
+def imatrix_pair(smollm2_gguf, llama_tools, text_file, tmp_path_factory) -> tuple[Path, Path]:
+    """(ours, llama-imatrix's) for SmolLM2 on the same text, ctx and chunks."""
+    d = tmp_path_factory.mktemp("imatrix")
+    ref = d / "ref.imatrix.gguf"
+    ours = d / "ours.imatrix.gguf"
     subprocess.run([str(llama_tools / "llama-imatrix"), "-m", str(smollm2_gguf), "-f", str(text_file),
                     "-c", str(CTX), "--chunks", str(CHUNKS), "-o", str(ref), "-t", "2", "--no-ppl"],
                    check=True, capture_output=True)
     assert main(["calibrate", str(smollm2_gguf), "--text", str(text_file), "-o", str(ours),
                  "--ctx", str(CTX), "--chunks", str(CHUNKS)]) == 0
+    return ours, ref
+
+
+@pytest.mark.slow
+def test_imatrix_matches_llama_imatrix(imatrix_pair):
+    ours, ref = imatrix_pair
     a, b = imx.read_imatrix(ours), imx.read_imatrix(ref)  # our reader on llama-imatrix's file
     assert sorted(a.sums) == sorted(b.sums) and len(b.sums) == 30 * 7
     assert (a.chunk_count, a.chunk_size) == (b.chunk_count, b.chunk_size) == (CHUNKS, CTX)
@@ -146,6 +154,31 @@ def test_llama_quantize_accepts_our_file(tmp_path, llama_tools, fmt):
     assert any(a[k] != c[k] for k in a if k.startswith("blk."))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["ours", "llama"])
+def test_convert_with_imatrix_matches_llama_quantize(imatrix_pair, smollm2_checkpoint, reference_gguf, llama_tools,
+                                                     tmp_path, which):
+    """quantkit convert --imatrix F and llama-quantize --imatrix F give the same
+    bytes, for F = our file and F = llama-imatrix's file."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from llama_oracle import gguf_tensor_bytes
+
+    f = imatrix_pair[0] if which == "ours" else imatrix_pair[1]
+    bf16 = reference_gguf(smollm2_checkpoint, "bf16")
+    ref_out, our_out = tmp_path / "llama.gguf", tmp_path / "quantkit.gguf"
+    r = subprocess.run([str(llama_tools / "llama-quantize"), "--imatrix", str(f), str(bf16), str(ref_out),
+                        "Q3_K_M", "2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert main(["convert", str(smollm2_checkpoint), "--type", "Q3_K_M", "--imatrix", str(f),
+                 "-o", str(our_out), "--quiet"]) == 0
+    a, b = gguf_tensor_bytes(our_out), gguf_tensor_bytes(ref_out)
+    assert a.keys() == b.keys()
+    bad = [k for k in a if a[k] != b[k]]
+    assert not bad, bad[:5]
+
+
 # ------------------------------------------------------------ forward pass per family
 
 
@@ -207,3 +240,21 @@ def test_cli_calibrate_json_dat(smollm2_gguf, text_file, tmp_path, capsys):
     assert r["entries"] == 210 and r["chunks"] == 1 and r["tokens"] == 64
     im = imx.read_imatrix(out)
     assert im.is_legacy and len(im.sums) == 210 and im.chunk_count == 1
+
+
+def test_inspect_shows_imatrix(tmp_path, capsys):
+    im = _random_imatrix([("blk.0.attn_q.weight", 64), ("blk.0.ffn_down.weight", 96)], chunks=2, chunk_size=64)
+    f = tmp_path / "im.gguf"
+    imx.write_imatrix(f, im)
+    assert main(["inspect", str(f), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "imatrix"
+    d = info["imatrix"]
+    assert d["entries"] == 2 and d["chunk_count"] == 2 and d["chunk_size"] == 64 and d["datasets"] == ["calib.txt"]
+    t = {x["name"]: x for x in d["tensors"]}
+    v = im.sums["blk.0.ffn_down.weight"].ravel() / np.float32(128)
+    assert t["blk.0.ffn_down.weight"]["count"] == 128
+    assert t["blk.0.ffn_down.weight"]["max"] == pytest.approx(float(v.max()))
+    assert t["blk.0.ffn_down.weight"]["median"] == pytest.approx(float(np.median(v)))
+    assert main(["inspect", str(f)]) == 0
+    assert "2 entries, 2 chunks of 64 tokens" in capsys.readouterr().out
