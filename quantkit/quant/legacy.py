@@ -47,6 +47,9 @@ _P8_5 = F(8.5)
 _P16_5 = F(16.5)
 _M0_9 = F(-0.9)
 _P0_05 = F(0.05)
+# make_qx_quants' scratch sizes (res_a, res_b), as solvers.py documents them
+QX_RES_A = 48
+QX_RES_B = 24
 
 
 @njit(**INLINE)
@@ -142,8 +145,8 @@ def _q4_0_impl(x, qw, out):
         w = np.empty(32, np.float32)
         wt = np.empty(32, np.float32)
         L = np.empty(32, np.int8)
-        ra = np.empty(18, np.float32)
-        rb = np.empty(18, np.float32)
+        ra = np.empty(QX_RES_A, np.float32)
+        rb = np.empty(QX_RES_B, np.float32)
         sigma2 = _sigma2(xr)
         for ib in range(n // 32):
             o = ib * 32
@@ -254,8 +257,8 @@ def _q5_0_impl(x, qw, out):
         w = np.empty(32, np.float32)
         wt = np.empty(32, np.float32)
         L = np.empty(32, np.int8)
-        ra = np.empty(18, np.float32)
-        rb = np.empty(18, np.float32)
+        ra = np.empty(QX_RES_A, np.float32)
+        rb = np.empty(QX_RES_B, np.float32)
         sigma2 = _sigma2(xr)
         for ib in range(n // 32):
             o = ib * 32
