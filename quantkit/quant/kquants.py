@@ -28,6 +28,7 @@ from .solvers import (
     get_scale_min_k4,
     load_fp16,
     make_q3_quants,
+    make_q3_quants_lanes,
     QKX_ROWS,
     make_qkx_lanes,
     make_qp_quants,
@@ -287,32 +288,37 @@ def _q3_K_finish(x, y, L):
         for ii in range(16):
             l = nearest_int(x[16 * j + ii] / d)
             L[16 * j + ii] = clampi(l, -4, 3) + 4
-    for k in range(32):
-        y[k] = 0
-    m = 0
-    hm = 1
-    for j in range(QK_K):
-        if L[j] > 3:
-            y[m] = np.int64(y[m]) | hm
-            L[j] -= 4
-        m += 1
-        if m == QK_K // 8:
-            m = 0
-            hm <<= 1
+    # high bit of value 32k + m -> hmask[m] bit k (ggml: if L > 3, set, L -= 4)
+    for m in range(32):
+        h = 0
+        for k in range(8):
+            lv = np.int64(L[32 * k + m])
+            h |= ((lv >> 2) & 1) << k
+            L[32 * k + m] = lv & 3
+        y[m] = h
     _pack_2bit(L, y, 32)
 
 
 @njit(cache=True, error_model="numpy")
-def _q3_K_ref_block(x, y, L, scales):
+def _q3_K_ref_block(x, y, L, scales, xt, Lt, Lq, S):
+    for j in range(QK_K // 16):
+        for l in range(16):
+            xt[l, j] = x[16 * j + l]
+    # make_q3_quants(16, 4, x + 16*j, L + 16*j, true) for all j
+    if make_q3_quants_lanes(16, 16, 4, xt, Lt, scales, Lq, S):
+        for j in range(QK_K // 16):
+            for l in range(16):
+                L[16 * j + l] = Lt[l, j]
+    else:
+        for j in range(QK_K // 16):
+            scales[j] = make_q3_quants(16, 4, x[16 * j : 16 * j + 16], L[16 * j : 16 * j + 16], True)
     max_scale = _F0
     amax = _F0
     for j in range(QK_K // 16):
-        s = make_q3_quants(16, 4, x[16 * j : 16 * j + 16], L[16 * j : 16 * j + 16], True)
-        scales[j] = s
-        a = abs(s)
+        a = abs(scales[j])
         if a > amax:
             amax = a
-            max_scale = s
+            max_scale = scales[j]
     for k in range(12):
         y[96 + k] = 0
     if max_scale != _F0:
@@ -357,8 +363,12 @@ def _q3_K_ref_rows(x, out):
     for r in prange(nrows):
         L = np.empty(QK_K, np.int8)
         scales = np.empty(16, np.float32)
+        xt = np.empty((16, 16), np.float32)
+        Lt = np.empty((16, 16), np.int8)
+        Lq = np.empty((16, 16), np.float32)
+        S = np.empty((6, 16), np.float32)
         for i in range(nb):
-            _q3_K_ref_block(x[r, i * QK_K : (i + 1) * QK_K], out[r, i * 110 : (i + 1) * 110], L, scales)
+            _q3_K_ref_block(x[r, i * QK_K : (i + 1) * QK_K], out[r, i * 110 : (i + 1) * 110], L, scales, xt, Lt, Lq, S)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)

@@ -784,3 +784,91 @@ def make_qkx_lanes(nsub, n, nmax, xt, wt, Lt, rmin, rdelta, nstep, use_mad, qkx3
                 Lt[i, j] = clampi(nearest_int(wisc[j] * (xt[i, j] - wmin[j])), 0, nmax)
             else:
                 Lt[i, j] = 0
+
+
+@njit(cache=True, error_model="numpy")
+def make_q3_quants_lanes(nsub, n, nmax, xt, Lt, scales, Lq, S):
+    """make_q3_quants(n, nmax, x, L, do_rmse=true) on nsub sub-blocks side by
+    side: xt (n, nsub) values; Lt (n, nsub) int8 quants out (l + nmax);
+    scales (nsub,) out; Lq (n, nsub) and S (6, nsub) float32 scratch.
+
+    ggml's coordinate descent is one long dependency chain per sub-block (a
+    division in every step); the sub-blocks are independent, so they run as
+    lanes, each doing ggml's steps in ggml's order with selects in place of
+    branches. ggml stops when a sweep changes nothing; a further sweep from
+    the same state changes nothing either, so a lane may sweep on until all
+    lanes are done (at most 5 sweeps).
+    nearest_int is float rounding here: returns False (the caller must then
+    use make_q3_quants) if a value reached 2**22, where ggml's integer trick
+    gives something else."""
+    mxv = S[0]
+    amax = S[1]
+    isc = S[2]
+    sumlx = S[3]
+    suml2 = S[4]
+    ok = S[5]
+    for j in range(nsub):
+        amax[j] = _F0
+        mxv[j] = _F0
+    for i in range(n):
+        for j in range(nsub):
+            v = xt[i, j]
+            ax = abs(v)
+            c = ax > amax[j]
+            amax[j] = ax if c else amax[j]
+            mxv[j] = v if c else mxv[j]
+    lo = F(-nmax)
+    hi = F(nmax - 1)
+    for j in range(nsub):
+        ok[j] = _F0 if amax[j] < GROUP_MAX_EPS else _F1
+        isc[j] = F(-nmax) / mxv[j]
+        sumlx[j] = _F0
+        suml2[j] = _F0
+    for i in range(n):
+        for j in range(nsub):
+            xi = xt[i, j]
+            fl = (isc[j] * xi + _MAGIC) - _MAGIC  # |isc*x| <= nmax: exact
+            fl = hi if fl > hi else fl
+            fl = lo if fl < lo else fl
+            Lq[i, j] = fl
+            w = xi * xi
+            sumlx[j] += w * xi * fl
+            suml2[j] += w * fl * fl
+    big = 0
+    for itry in range(5):
+        changed = 0
+        for i in range(n):
+            xr = xt[i]
+            Lr = Lq[i]
+            for j in range(nsub):
+                xi = xr[j]
+                w = xi * xi
+                Li = Lr[j]
+                slx = sumlx[j] - w * xi * Li
+                sl2 = suml2[j] - w * Li * Li
+                v = xi * sl2 / slx
+                pos = slx > _F0
+                big += np.int32(pos & (ok[j] != _F0) & (not (abs(v) < _QX_SAFE)))
+                nl = (v + _MAGIC) - _MAGIC
+                nl = hi if nl > hi else nl
+                nl = lo if nl < lo else nl
+                slx2 = slx + w * xi * nl
+                sl22 = sl2 + w * nl * nl
+                upd = pos & (nl != Li) & (sl22 > _F0) & (slx2 * slx2 * suml2[j] > sumlx[j] * sumlx[j] * sl22)
+                changed += np.int32(upd)
+                Lr[j] = nl if upd else Li
+                sumlx[j] = slx2 if upd else sumlx[j]
+                suml2[j] = sl22 if upd else suml2[j]
+        if changed == 0:
+            break
+    if big != 0:
+        return False
+    for j in range(nsub):
+        if ok[j] != _F0:
+            scales[j] = sumlx[j] / suml2[j] if suml2[j] > _F0 else _F0
+        else:
+            scales[j] = _F0
+    for i in range(n):
+        for j in range(nsub):
+            Lt[i, j] = np.int64(Lq[i, j]) + nmax if ok[j] != _F0 else 0
+    return True
