@@ -47,6 +47,7 @@ class Config:
     same_top_p: float = math.nan
     seconds: float = 0.0
     chosen: bool = False
+    path: str | None = None  # the converted file, when the evaluator keeps files
 
     @property
     def size_mb(self) -> float:
@@ -181,8 +182,8 @@ class Evaluator:
             return self.plan_bytes(preset, repeat)
         return plain + self.plan_bytes(preset, repeat) - self.plan_bytes(preset, None)
 
-    def _imatrix(self, repeat: str | None):
-        if not self.imatrix_text:
+    def _imatrix(self, repeat: str | None, preset: str = ""):
+        if not self.imatrix_text or preset in ("F32", "F16", "BF16"):
             return None
         from ..calib import calibrate
 
@@ -200,12 +201,13 @@ class Evaluator:
         t0 = time.perf_counter()
         out = self.workdir / config_filename(cfg.preset, cfg.repeat)
         opts = ConvertOptions(src=self.src, type=cfg.preset, out=out, force=True, quiet=True, progress=False,
-                              mix=MixOptions(imatrix=self._imatrix(cfg.repeat)), repeat=cfg.repeat,
+                              mix=MixOptions(imatrix=self._imatrix(cfg.repeat, cfg.preset)), repeat=cfg.repeat,
                               replica_type=self.replica_type if cfg.repeat else None,
                               replica_scale=self.replica_scale if cfg.repeat else None)
         try:
             res = convert(opts)
             cfg.size_bytes = out.stat().st_size
+            cfg.path = str(out) if self.keep else None
             stream = open_stream(str(out))
             cfg.n_blocks = R.n_blocks(stream)
             model = Model.from_stream(stream)
