@@ -170,6 +170,27 @@ def effective_imatrix(opts: MixOptions) -> dict[str, np.ndarray] | None:
     return {k: np.ascontiguousarray(v, dtype=np.float32).reshape(-1) for k, v in im.items()} or None
 
 
+def imatrix_kv(file: str, datasets: list[str], n_entries: int, chunk_count: int) -> list[tuple[str, "KV"]]:
+    """The key/values llama-quantize appends when it quantizes with an imatrix
+    (tools/quantize/quantize.cpp), in its order: the file name as given and the
+    first dataset (both cut to 127 bytes), the number of entries left after
+    --include/--exclude-weights, and the chunk count when known."""
+    from gguf import GGUFValueType
+
+    from .model import KV
+
+    def cut(x: str) -> str:
+        return x.encode("utf-8")[:127].decode("utf-8", "ignore")
+
+    out = [("quantize.imatrix.file", KV(cut(str(file)), GGUFValueType.STRING))]
+    if datasets:
+        out.append(("quantize.imatrix.dataset", KV(cut(datasets[0]), GGUFValueType.STRING)))
+    out.append(("quantize.imatrix.entries_count", KV(int(n_entries), GGUFValueType.UINT32)))
+    if chunk_count > 0:
+        out.append(("quantize.imatrix.chunks_count", KV(int(chunk_count), GGUFValueType.UINT32)))
+    return out
+
+
 # ----------------------------------------------------------- model facts ---
 @dataclass(frozen=True)
 class _Model:
@@ -415,7 +436,7 @@ def make_plan(stream: ModelStream, preset: str, opts: MixOptions | None = None) 
                                  f"the tensor needs {_n_per_expert_cols(tp.shape)}")
             used[tp.name] = v
     need = REQUIRES_IMATRIX.get(p, frozenset())
-    missing = [tp.name for tp in tensors
+    missing = [tp.name for tp in llama_order(tensors)
                if tp.qtype in need and category(tp.name) not in (Cat.OUTPUT, Cat.TOKEN_EMBD)
                and not tp.copy and (used is None or tp.name not in used)]
     if missing:
