@@ -47,9 +47,10 @@ _P8_5 = F(8.5)
 _P16_5 = F(16.5)
 _M0_9 = F(-0.9)
 _P0_05 = F(0.05)
-# make_qx_quants' scratch sizes (res_a, res_b), as solvers.py documents them
-QX_RES_A = 48
-QX_RES_B = 24
+# make_qx_quants' scratch (res_a, res_b): solvers.py documents 48 and 24
+# floats; sized with headroom so a wider trial layout there cannot overrun.
+QX_RES_A = 64
+QX_RES_B = 64
 
 
 @njit(**INLINE)
