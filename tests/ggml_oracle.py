@@ -8,6 +8,9 @@ libggml-base that llama-cpp-python installs (its package's lib/ directory).
 quantize_chunk runs ``ggml_quantize_chunk(type, x, dst, 0, rows, n_per_row,
 imatrix_or_NULL)``, the same call llama-quantize makes per chunk of rows.
 Tests use ``require_ggml()``, which skips cleanly when llama_cpp is absent.
+
+Also here: ``gguf_dequantize`` (gguf-py's decoder, the oracle for ours) and
+``assert_same_floats`` (bitwise float equality, NaNs at the same places).
 """
 from __future__ import annotations
 
