@@ -189,3 +189,36 @@ def test_iq4_best_index_equals_ggml_binary_search():
     xs.append(np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45], np.float32))
     xs = np.concatenate(xs)
     assert mismatches(xs, val) == 0
+
+
+def _bit_patterns(keep_bits: int, rng: np.random.Generator) -> np.ndarray:
+    """Every value of the top (32 - keep_bits) bits, each with the low
+    keep_bits set to the rounding edges (0, 1, half-1, half, half+1, all ones)
+    and to a random value, plus 2^22 random patterns: float32 inputs for the
+    conversions, NaNs and infinities included."""
+    low_max = (1 << keep_bits) - 1
+    half = 1 << (keep_bits - 1)
+    top = np.arange(1 << (32 - keep_bits), dtype=np.uint64) << np.uint64(keep_bits)
+    lows = [0, 1, half - 1, half, half + 1, low_max]
+    parts = [top | np.uint64(v) for v in lows]
+    parts.append(top | rng.integers(0, low_max + 1, top.size, dtype=np.uint64))
+    parts.append(rng.integers(0, 1 << 32, 1 << 22, dtype=np.uint64))
+    return np.concatenate(parts).astype(np.uint32).view(np.float32)
+
+
+@pytest.mark.parametrize("name, keep_bits", [("F16", 13), ("BF16", 16)])
+def test_float_conversions_match_ggml_on_bit_patterns(name, keep_bits):
+    """F16/BF16 encoders against ggml's own conversion (ggml_quantize_chunk) on
+    rounding edges of every exponent and mantissa prefix: subnormals, overflow
+    to inf, NaN quieting. (The kernels' contract is finite input; NaN is
+    checked here because ggml defines it.)"""
+    g = require_ggml()
+    t = quant.get_type(name)
+    x = _bit_patterns(keep_bits, np.random.default_rng(5)).reshape(-1, 4096)
+    got = t.quantize_rows(x, None)
+    want = g.quantize_chunk(t.qtype, x)
+    bad = np.flatnonzero(got.reshape(-1).view(np.uint16) != want.reshape(-1).view(np.uint16))
+    assert bad.size == 0, f"{bad.size} differ, first input bits {x.reshape(-1).view(np.uint32)[bad[0]]:#010x}"
+    # decoding: fp16 every pattern, vs gguf-py
+    h = np.arange(1 << 16, dtype=np.uint16).view(np.uint8).reshape(1, -1)
+    assert_same_floats(t.dequantize_rows(h, 1 << 16), gguf_dequantize(h, t.qtype, 1 << 16), name)
