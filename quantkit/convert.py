@@ -187,6 +187,13 @@ def convert(opts: ConvertOptions) -> ConvertResult:
         if replicate_mod is not None and opts.replica_type:
             plan = replicate_mod.apply_replica_type(plan, stream, opts.replica_type)
         md, rows = _layout(stream, plan, preset)
+        if opts.imatrix_path is not None and preset not in CONVERTER_TYPES:  # as llama-quantize records it
+            n_im = len(mix.effective_imatrix(mix_opts) or {})
+            if n_im:
+                from .calib import read_imatrix
+
+                im_file = read_imatrix(opts.imatrix_path)
+                md.update(mix.imatrix_kv(str(opts.imatrix_path), im_file.datasets, n_im, im_file.chunk_count))
         refs = {t.name: t for t in stream.tensors}
         used_im = getattr(plan, "imatrix", None) or mix_opts.imatrix
         outs = [TensorOut(tp.name, tuple(tp.shape), GGMLQuantizationType(tp.qtype), _producer(source, refs[tp.name], tp, used_im,
