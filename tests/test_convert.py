@@ -264,7 +264,7 @@ def test_unsupported_architecture(random_checkpoint, tmp_path, capsys):
 def test_missing_tensor(random_checkpoint, tmp_path, capsys):
     d = _copy(random_checkpoint, "llama-f32", tmp_path)
     _edit_safetensors(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    _expect_error(_args(d, tmp_path / "o.gguf"), 3, capsys, tmp_path / "o.gguf", "blk.1.ffn_up.weight", "missing")
+    _expect_error(_args(d, tmp_path / "o.gguf"), 3, capsys, tmp_path / "o.gguf", "blk.1.ffn_up.weight", "model.layers.1.mlp.up_proj.weight", "missing")
 
 
 def test_wrong_shape(random_checkpoint, tmp_path, capsys):

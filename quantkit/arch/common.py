@@ -402,11 +402,19 @@ class TextFamily:
             if name not in have:
                 if name in optional:
                     continue
-                raise InputError(f"tensor {name!r} is missing from the checkpoint (config {self._cfg_hint()})")
+                raise InputError(f"tensor {name!r}{self._hf_hint(name)} is missing from the checkpoint "
+                                 f"(config {self._cfg_hint()})")
             t, hf = have[name]
             if tuple(t.shape) != tuple(shape):
                 raise InputError(f"tensor {hf!r} has shape {list(t.shape)}, the config implies {list(shape)}")
         return out
+
+    def _hf_hint(self, gguf_name: str) -> str:
+        base, _, suffix = gguf_name.rpartition(".")
+        for key, (_, tname) in self.tmap.mapping.items():
+            if tname == base and key.startswith(("model.", "lm_head")):
+                return f" (HF {key}.{suffix})"
+        return ""
 
     def _cfg_hint(self) -> str:
         return f"num_hidden_layers={self.block_count}"
