@@ -135,6 +135,23 @@ def test_smollm2_matches_gguf_reader(smollm2_gguf):
     assert info["metadata"]["tokenizer.ggml.tokens"]["length"] == 49152
 
 
+@pytest.mark.slow
+def test_real_imatrix_file(smollm2_gguf, tmp_path):
+    """A file written by llama.cpp's llama-imatrix: kind "imatrix", same view as gguf-py's."""
+    from pydoc_data.topics import topics
+
+    from fixtures.build_llama_tools import build
+
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(topics[k] for k in sorted(topics))[:20000])
+    out = tmp_path / "imatrix.gguf"
+    subprocess.run([str(build() / "llama-imatrix"), "-m", str(smollm2_gguf), "-f", str(text), "-o", str(out),
+                    "-c", "128", "--chunks", "2", "-t", "2"], check=True, capture_output=True, timeout=600)
+    info = inspect_gguf(out, tensors=True)
+    _check_against_reader(out, info)
+    assert info["kind"] == "imatrix"
+
+
 def test_cli_json_schema(small, capsys):
     assert main(["inspect", str(small), "--json"]) == 0
     out = capsys.readouterr().out
