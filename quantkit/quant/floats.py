@@ -26,7 +26,7 @@ from .solvers import fp16_to_fp32, fp32_bits, fp32_from_bits, fp32_to_fp16, near
 # ZeroDivisionError), no fastmath (bit-exactness), compiled once, on disk.
 JIT = dict(cache=True, error_model="numpy")
 PJIT = dict(cache=True, error_model="numpy", parallel=True)
-INLINE = dict(cache=True, error_model="numpy", inline="always")
+INLINE = dict(cache=True, error_model="numpy")
 
 _HALF = np.float32(0.5)
 

@@ -5,7 +5,8 @@ Each type has ggml-quants.c's two encoders side by side:
 * ``_ref``: quantize_row_q?_?_ref, ggml's path when there is no importance
   matrix (ggml_quantize_chunk then quantizes the whole chunk as one row);
 * ``_impl``: quantize_row_q?_?_impl(..., quant_weights), the weighted path
-  (Q4_0/Q5_0 through make_qx_quants, Q4_1/Q5_1 through make_qkx3_quants).
+  (Q4_0/Q5_0 through make_qx_quants, Q4_1/Q5_1 through make_qkx3_quants,
+  run as make_qkx_lanes on 16 blocks at a time).
   Q8_0 has no weighted path: ggml ignores quant_weights for it.
 
 Arithmetic is float32 exactly where C uses ``float``; C's float -> int8/uint8
@@ -31,7 +32,7 @@ from numba import njit, prange
 
 from .floats import INLINE, PJIT, cvt_i32, put_u32, roundf
 from .registry import QuantType
-from .solvers import fp16_to_fp32, fp32_to_fp16, load_fp16, make_qkx3_quants, make_qx_quants, store_fp16
+from .solvers import QKX_ROWS, fp32_to_fp16, load_fp16, make_qkx_lanes, make_qx_quants, store_fp16
 
 F = np.float32
 _F0 = F(0.0)
@@ -194,25 +195,48 @@ def _q4_1_ref(x, out):
 
 
 @njit(**PJIT)
-def _q4_1_impl(x, qw, out):
+def _qkx3_impl(x, qw, nmax, tsize, out):
+    """quantize_row_q4_1_impl (nmax 15) / quantize_row_q5_1_impl (nmax 31):
+    make_qkx3_quants(32, nmax, xb, weight, L, &min, Laux, -0.9f, 0.05f, 36,
+    false) per block, run on up to 16 blocks side by side (make_qkx_lanes:
+    each lane is one block with ggml's floats)."""
     nr, n = x.shape
+    nb = n // 32
     for r in prange(nr):
         xr = x[r]
         y = out[r]
-        w = np.empty(32, np.float32)
+        xt = np.empty((32, 16), np.float32)
+        wt = np.empty((32, 16), np.float32)
+        Lt = np.empty((32, 16), np.uint8)
         L = np.empty(32, np.uint8)
-        fa = np.empty(32, np.float32)
-        fb = np.empty(32, np.float32)
+        scales = np.empty(16, np.float32)
+        mins = np.empty(16, np.float32)
+        S = np.empty((QKX_ROWS, 16), np.float32)
         sigma2 = _sigma2(xr)
-        for ib in range(n // 32):
-            o = ib * 32
-            b = ib * 20
-            _weights(xr, o, qw, sigma2, w)
-            d, the_min = make_qkx3_quants(32, 15, xr[o:o + 32], w, L, _M0_9, _P0_05, 36, False, fa, fb)
-            store_fp16(y, b, fp32_to_fp16(d))
-            store_fp16(y, b + 2, fp32_to_fp16(-the_min))
-            for j in range(16):
-                y[b + 4 + j] = (np.int64(L[j]) | (np.int64(L[j + 16]) << 4)) & 0xFF
+        for g in range(0, nb, 16):
+            ns = min(16, nb - g)
+            for j in range(ns):
+                o = (g + j) * 32
+                for l in range(32):
+                    v = xr[o + l]
+                    xt[l, j] = v
+                    wt[l, j] = qw[o + l] * np.sqrt(sigma2 + v * v)
+            make_qkx_lanes(ns, 32, nmax, xt, wt, Lt, _M0_9, _P0_05, 36, False, True, scales, mins, S)
+            for j in range(ns):
+                b = (g + j) * tsize
+                store_fp16(y, b, fp32_to_fp16(scales[j]))
+                store_fp16(y, b + 2, fp32_to_fp16(-mins[j]))
+                if nmax == 15:
+                    for l in range(16):
+                        y[b + 4 + l] = (np.int64(Lt[l, j]) | (np.int64(Lt[l + 16, j]) << 4)) & 0xFF
+                else:
+                    for l in range(32):
+                        L[l] = Lt[l, j]
+                    _pack_q5(y, b + 4, L)
+
+
+def _q4_1_impl(x, qw, out):
+    _qkx3_impl(x, qw, 15, 20, out)
 
 
 @njit(**PJIT)
@@ -320,25 +344,8 @@ def _q5_1_ref(x, out):
             _pack_q5(y, b + 4, L)
 
 
-@njit(**PJIT)
 def _q5_1_impl(x, qw, out):
-    nr, n = x.shape
-    for r in prange(nr):
-        xr = x[r]
-        y = out[r]
-        w = np.empty(32, np.float32)
-        L = np.empty(32, np.uint8)
-        fa = np.empty(32, np.float32)
-        fb = np.empty(32, np.float32)
-        sigma2 = _sigma2(xr)
-        for ib in range(n // 32):
-            o = ib * 32
-            b = ib * 24
-            _weights(xr, o, qw, sigma2, w)
-            d, the_min = make_qkx3_quants(32, 31, xr[o:o + 32], w, L, _M0_9, _P0_05, 36, False, fa, fb)
-            store_fp16(y, b, fp32_to_fp16(d))
-            store_fp16(y, b + 2, fp32_to_fp16(-the_min))
-            _pack_q5(y, b + 4, L)
+    _qkx3_impl(x, qw, 31, 24, out)
 
 
 @njit(**PJIT)
