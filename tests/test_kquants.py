@@ -5,8 +5,8 @@ itself (ggml_quantize_chunk through ctypes, tests/ggml_oracle.py), gguf-py's
 dequantize, numpy's IEEE float16 conversion. The inputs aim at what is
 specific to quantkit's K-quant kernels: sub-blocks solved side by side as
 lanes (mixed degenerate / normal lanes, an odd number of super-blocks per row,
-where Q4_K/Q5_K solve the last one twice), the float-rounding fast paths and
-their integer fallbacks (huge ratios inside a super-block), the weighted paths
+where Q4_K/Q5_K solve the last one twice), the float-rounding fast paths
+(huge ratios inside a super-block, ties, denormals), the weighted paths
 with sub-blocks whose weights are all zero, rows and threads independence."""
 from __future__ import annotations
 

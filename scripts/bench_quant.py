@@ -1,0 +1,193 @@
+#!/usr/bin/env python
+"""Quantizer benchmark: quantkit's numba kernels beside ggml and gguf-py.
+
+For every registered type, with and without importance weights (where the
+type takes them), MB/s of float32 input on one float32 matrix (default
+1024 x 4096), all measured in the same run:
+
+  quantkit, 1 thread      quantkit.quant.quantize with numba.set_num_threads(1)
+  quantkit, all threads   numba's thread count (NUMBA_NUM_THREADS)
+  ggml, 1 thread          ggml_quantize_chunk from llama-cpp-python's libggml-base (ctypes)
+  gguf-py, 1 thread       gguf.quants.quantize (numpy), where gguf-py has a quantizer
+
+and the ratios: quantkit/ggml (1 thread), all-threads/1-thread speed-up,
+gguf-py/ggml. Each figure is the best of --repeat runs (wall clock; the
+machine may be shared). Then the one-off costs, each in a fresh Python
+process: cold start (NUMBA_CACHE_DIR pointed at an empty temp dir: compile)
+and warm start (same dir again: load the cached kernels), as the time from
+interpreter start to the first quantized tensor and to the last of the
+Q4_K_M kernels (Q4_K, Q6_K and the Q5_0/Q8_0 fallbacks).
+
+Prints a markdown table (for the README). A benchmark, not a test.
+
+    python scripts/bench_quant.py                 # everything (~minutes)
+    python scripts/bench_quant.py --types Q4_K,Q6_K --repeat 2
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+COLD_TYPES = ["Q4_K", "Q6_K", "Q5_0", "Q8_0"]  # the kernels a Q4_K_M conversion needs
+
+_COLD_CODE = r"""
+import json, sys, time
+t0 = time.perf_counter(); c0 = time.process_time()
+import numpy as np
+from quantkit import quant
+res = {"import": time.perf_counter() - t0}
+x = np.random.default_rng(0).standard_normal((8, 4096)).astype(np.float32)
+w = np.random.default_rng(1).random(4096).astype(np.float32) if sys.argv[2] == "1" else None
+for i, t in enumerate(sys.argv[1].split(",")):
+    quant.quantize(x, t, imatrix=w)
+    if i == 0:
+        res["first"] = time.perf_counter() - t0
+res["all"] = time.perf_counter() - t0
+res["cpu"] = time.process_time() - c0
+print(json.dumps(res))
+"""
+
+
+class GGML:
+    """ggml_quantize_chunk from the libggml-base that llama-cpp-python ships."""
+
+    def __init__(self) -> None:
+        spec = importlib.util.find_spec("llama_cpp")
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError("llama-cpp-python is not installed (no libggml-base)")
+        lib = ctypes.CDLL(str(Path(list(spec.submodule_search_locations)[0]) / "lib" / "libggml-base.so"))
+        lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+        lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        lib.ggml_row_size.restype = ctypes.c_size_t
+        lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+        self.lib = lib
+
+    def quantize(self, qtype: int, x: np.ndarray, w: np.ndarray | None) -> np.ndarray:
+        rows, n = x.shape
+        out = np.empty((rows, self.lib.ggml_row_size(qtype, n)), np.uint8)
+        self.lib.ggml_quantize_chunk(qtype, x.ctypes.data, out.ctypes.data, 0, rows, n,
+                                     None if w is None else w.ctypes.data)
+        return out
+
+
+def best_time(fn, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def gguf_py_quantizer(qtype):
+    """gguf.quants.quantize for types gguf-py implements, else None."""
+    from gguf import quants as gq
+
+    probe = np.zeros((1, 256), np.float32)
+    try:
+        gq.quantize(probe, qtype)
+    except (NotImplementedError, KeyError, TypeError, ValueError):
+        return None
+    return lambda x: gq.quantize(x, qtype)
+
+
+def one_off(types: list[str], weighted: bool) -> tuple[dict, dict]:
+    """(cold, warm) timings of a fresh process quantizing one tensor per type."""
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="quantkit-numba-") as d:
+        env = dict(os.environ, NUMBA_CACHE_DIR=d, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        runs = []
+        for _ in range(2):
+            p = subprocess.run([sys.executable, "-c", _COLD_CODE, ",".join(types), "1" if weighted else "0"],
+                               env=env, capture_output=True, text=True, check=True)
+            runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    return runs[0], runs[1]
+
+
+def fmt(v: float | None, spec: str = "{:.0f}") -> str:
+    return "—" if v is None else spec.format(v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=1024)
+    ap.add_argument("--cols", type=int, default=4096)
+    ap.add_argument("--repeat", type=int, default=3, help="best of N runs per figure")
+    ap.add_argument("--types", default="", help="comma-separated subset (default: every registered type)")
+    ap.add_argument("--no-one-off", action="store_true", help="skip the cold/warm start measurements")
+    args = ap.parse_args(argv)
+
+    import numba
+
+    from quantkit import quant
+
+    ggml = GGML()
+    names = [s.strip().upper() for s in args.types.split(",") if s.strip()] or quant.type_names()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.rows, args.cols)).astype(np.float32)
+    w = (rng.random(args.cols) ** 2).astype(np.float32)
+    mb = x.nbytes / 1e6
+    nthreads = numba.config.NUMBA_NUM_THREADS
+    warm_x = np.ascontiguousarray(x[:2])
+
+    rows = []
+    for name in names:
+        qt = quant.get_type(name)
+        if not qt.fits(args.cols):
+            continue
+        gpy = gguf_py_quantizer(qt.qtype)
+        for weighted in ([False, True] if qt.takes_imatrix else [False]):
+            im = w if weighted else None
+            quant.set_threads(1)
+            quant.quantize(warm_x, qt, imatrix=im)  # compile / load outside the timings
+            ours = quant.quantize(x, qt, imatrix=im)
+            ref = ggml.quantize(int(qt.qtype), x, im)
+            same = bool(np.array_equal(ours, ref))
+            t1 = best_time(lambda: quant.quantize(x, qt, imatrix=im), args.repeat)
+            quant.set_threads(0)
+            tn = best_time(lambda: quant.quantize(x, qt, imatrix=im), args.repeat)
+            tg = best_time(lambda: ggml.quantize(int(qt.qtype), x, im), args.repeat)
+            tp = None if (gpy is None or weighted) else best_time(lambda: gpy(x), max(1, args.repeat - 1))
+            rows.append((name, weighted, mb / t1, mb / tn, mb / tg, None if tp is None else mb / tp, same))
+            print(f"# {name:7s} {'imatrix' if weighted else 'ref':7s} qk1 {mb / t1:8.1f}  qk{nthreads} {mb / tn:8.1f}  "
+                  f"ggml {mb / tg:8.1f}  gguf-py {fmt(None if tp is None else mb / tp, '{:.1f}'):>6s}  "
+                  f"bytes equal: {same}", file=sys.stderr, flush=True)
+    numba.set_num_threads(nthreads)
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"Input: float32 {args.rows} x {args.cols} ({mb:.1f} MB), best of {args.repeat}; "
+          f"{os.cpu_count()} CPUs, {nthreads} numba threads, load average {load:.1f} at the end.\n")
+    print(f"| type | weights | quantkit 1T MB/s | quantkit {nthreads}T MB/s | ggml 1T MB/s | gguf-py MB/s "
+          f"| quantkit/ggml (1T) | {nthreads}T/1T | gguf-py/ggml | bytes = ggml |")
+    print("|---|---|--:|--:|--:|--:|--:|--:|--:|:-:|")
+    for name, weighted, q1, qn, g, p, same in rows:
+        print(f"| {name} | {'imatrix' if weighted else '—'} | {q1:.1f} | {qn:.1f} | {g:.1f} | {fmt(p, '{:.1f}')} "
+              f"| {q1 / g:.2f}x | {qn / q1:.2f}x | {fmt(None if p is None else p / g, '{:.2f}x')} "
+              f"| {'yes' if same else 'NO'} |")
+
+    if not args.no_one_off:
+        print(f"\nOne-off costs, fresh process each, kernels for Q4_K_M ({', '.join(COLD_TYPES)}); "
+              "seconds from interpreter start (CPU seconds of the process in brackets):\n")
+        print("| start | weights | import quantkit | first tensor (Q4_K) | all four types |")
+        print("|---|---|--:|--:|--:|")
+        for weighted in (False, True):
+            cold, warm = one_off(COLD_TYPES, weighted)
+            for label, r in (("cold (empty cache: compile)", cold), ("warm (cached kernels)", warm)):
+                print(f"| {label} | {'imatrix' if weighted else '—'} | {r['import']:.2f} | {r['first']:.2f} "
+                      f"| {r['all']:.2f} ({r['cpu']:.1f} CPU) |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
