@@ -11,8 +11,9 @@ type takes them), MB/s of float32 input on one float32 matrix (default
   gguf-py, 1 thread       gguf.quants.quantize (numpy), where gguf-py has a quantizer
 
 and the ratios: quantkit/ggml (1 thread), all-threads/1-thread speed-up,
-gguf-py/ggml. Each figure is the best of --repeat runs (wall clock; the
-machine may be shared). Then the one-off costs, each in a fresh Python
+gguf-py/ggml. Each figure is the best of --repeat runs, in wall-clock time
+and in CPU time of the process (the machine may be shared: CPU time is the
+load-proof measure of per-core speed). Then the one-off costs, each in a fresh Python
 process: cold start (NUMBA_CACHE_DIR pointed at an empty temp dir: compile)
 and warm start (same dir again: load the cached kernels), as the time from
 interpreter start to the first quantized tensor and to the last of the
@@ -81,13 +82,18 @@ class GGML:
         return out
 
 
-def best_time(fn, repeat: int) -> float:
-    best = float("inf")
+def best_time(fn, repeat: int) -> tuple[float, float]:
+    """(best wall seconds, best process CPU seconds) over repeat runs. CPU
+    time is the load-proof measure of work done (all threads counted); wall
+    time is what a user waits, and on a shared machine it includes waiting
+    for a core."""
+    wall = cpu = float("inf")
     for _ in range(repeat):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+        wall = min(wall, time.perf_counter() - t)
+        cpu = min(cpu, time.process_time() - c)
+    return wall, cpu
 
 
 def gguf_py_quantizer(qtype):
@@ -154,27 +160,35 @@ def main(argv: list[str] | None = None) -> int:
             ours = quant.quantize(x, qt, imatrix=im)
             ref = ggml.quantize(int(qt.qtype), x, im)
             same = bool(np.array_equal(ours, ref))
-            t1 = best_time(lambda: quant.quantize(x, qt, imatrix=im), args.repeat)
+            t1, c1 = best_time(lambda: quant.quantize(x, qt, imatrix=im), args.repeat)
+            tg, cg = best_time(lambda: ggml.quantize(int(qt.qtype), x, im), args.repeat)
             quant.set_threads(0)
-            tn = best_time(lambda: quant.quantize(x, qt, imatrix=im), args.repeat)
-            tg = best_time(lambda: ggml.quantize(int(qt.qtype), x, im), args.repeat)
+            tn, cn = best_time(lambda: quant.quantize(x, qt, imatrix=im), args.repeat)
             tp = None if (gpy is None or weighted) else best_time(lambda: gpy(x), max(1, args.repeat - 1))
-            rows.append((name, weighted, mb / t1, mb / tn, mb / tg, None if tp is None else mb / tp, same))
-            print(f"# {name:7s} {'imatrix' if weighted else 'ref':7s} qk1 {mb / t1:8.1f}  qk{nthreads} {mb / tn:8.1f}  "
-                  f"ggml {mb / tg:8.1f}  gguf-py {fmt(None if tp is None else mb / tp, '{:.1f}'):>6s}  "
-                  f"bytes equal: {same}", file=sys.stderr, flush=True)
+            r = dict(name=name, weighted=weighted, same=same, q1=mb / t1, q1c=mb / c1, g=mb / tg, gc=mb / cg,
+                     qn=mb / tn, work=cn / c1, p=None if tp is None else mb / tp[0], pc=None if tp is None else mb / tp[1])
+            rows.append(r)
+            print(f"# {name:7s} {'imatrix' if weighted else 'ref':7s} qk1 {r['q1']:7.1f} ({r['q1c']:7.1f} cpu)  "
+                  f"ggml {r['g']:7.1f} ({r['gc']:7.1f} cpu)  qk{nthreads} {r['qn']:7.1f}  "
+                  f"gguf-py {fmt(r['p'], '{:.1f}'):>6s}  bytes equal: {same}", file=sys.stderr, flush=True)
     numba.set_num_threads(nthreads)
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"Input: float32 {args.rows} x {args.cols} ({mb:.1f} MB), best of {args.repeat}; "
           f"{os.cpu_count()} CPUs, {nthreads} numba threads, load average {load:.1f} at the end.\n")
-    print(f"| type | weights | quantkit 1T MB/s | quantkit {nthreads}T MB/s | ggml 1T MB/s | gguf-py MB/s "
-          f"| quantkit/ggml (1T) | {nthreads}T/1T | gguf-py/ggml | bytes = ggml |")
-    print("|---|---|--:|--:|--:|--:|--:|--:|--:|:-:|")
-    for name, weighted, q1, qn, g, p, same in rows:
-        print(f"| {name} | {'imatrix' if weighted else '—'} | {q1:.1f} | {qn:.1f} | {g:.1f} | {fmt(p, '{:.1f}')} "
-              f"| {q1 / g:.2f}x | {qn / q1:.2f}x | {fmt(None if p is None else p / g, '{:.2f}x')} "
-              f"| {'yes' if same else 'NO'} |")
+    print("MB/s of float32 input. 1-thread columns: wall clock / per CPU-second of the process "
+          "(the second is immune to other load on the machine). Ratios use the CPU figures for 1 thread; "
+          f"{nthreads}T/1T is wall clock; work = CPU seconds with {nthreads} threads / with 1 (1.00 = no "
+          "parallel overhead).\n")
+    print(f"| type | weights | quantkit 1T | ggml 1T | gguf-py 1T | quantkit/ggml | gguf-py/ggml "
+          f"| quantkit {nthreads}T (wall) | {nthreads}T/1T | work | bytes = ggml |")
+    print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|:-:|")
+    for r in rows:
+        gp = None if r["pc"] is None else f"{r['p']:.0f} / {r['pc']:.0f}"
+        print(f"| {r['name']} | {'imatrix' if r['weighted'] else '—'} | {r['q1']:.0f} / {r['q1c']:.0f} "
+              f"| {r['g']:.0f} / {r['gc']:.0f} | {gp or '—'} | **{r['q1c'] / r['gc']:.2f}x** "
+              f"| {fmt(None if r['pc'] is None else r['pc'] / r['gc'], '{:.2f}x')} | {r['qn']:.0f} "
+              f"| {r['qn'] / r['q1']:.2f}x | {r['work']:.2f} | {'yes' if r['same'] else 'NO'} |")
 
     if not args.no_one_off:
         print(f"\nOne-off costs, fresh process each, kernels for Q4_K_M ({', '.join(COLD_TYPES)}); "
