@@ -258,3 +258,53 @@ def test_inspect_shows_imatrix(tmp_path, capsys):
     assert t["blk.0.ffn_down.weight"]["median"] == pytest.approx(float(np.median(v)))
     assert main(["inspect", str(f)]) == 0
     assert "2 entries, 2 chunks of 64 tokens" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_process_output_matches_llama_imatrix(random_checkpoint, reference_gguf, llama_tools, text_file, tmp_path):
+    """--process-output on an untied model: output.weight is collected too,
+    as llama-imatrix --process-output does (K-quant-width random llama)."""
+    gg = reference_gguf(random_checkpoint("kquant"), "f32", vocab_pre="smollm")
+    ref, ours = tmp_path / "ref.gguf", tmp_path / "ours.gguf"
+    subprocess.run([str(llama_tools / "llama-imatrix"), "-m", str(gg), "-f", str(text_file), "-c", "64",
+                    "--chunks", "3", "--process-output", "-o", str(ref), "-t", "2", "--no-ppl"],
+                   check=True, capture_output=True)
+    assert main(["calibrate", str(gg), "--text", str(text_file), "-o", str(ours), "--ctx", "64", "--chunks", "3",
+                 "--process-output"]) == 0
+    a, b = imx.read_imatrix(ours), imx.read_imatrix(ref)
+    assert "output.weight" in b.sums and sorted(a.sums) == sorted(b.sums)
+    for n in b.sums:
+        assert (a.counts[n] == b.counts[n]).all(), n
+        assert _cos(a.sums[n], b.sums[n]) >= 0.999, n
+
+
+@pytest.mark.slow
+def test_convert_calib_text_cached(random_checkpoint, text_file, tmp_path):
+    """convert --calib-text calibrates, caches the imatrix next to the output,
+    reuses it, and gives the bytes convert --imatrix gives with that file."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from llama_oracle import gguf_tensor_bytes
+
+    ckpt = random_checkpoint("kquant")
+    small = tmp_path / "calib.txt"  # a few chunks of 512 tokens keep this quick
+    small.write_text(text_file.read_text(encoding="utf-8")[:9000], encoding="utf-8")
+    text_file = small
+    base = ["convert", str(ckpt), "--type", "Q2_K", "--vocab-pre", "smollm", "--quiet"]
+    out1 = tmp_path / "a.gguf"
+    assert main([*base, "--calib-text", str(text_file), "-o", str(out1)]) == 0
+    cached = list(tmp_path.glob("*.imatrix.gguf"))
+    assert len(cached) == 1
+    im = imx.read_imatrix(cached[0])
+    assert im.chunk_size == 512 and im.chunk_count >= 2 and len(im.sums) == 8 * 7
+    mtime = cached[0].stat().st_mtime_ns
+    out2, out3 = tmp_path / "b.gguf", tmp_path / "c.gguf"
+    assert main([*base, "--calib-text", str(text_file), "-o", str(out2)]) == 0
+    assert cached[0].stat().st_mtime_ns == mtime  # reused, not recomputed
+    assert main([*base, "--imatrix", str(cached[0]), "-o", str(out3)]) == 0
+    a, b, c = (gguf_tensor_bytes(p) for p in (out1, out2, out3))
+    assert a == b == c
+    plain = tmp_path / "plain.gguf"
+    assert main([*base, "-o", str(plain)]) == 0
+    assert gguf_tensor_bytes(plain) != a

@@ -249,6 +249,8 @@ class Model:
         if "token_embd.weight" not in w:
             raise InputError("model has no token_embd.weight")
         hp = HParams.from_stream(stream, n_vocab=w["token_embd.weight"].shape[0])
+        if any(n.endswith("ffn_gate_inp.weight") for n in w):
+            raise UnsupportedError("calibration forward pass: mixture-of-experts models are not supported")
         for i in range(hp.n_layer):
             for m in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"):
                 if f"blk.{i}.{m}.weight" not in w:
