@@ -36,11 +36,18 @@ def _run(args, capsys):
 
 def _logits(path, tokens):
     llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
     llm.eval(tokens)
     out = np.array(llm.scores[: len(tokens)], dtype=np.float32)
     llm.close() if hasattr(llm, "close") else None
     return out
+
+
+def _ppl(logits: np.ndarray, toks: list[int]) -> float:
+    lo = logits.astype(np.float64)
+    lo = lo - lo.max(-1, keepdims=True)
+    lp = lo - np.log(np.exp(lo).sum(-1, keepdims=True))
+    return float(np.exp(-lp[np.arange(len(toks) - 1), toks[1:]].mean()))
 
 
 def _prompt_tokens(smollm2_gguf):
@@ -48,7 +55,7 @@ def _prompt_tokens(smollm2_gguf):
     from pydoc_data.topics import topics
 
     voc = llama_cpp.Llama(model_path=str(smollm2_gguf), vocab_only=True, verbose=False)
-    return voc.tokenize(topics["assert"].encode(), add_bos=False, special=False)[:96]
+    return voc.tokenize(topics["assert"].encode(), add_bos=False, special=False)[:256]
 
 
 @pytest.mark.skipif(sys.platform in ("win32", "darwin"), reason="XDG layout")
@@ -76,8 +83,11 @@ def test_demo_default_runs_in_cwd(cache, tmp_path, monkeypatch, capsys, smollm2_
     ours, ref = _logits(gguf, toks), _logits(smollm2_gguf, toks)
     assert ours.shape == ref.shape == (len(toks), 49152)
     assert np.isfinite(ours).all()
+    # Q4_K_M of the dequantized Q4_1 weights vs the Q4_1 source, 256 tokens of pydoc text
+    # (measured: 91% top-1 agreement, perplexity +6.6%)
     agree = float((ours.argmax(-1) == ref.argmax(-1)).mean())
     assert agree >= 0.8, agree
+    assert _ppl(ours, toks) < 1.25 * _ppl(ref, toks)
 
 
 def test_demo_reuses_checkpoint_and_human_output(cache, tmp_path, capsys):
