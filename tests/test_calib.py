@@ -308,3 +308,17 @@ def test_convert_calib_text_cached(random_checkpoint, text_file, tmp_path):
     plain = tmp_path / "plain.gguf"
     assert main([*base, "-o", str(plain)]) == 0
     assert gguf_tensor_bytes(plain) != a
+
+
+@pytest.mark.slow
+def test_dat_writer_matches_llama_imatrix_bytes(random_checkpoint, reference_gguf, llama_tools, text_file, tmp_path):
+    """Our legacy .dat writer, given llama-imatrix's statistics (its GGUF file),
+    writes the bytes llama-imatrix --output-format dat writes."""
+    gg = reference_gguf(random_checkpoint("kquant"), "f32", vocab_pre="smollm")
+    common = [str(llama_tools / "llama-imatrix"), "-m", str(gg), "-f", str(text_file), "-c", "64",
+              "--chunks", "3", "-t", "2", "--no-ppl"]
+    subprocess.run([*common, "-o", str(tmp_path / "ref.gguf")], check=True, capture_output=True)
+    subprocess.run([*common, "-o", str(tmp_path / "ref.dat"), "--output-format", "dat"], check=True,
+                   capture_output=True)
+    imx.write_imatrix_legacy(tmp_path / "ours.dat", imx.read_imatrix(tmp_path / "ref.gguf"))
+    assert (tmp_path / "ours.dat").read_bytes() == (tmp_path / "ref.dat").read_bytes()
