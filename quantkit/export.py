@@ -424,7 +424,10 @@ def export_gguf(path: "str | os.PathLike[str]", out_dir: "str | os.PathLike[str]
     plan = _tensor_plan(hdr, cfg, arch)
     _prepare_out(out_dir, force)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    except OSError as e:
+        raise OutputError(f"{out_dir.parent}: cannot create the output directory: {e.strerror or e}") from e
     try:
         _write_safetensors(tmp / "model.safetensors", hdr, plan, dtype)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -468,6 +468,22 @@ def test_export_errors(tmp_path, capsys, case, code, needle):
     assert _leftovers(tmp_path, "hf") == []
 
 
+def test_cannot_create_output(tmp_path, capsys, monkeypatch):
+    """The output directory cannot be created (read-only file system, simulated): exit 5."""
+    import errno
+    import tempfile
+
+    src = write_tiny_llama(tmp_path / "tiny.gguf")
+
+    def refuse(*a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    c, _, err = _run(["export", str(src), "-o", str(tmp_path / "hf")], capsys)
+    assert "Read-only" in _assert_one_line(err, c, 5)
+    assert not (tmp_path / "hf").exists()
+
+
 def test_disk_full_leaves_nothing(tmp_path, capsys, monkeypatch):
     import errno
 
