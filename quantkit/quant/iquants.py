@@ -41,56 +41,94 @@ _M127 = F(-127.0)
 
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
 _KV = KVALUES.astype(np.float32)
-# _MID[k] (k = 1..15) is the midpoint between values k-1 and k; _MID[0] is
-# never read. best_index_int8 picks index k for x >= _MID[k] and x < _MID[k+1]:
-# its "x - v[k-1] < v[k] - x" test is exact in float32 for x near a midpoint
-# (checked exhaustively around every midpoint: tests/test_quant_ggml.py), and
-# ties go up, as in ggml. The search below is branch-free (ggml's binary search
-# mispredicts on every other step).
+# _MID[k] (k = 1..15) is the midpoint between values k-1 and k. ggml's
+# best_index_int8 (a binary search, then "x - v[k-1] < v[k] - x") returns the
+# number of midpoints <= x: near a midpoint that float test is exact (checked
+# exhaustively around every midpoint: tests/test_quant_ggml.py), ties go up.
+# Midpoints are integers or half-integers at least 5.5 apart, so for x in
+# [i, i+1) the count is _CNT[i] (midpoints <= i) plus one if x reaches the
+# midpoint inside (i, i+1), _THR[i] (+inf when there is none): a table look-up
+# instead of four dependent, mispredicting branches.
 _MID = np.concatenate([[0.0], (_KV[:-1] + _KV[1:]) / 2]).astype(np.float32)
+_I = np.arange(-128, 128)
+_CNT = np.array([(_MID[1:] <= i).sum() for i in _I], np.int64)
+_THR = np.array([next((m for m in _MID[1:] if i < m < i + 1), np.inf) for i in _I], np.float32)
+del _I
+_LO = np.float32(-128.0)
+_HI = np.float32(128.0)
 
 
 @njit(**INLINE)
 def best_index_iq4(x):
     """ggml's best_index_int8(16, kvalues_iq4nl, x), NaN included (-> 15)."""
-    p = 0
-    p = p + 8 if not (x < _MID[p + 8]) else p
-    p = p + 4 if not (x < _MID[p + 4]) else p
-    p = p + 2 if not (x < _MID[p + 2]) else p
-    p = p + 1 if not (x < _MID[p + 1]) else p
-    return p
+    if not (x >= _LO):
+        return 0 if x < _LO else 15  # below the table, or NaN
+    if x >= _HI:
+        return 15
+    i = np.int64(np.floor(x)) + 128
+    return _CNT[i] + (1 if x >= _THR[i] else 0)
 
 
 @njit(**INLINE)
-def _block_scale(xb, o, w, mx):
+def _block_scale(xb, o, w, mx, ids, sqx, sq2):
     """The ntry = 7 search of quantize_row_iq4_nl_impl for one 32-value block
-    (amax >= GROUP_MAX_EPS): returns the sub-block scale d."""
-    d = -mx / _M127
-    id_ = _F1 / d
-    sumqx = _F0
-    sumq2 = _F0
-    for j in range(32):
-        q = _KV[best_index_iq4(id_ * xb[o + j])]
-        sumqx += w[j] * q * xb[o + j]
-        sumq2 += w[j] * q * q
-    d = sumqx / sumq2 if sumq2 > _F0 else _F0
-    best = d * sumqx
-    for itry in range(-7, 8):
-        id_ = F(itry - 127) / mx
-        sumqx = _F0
-        sumq2 = _F0
+    (amax >= GROUP_MAX_EPS): returns the sub-block scale d.
+
+    ggml tries 16 scales one after the other (first id = 1/(-max/v[0]), then
+    id = (itry + v[0])/max for itry = -7..7), each pass a chain of dependent
+    adds. Here four trials share a pass (independent chains, each summed in
+    element order with ggml's operations, so each trial's floats are ggml's);
+    the comparisons then run in ggml's order. ids, sqx, sq2: 16 floats each."""
+    ids[0] = _F1 / (-mx / _M127)
+    for t in range(15):
+        ids[t + 1] = F(t - 7 - 127) / mx
+    for g in range(0, 16, 4):
+        i0 = ids[g]
+        i1 = ids[g + 1]
+        i2 = ids[g + 2]
+        i3 = ids[g + 3]
+        a0 = _F0
+        a1 = _F0
+        a2 = _F0
+        a3 = _F0
+        b0 = _F0
+        b1 = _F0
+        b2 = _F0
+        b3 = _F0
         for j in range(32):
-            q = _KV[best_index_iq4(id_ * xb[o + j])]
-            sumqx += w[j] * q * xb[o + j]
-            sumq2 += w[j] * q * q
-        if sumq2 > _F0 and sumqx * sumqx > best * sumq2:
-            d = sumqx / sumq2
-            best = d * sumqx
+            xj = xb[o + j]
+            wj = w[j]
+            q0 = _KV[best_index_iq4(i0 * xj)]
+            q1 = _KV[best_index_iq4(i1 * xj)]
+            q2 = _KV[best_index_iq4(i2 * xj)]
+            q3 = _KV[best_index_iq4(i3 * xj)]
+            a0 += wj * q0 * xj
+            b0 += wj * q0 * q0
+            a1 += wj * q1 * xj
+            b1 += wj * q1 * q1
+            a2 += wj * q2 * xj
+            b2 += wj * q2 * q2
+            a3 += wj * q3 * xj
+            b3 += wj * q3 * q3
+        sqx[g] = a0
+        sqx[g + 1] = a1
+        sqx[g + 2] = a2
+        sqx[g + 3] = a3
+        sq2[g] = b0
+        sq2[g + 1] = b1
+        sq2[g + 2] = b2
+        sq2[g + 3] = b3
+    d = sqx[0] / sq2[0] if sq2[0] > _F0 else _F0
+    best = d * sqx[0]
+    for t in range(1, 16):
+        if sq2[t] > _F0 and sqx[t] * sqx[t] > best * sq2[t]:
+            d = sqx[t] / sq2[t]
+            best = d * sqx[t]
     return d
 
 
 @njit(**INLINE)
-def _superblock(x, o, sbs, qw, has_qw, y, b, w, scales, L):
+def _superblock(x, o, sbs, qw, has_qw, y, b, w, scales, L, ids, sqx, sq2):
     """quantize_row_iq4_nl_impl(sbs, 32, x + o, ...) with ntry = 7, writing
     the block at y[b:]. sbs = 32 (IQ4_NL) or 256 (IQ4_XS)."""
     nb = sbs // 32
@@ -118,7 +156,7 @@ def _superblock(x, o, sbs, qw, has_qw, y, b, w, scales, L):
         if amax < GROUP_MAX_EPS:
             scales[ib] = _F0
             continue
-        d = _block_scale(x, ob, w, mx)
+        d = _block_scale(x, ob, w, mx, ids, sqx, sq2)
         scales[ib] = d
         if abs(d) > amax_scale:
             amax_scale = abs(d)
@@ -164,10 +202,13 @@ def _iq4_rows(x, qw, has_qw, sbs, tsize, out):
         w = np.empty(32, np.float32)
         scales = np.empty(8, np.float32)
         L = np.empty(256, np.uint8)
+        ids = np.empty(16, np.float32)
+        sqx = np.empty(16, np.float32)
+        sq2 = np.empty(16, np.float32)
         xr = x[r]
         y = out[r]
         for ibl in range(n // sbs):
-            _superblock(xr, ibl * sbs, sbs, qw, has_qw, y, ibl * tsize, w, scales, L)
+            _superblock(xr, ibl * sbs, sbs, qw, has_qw, y, ibl * tsize, w, scales, L, ids, sqx, sq2)
 
 
 @njit(**PJIT)
