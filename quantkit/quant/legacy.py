@@ -260,7 +260,6 @@ def _q5_0_ref(x, out):
     for r in prange(nr):
         xr = x[r]
         y = out[r]
-        L = np.empty(32, np.int64)
         for ib in range(n // 32):
             o = ib * 32
             b = ib * 22
@@ -268,9 +267,13 @@ def _q5_0_ref(x, out):
             d = mx / _M16
             id_ = _F1 / d if d != _F0 else _F0
             store_fp16(y, b, fp32_to_fp16(d))
-            for j in range(32):
-                L[j] = _min(31, _i8(cvt_i32(xr[o + j] * id_ + _P16_5)))
-            _pack_q5(y, b + 2, L)
+            qh = 0
+            for j in range(16):
+                xi0 = _min(31, _i8(cvt_i32(xr[o + j] * id_ + _P16_5))) & 0xFF
+                xi1 = _min(31, _i8(cvt_i32(xr[o + 16 + j] * id_ + _P16_5))) & 0xFF
+                y[b + 6 + j] = ((xi0 & 0x0F) | ((xi1 & 0x0F) << 4)) & 0xFF
+                qh |= (((xi0 & 0x10) >> 4) << j) | (((xi1 & 0x10) >> 4) << (j + 16))
+            put_u32(y, b + 2, qh)
 
 
 @njit(**PJIT)
@@ -330,7 +333,6 @@ def _q5_1_ref(x, out):
     for r in prange(nr):
         xr = x[r]
         y = out[r]
-        L = np.empty(32, np.int64)
         for ib in range(n // 32):
             o = ib * 32
             b = ib * 24
@@ -339,9 +341,13 @@ def _q5_1_ref(x, out):
             id_ = _F1 / d if d != _F0 else _F0
             store_fp16(y, b, fp32_to_fp16(d))
             store_fp16(y, b + 2, fp32_to_fp16(mn))
-            for j in range(32):
-                L[j] = cvt_i32((xr[o + j] - mn) * id_ + _P0_5) & 0xFF
-            _pack_q5(y, b + 4, L)
+            qh = 0
+            for j in range(16):
+                xi0 = cvt_i32((xr[o + j] - mn) * id_ + _P0_5) & 0xFF
+                xi1 = cvt_i32((xr[o + 16 + j] - mn) * id_ + _P0_5) & 0xFF
+                y[b + 8 + j] = ((xi0 & 0x0F) | ((xi1 & 0x0F) << 4)) & 0xFF
+                qh |= (((xi0 & 0x10) >> 4) << j) | (((xi1 & 0x10) >> 4) << (j + 16))
+            put_u32(y, b + 4, qh)
 
 
 def _q5_1_impl(x, qw, out):
