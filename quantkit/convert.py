@@ -49,6 +49,7 @@ class ConvertOptions:
     mix: MixOptions = field(default_factory=MixOptions)
     imatrix_path: Path | None = None  # llama.cpp imatrix file (GGUF or legacy .dat)
     calib_text: Path | None = None  # calibrate on the fly
+    calib_cache: bool = True  # keep/reuse the --calib-text imatrix next to the output
     dry_run: bool = False
     quiet: bool = False
     progress: bool | None = None  # None = only when stderr is a terminal
@@ -151,7 +152,8 @@ def _imatrix(opts: ConvertOptions, src_stream) -> dict | None:
         # cached next to the output (calib.calibrate_cached names the file)
         out_dir = Path(opts.out).parent if opts.out is not None else Path.cwd()
         return calibrate_cached(src_stream, text, opts.src, out_dir, dataset=str(opts.calib_text),
-                                progress=opts.progress, quiet=opts.quiet).importance()
+                                progress=opts.progress, quiet=opts.quiet,
+                                use_cache=opts.calib_cache).importance()
     return None
 
 

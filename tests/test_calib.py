@@ -305,6 +305,11 @@ def test_convert_calib_text_cached(random_checkpoint, text_file, tmp_path):
     assert main([*base, "--imatrix", str(cached[0]), "-o", str(out3)]) == 0
     a, b, c = (gguf_tensor_bytes(p) for p in (out1, out2, out3))
     assert a == b == c
+    out4 = tmp_path / "d.gguf"  # --no-calib-cache: computed again, nothing kept
+    cached[0].unlink()
+    assert main([*base, "--calib-text", str(text_file), "--no-calib-cache", "-o", str(out4)]) == 0
+    assert not list(tmp_path.glob("*.imatrix.gguf"))
+    assert gguf_tensor_bytes(out4) == a
     plain = tmp_path / "plain.gguf"
     assert main([*base, "-o", str(plain)]) == 0
     assert gguf_tensor_bytes(plain) != a

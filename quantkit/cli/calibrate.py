@@ -41,6 +41,8 @@ def calibrate(
     ctx: int = typer.Option(512, "--ctx", help="Tokens per chunk (llama-imatrix -c)."),
     chunks: int = typer.Option(0, "--chunks", help="Use at most this many chunks (0 = all)."),
     process_output: bool = typer.Option(False, "--process-output", help="Also collect output.weight."),
+    vocab_pre: str = typer.Option(None, "--vocab-pre", help="BPE pre-tokenizer name when the hash is unknown.",
+                                  show_default=False),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary to stdout."),
     layer_map: str = typer.Option(None, "--layer-map", help="Calibrate the replicated model (experimental): "
@@ -64,7 +66,7 @@ def calibrate(
     if not out.parent.exists():
         raise OutputError(f"{out.parent}: directory does not exist")
     body = read_text(text)
-    stream = open_stream(src)
+    stream = open_stream(src, vocab_pre)
     if mapped:  # the imatrix of a replicated model comes from the replicated graph
         n_src = replicate.n_blocks(stream)
         stream = replicate.apply(stream, layer_map, repeat)

@@ -70,7 +70,8 @@ def convert(
     exclude_weights: List[str] = typer.Option([], "--exclude-weights", help="Do not use the imatrix for these tensors."),
     allow_requantize: bool = typer.Option(False, "--allow-requantize", help="Allow re-quantizing quantized GGUF input."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan only: print the per-tensor types, write nothing."),
-    calib_text: Optional[Path] = typer.Option(None, "--calib-text", help="Compute an importance matrix from this text."),
+    calib_text: Optional[Path] = typer.Option(None, "--calib-text", help="Compute an importance matrix from this text (cached next to the output)."),
+    no_calib_cache: bool = typer.Option(False, "--no-calib-cache", help="With --calib-text: neither reuse nor keep the cached imatrix."),
     layer_map: Optional[str] = typer.Option(None, "--layer-map", help="Experimental: the new block sequence as half-open source ranges, e.g. 0:20,12:30 runs blocks 12-19 twice (stored again: file and KV cache grow). K-quant layer-position rules see the new indices. An imatrix must be collected on the mapped model (quantkit calibrate --layer-map)."),
     repeat: Optional[str] = typer.Option(None, "--repeat", help="Repeat layers A:B once (--layer-map 0:B,A:N)."),
     replica_type: Optional[str] = typer.Option(None, "--replica-type", help="Type for replicated layers' weights."),
@@ -88,7 +89,7 @@ def convert(
     )
     opts = ConvertOptions(
         src=src, type=type_, out=out, force=force, threads=threads, vocab_pre=vocab_pre, mix=mix,
-        imatrix_path=imatrix, calib_text=calib_text, dry_run=dry_run, quiet=quiet or as_json,
+        imatrix_path=imatrix, calib_text=calib_text, calib_cache=not no_calib_cache, dry_run=dry_run, quiet=quiet or as_json,
         layer_map=layer_map, repeat=repeat, replica_type=replica_type, replica_scale=replica_scale,
     )
     res = run(opts)
