@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from gguf import GGMLQuantizationType, TokenType
+from gguf import GGMLQuantizationType, GGUFValueType, TokenType
 
 from .errors import InputError, OutputError, QuantkitError, UnsupportedError
 from .inspect import GGUFHeader, TensorInfo, read_header
@@ -64,19 +64,35 @@ BLOCK_NAMES = {
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 _TOP_RE = re.compile(r"^([a-z_]+)\.(weight|bias)$")
 
-# config.json key <- GGUF key (prefixed by "<arch>.") and a converter
-HPARAMS: list[tuple[str, str, Callable[[Any], Any]]] = [
-    ("hidden_size", "embedding_length", int),
-    ("intermediate_size", "feed_forward_length", int),
-    ("num_hidden_layers", "block_count", int),
-    ("num_attention_heads", "attention.head_count", int),
-    ("num_key_value_heads", "attention.head_count_kv", int),
-    ("rms_norm_eps", "attention.layer_norm_rms_epsilon", lambda v: float(str(np.float32(v)))),
-    ("rope_theta", "rope.freq_base", lambda v: float(str(np.float32(v)))),
-    ("max_position_embeddings", "context_length", int),
-    ("head_dim", "attention.key_length", int),
-    ("sliding_window", "attention.sliding_window", int),
+# config.json key <- GGUF key (prefixed by "<arch>.") and its kind
+HPARAMS: list[tuple[str, str, str]] = [
+    ("hidden_size", "embedding_length", "int"),
+    ("intermediate_size", "feed_forward_length", "int"),
+    ("num_hidden_layers", "block_count", "int"),
+    ("num_attention_heads", "attention.head_count", "int"),
+    ("num_key_value_heads", "attention.head_count_kv", "int"),
+    ("rms_norm_eps", "attention.layer_norm_rms_epsilon", "float"),
+    ("rope_theta", "rope.freq_base", "float"),
+    ("max_position_embeddings", "context_length", "int"),
+    ("head_dim", "attention.key_length", "int"),
+    ("sliding_window", "attention.sliding_window", "int"),
 ]
+_INT_TYPES = {GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
+              GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64}
+_FLOAT_TYPES = {GGUFValueType.FLOAT32, GGUFValueType.FLOAT64}
+
+
+def _num(hdr: GGUFHeader, key: str, kind: str) -> Any:
+    """A numeric metadata value (None when absent); floats as the shortest decimal of
+    their float32 (1e-05, not 9.99999974e-06), so converting back gives the same bits."""
+    e = hdr.kv.get(key)
+    if e is None:
+        return None
+    ok = e.vtype in _INT_TYPES or (kind == "float" and e.vtype in _FLOAT_TYPES)
+    if not ok or (kind == "int" and e.value < 0):
+        raise InputError(f"{hdr.path}: metadata {key} has an invalid value {e.value!r}")
+    return int(e.value) if kind == "int" else float(str(np.float32(e.value)))
+
 
 # safetensors dtype name, numpy storage dtype, torch_dtype name
 DTYPES: dict[str, tuple[str, str, str]] = {
@@ -235,7 +251,7 @@ def _arch(hdr: GGUFHeader) -> str:
     if hdr.get("general.type") == "imatrix":
         raise UnsupportedError(f"{hdr.path}: is an importance-matrix file, not a model")
     arch = hdr.get("general.architecture")
-    if arch not in ARCHS:
+    if not isinstance(arch, str) or arch not in ARCHS:
         raise UnsupportedError(
             f"{hdr.path}: architecture {arch!r} cannot be exported; supported: {', '.join(ARCHS)}"
         )
@@ -246,35 +262,39 @@ def build_config(hdr: GGUFHeader, dtype: str) -> dict:
     arch = _arch(hdr)
     hf_arch, model_type, _ = ARCHS[arch]
     cfg: dict[str, Any] = {"architectures": [hf_arch], "model_type": model_type, "hidden_act": "silu"}
-    for key, gkey, conv in HPARAMS:
-        v = hdr.get(f"{arch}.{gkey}")
+    for key, gkey, kind in HPARAMS:
+        v = _num(hdr, f"{arch}.{gkey}", kind)
         if v is not None:
-            cfg[key] = conv(v)
-    for req in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
-        if req not in cfg:
-            raise InputError(f"{hdr.path}: metadata {arch}.{dict((k, g) for k, g, _ in HPARAMS)[req]} is missing")
+            cfg[key] = v
+    for req in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        if not cfg.get(req):
+            raise InputError(f"{hdr.path}: metadata {arch}.{dict((k, g) for k, g, _ in HPARAMS)[req]} is missing or 0")
     cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
+    if not cfg["num_key_value_heads"]:
+        raise InputError(f"{hdr.path}: metadata {arch}.attention.head_count_kv is 0")
     cfg.setdefault("rope_theta", 10000.0)
     names = {t.name for t in hdr.tensors}
-    if "intermediate_size" not in cfg:
-        raise InputError(f"{hdr.path}: metadata {arch}.feed_forward_length is missing")
-    vocab = hdr.get(f"{arch}.vocab_size")
+    if "token_embd.weight" not in names:
+        raise InputError(f"{hdr.path}: tensor 'token_embd.weight' is missing")
+    vocab = _num(hdr, f"{arch}.vocab_size", "int")
     if vocab is None:
-        toks = hdr.kv.get("tokenizer.ggml.tokens")
-        vocab = toks.length if toks is not None else next(t.shape[0] for t in hdr.tensors if t.name == "token_embd.weight")
-    cfg["vocab_size"] = int(vocab)
+        vocab = next(t.shape[0] for t in hdr.tensors if t.name == "token_embd.weight")
+    cfg["vocab_size"] = vocab
     cfg["tie_word_embeddings"] = "output.weight" not in names
     scaling = hdr.get(f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
         if scaling != "linear":
             raise UnsupportedError(f"{hdr.path}: rope scaling {scaling!r} cannot be exported yet (only linear)")
-        cfg["rope_scaling"] = {"type": "linear", "factor": float(str(np.float32(hdr.get(f"{arch}.rope.scaling.factor"))))}
+        factor = _num(hdr, f"{arch}.rope.scaling.factor", "float")
+        if factor is None:
+            raise InputError(f"{hdr.path}: metadata {arch}.rope.scaling.factor is missing")
+        cfg["rope_scaling"] = {"type": "linear", "factor": factor}
     if "rope_freqs.weight" in names:
         raise UnsupportedError(f"{hdr.path}: llama3-style rope frequency factors cannot be exported yet")
     for typ, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id")):
-        v = hdr.get(f"tokenizer.ggml.{key}")
+        v = _num(hdr, f"tokenizer.ggml.{key}", "int")
         if v is not None:
-            cfg[f"{typ}_token_id"] = int(v)
+            cfg[f"{typ}_token_id"] = v
     if arch == "qwen2":
         cfg.setdefault("use_sliding_window", False)
     cfg["torch_dtype"] = DTYPES[dtype][2]
@@ -283,8 +303,14 @@ def build_config(hdr: GGUFHeader, dtype: str) -> dict:
 
 # ---------------------------------------------------------------- tokenizer
 
-def _as_list(v: Any) -> list:
-    return v.tolist() if isinstance(v, np.ndarray) else list(v)
+def _array(hdr: GGUFHeader, key: str, subtypes: set) -> list | None:
+    """An array value whose elements have one of ``subtypes`` (None when absent)."""
+    e = hdr.kv.get(key)
+    if e is None:
+        return None
+    if e.vtype != GGUFValueType.ARRAY or e.subtype not in subtypes:
+        raise InputError(f"{hdr.path}: metadata {key} is not an array of the expected type")
+    return e.value.tolist() if isinstance(e.value, np.ndarray) else list(e.value)
 
 
 def build_tokenizer(hdr: GGUFHeader) -> tuple[Any, dict]:
@@ -299,14 +325,17 @@ def build_tokenizer(hdr: GGUFHeader) -> tuple[Any, dict]:
             f"{hdr.path}: vocabulary kind {model!r} cannot be exported yet; supported: byte-level BPE ('gpt2')"
         )
     pre = hdr.get("tokenizer.ggml.pre", "default")
-    if pre not in PRE_TOKENIZERS:
+    if not isinstance(pre, str) or pre not in PRE_TOKENIZERS:
         raise UnsupportedError(
             f"{hdr.path}: BPE pre-tokenizer {pre!r} cannot be exported yet; supported: {', '.join(PRE_TOKENIZERS)}"
         )
     spec = PRE_TOKENIZERS[pre]
-    tokens = _as_list(hdr.get("tokenizer.ggml.tokens", []))
-    types = _as_list(hdr.get("tokenizer.ggml.token_type", [TokenType.NORMAL] * len(tokens)))
-    merges_raw = _as_list(hdr.get("tokenizer.ggml.merges", []))
+    tokens = _array(hdr, "tokenizer.ggml.tokens", {GGUFValueType.STRING})
+    if not tokens:
+        raise InputError(f"{hdr.path}: the vocabulary (tokenizer.ggml.tokens) is missing or empty")
+    types = _array(hdr, "tokenizer.ggml.token_type", _INT_TYPES)
+    types = [TokenType.NORMAL] * len(tokens) if types is None else types
+    merges_raw = _array(hdr, "tokenizer.ggml.merges", {GGUFValueType.STRING}) or []
     if len(types) != len(tokens):
         raise InputError(f"{hdr.path}: {len(tokens)} tokens but {len(types)} token types")
     vocab: dict[str, int] = {}
@@ -327,8 +356,11 @@ def build_tokenizer(hdr: GGUFHeader) -> tuple[Any, dict]:
         if len(parts) != 2:
             raise InputError(f"{hdr.path}: malformed BPE merge {m!r}")
         merges.append((parts[0], parts[1]))
-    bpe = models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, fuse_unk=False,
-                     byte_fallback=False, ignore_merges=spec["ignore_merges"])
+    try:
+        bpe = models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, fuse_unk=False,
+                         byte_fallback=False, ignore_merges=spec["ignore_merges"])
+    except Exception as e:  # tokenizers' own error type, e.g. a merge of unknown tokens
+        raise InputError(f"{hdr.path}: the BPE vocabulary is inconsistent: {e}") from None
     tk = Tokenizer(bpe)
     if spec["nfc"]:
         from tokenizers import normalizers
@@ -342,8 +374,8 @@ def build_tokenizer(hdr: GGUFHeader) -> tuple[Any, dict]:
         (tk.add_special_tokens if special else tk.add_tokens)([at])
 
     def tok_of(key: str) -> str | None:
-        v = hdr.get(key)
-        return tokens[int(v)] if v is not None and 0 <= int(v) < len(tokens) else None
+        v = _num(hdr, key, "int")
+        return tokens[v] if v is not None and v < len(tokens) else None
 
     tcfg: dict[str, Any] = {}
     if (aps := hdr.get("tokenizer.ggml.add_space_prefix")) is not None:
@@ -362,12 +394,12 @@ def build_tokenizer(hdr: GGUFHeader) -> tuple[Any, dict]:
         if t is not None:
             tcfg[f"{typ}_token"] = t
     tmpl = hdr.get("tokenizer.chat_template")
-    if tmpl is not None:
+    if isinstance(tmpl, str):
         tcfg["chat_template"] = tmpl
     arch = hdr.get("general.architecture")
-    ctx = hdr.get(f"{arch}.context_length")
+    ctx = _num(hdr, f"{arch}.context_length", "int")
     if ctx is not None:
-        tcfg["model_max_length"] = int(ctx)
+        tcfg["model_max_length"] = ctx
     tcfg["clean_up_tokenization_spaces"] = False
     tcfg["tokenizer_class"] = "GPT2Tokenizer"
     return tk, tcfg

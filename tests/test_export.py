@@ -590,3 +590,42 @@ def test_llama3_rope_factors_unsupported(random_checkpoint, tmp_path, capsys):
     code, _, err = _run(["export", str(x), "-o", str(tmp_path / "hf")], capsys)
     assert "rope" in _assert_one_line(err, code, 4)
     assert not (tmp_path / "hf").exists()
+
+
+def test_fuzzed_gguf_is_a_clear_error(tmp_path):
+    """Random byte changes in a tiny model's header: export either succeeds or raises a
+    quantkit error (one line), and never leaves a partial directory."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    from quantkit.errors import QuantkitError
+
+    src = write_tiny_llama(tmp_path / "tiny.gguf")
+    data = src.read_bytes()
+    header_end = min(int(t.data_offset) for t in GGUFReader(src).tensors)
+    work = tmp_path / "w"
+    work.mkdir()
+    p = work / "fuzz.gguf"
+
+    @hypothesis.settings(max_examples=150, deadline=None, database=None,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(flips=st.lists(st.tuples(st.integers(0, header_end - 1), st.integers(0, 255)),
+                                     min_size=1, max_size=3))
+    def check(flips):
+        b = bytearray(data)
+        for pos, val in flips:
+            b[pos] = val
+        p.write_bytes(bytes(b))
+        out = work / "hf"
+        try:
+            export_gguf(p, out, dtype="f32", force=True)
+        except QuantkitError as e:
+            assert "\n" not in str(e).strip()
+            assert not out.exists()
+        assert sorted(x.name for x in work.iterdir() if x.name.startswith(".")) == []
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+
+    check()

@@ -314,3 +314,38 @@ def test_console_script_one_line(small, tmp_path):
     assert r.returncode == 3
     assert r.stdout == ""
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- fuzz: never a traceback
+
+def _fuzz_case(data: bytes, flips: list[tuple[int, int]], cut: int | None) -> bytes:
+    b = bytearray(data)
+    for pos, val in flips:
+        b[pos % len(b)] = val
+    return bytes(b[:cut] if cut is not None else b)
+
+
+def test_fuzzed_headers_are_input_errors(small, tmp_path):
+    """Random byte changes in the header (and random cuts): inspect either succeeds
+    or raises InputError; never another exception."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    data = small.read_bytes()
+    header_end = _header_offsets(small)["data"]
+    p = tmp_path / "fuzz.gguf"
+
+    @hypothesis.settings(max_examples=300, deadline=None, database=None,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(
+        flips=st.lists(st.tuples(st.integers(0, header_end - 1), st.integers(0, 255)), min_size=1, max_size=4),
+        cut=st.one_of(st.none(), st.integers(0, len(data))),
+    )
+    def check(flips, cut):
+        p.write_bytes(_fuzz_case(data, flips, cut))
+        try:
+            inspect_gguf(p, tensors=True)
+        except InputError:
+            pass
+
+    check()
