@@ -3,8 +3,9 @@ families share: ggml's exact fp32 <-> bf16 conversion, C's roundf/lroundf
 and the x86 float -> int conversion (fp16 and nearest_int live with the
 other shared solvers in solvers.py).
 
-All scalar helpers are ``@njit(inline="always")`` so they fold into the
-callers' loops; the row kernels are ``@njit(cache=True, parallel=True)`` and
+Scalar helpers are plain ``@njit`` functions (LLVM inlines them into the
+callers' loops; numba's IR-level inline="always" tripled compile times); the
+row kernels are ``@njit(cache=True, parallel=True)``, prange over rows, and
 compile on first call only.
 
 Bit layouts (little-endian, one element per "block")::
@@ -20,13 +21,13 @@ from gguf import GGMLQuantizationType
 from numba import njit, prange
 
 from .registry import QuantType
-from .solvers import fp16_to_fp32, fp32_bits, fp32_from_bits, fp32_to_fp16, nearest_int  # noqa: F401
+from .solvers import fp16_to_fp32, fp32_bits, fp32_from_bits, fp32_to_fp16
 
 # One set of jit options for every kernel: IEEE division (inf, not
 # ZeroDivisionError), no fastmath (bit-exactness), compiled once, on disk.
 JIT = dict(cache=True, error_model="numpy")
 PJIT = dict(cache=True, error_model="numpy", parallel=True)
-INLINE = dict(cache=True, error_model="numpy")
+INLINE = dict(cache=True, error_model="numpy")  # small helpers
 
 _HALF = np.float32(0.5)
 
