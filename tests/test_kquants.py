@@ -158,11 +158,11 @@ def test_qkx_lanes_equal_scalar_solvers():
             xt = np.ascontiguousarray(x.T)
             wt = np.ascontiguousarray(w.T)
             solvers.make_qkx_lanes(16, n, nmax, xt, wt, Lt, rmin, rdelta, nstep, mad, qkx3, sc, mn, S)
-            scratch = np.empty(n, np.float32), np.empty(n, np.float32)
+            Laux = np.empty(n, np.uint8)
             for j in range(16):
                 L = np.empty(n, np.uint8)
                 f = solvers.make_qkx3_quants if qkx3 else solvers.make_qkx2_quants
-                s, m = f(n, nmax, x[j], w[j], L, rmin, rdelta, nstep, mad, *scratch)
+                s, m = f(n, nmax, x[j], w[j], L, rmin, rdelta, nstep, mad, Laux)
                 assert_same_floats(np.float32([sc[j], mn[j]]), np.float32([s, m]), f"lane {j} trial {trial}")
                 assert np.array_equal(Lt[:, j], L), f"lane {j} trial {trial}"
 

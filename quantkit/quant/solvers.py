@@ -18,6 +18,18 @@ code stores ``v & 0xFF`` into uint8 scratch for the same effect.
 
 The solvers take array views plus the scratch they need; nothing allocates in
 the per-block loops.
+
+Speed without changing a bit: ggml's solvers are chains of dependent float
+adds (latency bound, not vectorizable in C without reordering). The kernels
+run independent problems side by side instead, each keeping ggml's order:
+``make_qkx_lanes`` and ``make_q3_quants_lanes`` solve the 16 sub-blocks of
+one or two super-blocks as SIMD lanes, ``make_qx_quants`` runs its 18 trial
+scales as lanes. ``make_qkx2_quants`` / ``make_qkx3_quants`` stay as the
+literal ports (tests check the lane versions against them and ggml).
+
+Numba's on-disk cache keys a function on its own file only: after editing
+this module, clear the numba cache (``__pycache__/*.nbi|*.nbc``) or the
+kernels in kquants.py / floats.py / legacy.py keep the old code inlined.
 """
 from __future__ import annotations
 
@@ -347,84 +359,35 @@ def make_q3_quants(n, nmax, x, L, do_rmse):
     return _F1 / iscale
 
 
-@njit(cache=True, error_model="numpy", inline="always")
-def _trial_sums(n, nmax, x, weights, mn, iscale, fl_out):
-    """One trial scale of make_qkx2/3_quants: (sum_l, sum_l2, sum_xl), each
-    summed in element order as the C loop does; the clamped quants go to
-    fl_out (as floats) for the error pass."""
-    sum_l = _F0
-    sum_l2 = _F0
-    sum_xl = _F0
-    for i in range(n):
-        l = nearest_int(iscale * (x[i] - mn))
-        fl = F(clampi(l, 0, nmax))
-        fl_out[i] = fl
-        wl = weights[i] * fl
-        sum_l += wl
-        sum_l2 += wl * fl
-        sum_xl += wl * x[i]
-    return sum_l, sum_l2, sum_xl
-
-
 @njit(cache=True, error_model="numpy")
-def _qkx_search(n, nmax, x, weights, L, mn, mx, sum_w, sum_x, rmin, rdelta, nstep, use_mad, fa, fb):
+def _qkx_search(n, nmax, x, weights, L, mn, mx, sum_w, sum_x, rmin, rdelta, nstep, use_mad, Laux):
     """The shared body of make_qkx2_quants / make_qkx3_quants once min/max and
-    the weighted sums are known (min <= 0 < max - min). Returns (scale, min).
-
-    Same floats as ggml, computed in a different schedule: each C loop is a
-    chain of dependent float adds (latency bound), so the error pass of trial
-    k runs in the same loop as the sums of trial k+1, computed with the
-    current min. ggml updates min when a trial wins and later trials use the
-    new one: then trial k+1 is recomputed. Every sum still runs in element
-    order. C copies the winning trial's quants (Laux) into L; here L is
-    rebuilt once for the final winner. fa, fb: n floats of scratch each."""
+    the weighted sums are known, line by line as in ggml (Laux: n uint8).
+    Returns (scale, min). The kernels use make_qkx_lanes, tested equal."""
     iscale = F(nmax) / (mx - mn)
     scale = _F1 / iscale
-    min_ = mn
-    if nstep < 1:
-        best_error = _F0
-        for i in range(n):
-            l = nearest_int(iscale * (x[i] - mn))
-            l = clampi(l, 0, nmax)
-            L[i] = l
-        return scale, mn
-    # initial error fused with trial 0's sums (both use min = mn)
     best_error = _F0
-    isc_n = (rmin + F(nmax)) / (mx - min_)
-    s_l = _F0
-    s_l2 = _F0
-    s_xl = _F0
     for i in range(n):
-        xi = x[i]
-        w = weights[i]
-        l = nearest_int(iscale * (xi - mn))
-        l = clampi(l, 0, nmax)
-        L[i] = l
-        diff = scale * F(l) + mn - xi
+        l = nearest_int(iscale * (x[i] - mn))
+        L[i] = clampi(l, 0, nmax)
+        diff = scale * F(L[i]) + mn - x[i]
         diff = abs(diff) if use_mad else diff * diff
-        best_error += w * diff
-        l2 = nearest_int(isc_n * (xi - min_))
-        fl = F(clampi(l2, 0, nmax))
-        fa[i] = fl
-        wl = w * fl
-        s_l += wl
-        s_l2 += wl * fl
-        s_xl += wl * xi
-    win_iscale = _F0
-    win_min = _F0
-    won = False
-    cur = fa
-    nxt = fb
-    isc_k = isc_n
-    min_k = min_
+        best_error += weights[i] * diff
+    if nstep < 1:
+        return scale, mn
     for is_ in range(nstep + 1):
-        # (s_l, s_l2, s_xl) and cur hold trial is_, computed with min_k == min_
-        sum_l = s_l
-        sum_l2 = s_l2
-        sum_xl = s_xl
-        last = is_ == nstep
-        if not last:
-            isc_n = (rmin + rdelta * F(is_ + 1) + F(nmax)) / (mx - min_)
+        iscale = (rmin + rdelta * F(is_) + F(nmax)) / (mx - mn)
+        sum_l = _F0
+        sum_l2 = _F0
+        sum_xl = _F0
+        for i in range(n):
+            l = clampi(nearest_int(iscale * (x[i] - mn)), 0, nmax)
+            Laux[i] = l
+            w = weights[i]
+            fl = F(l)
+            sum_l += w * fl
+            sum_l2 += w * fl * fl
+            sum_xl += w * fl * x[i]
         D = sum_w * sum_l2 - sum_l * sum_l
         if D > _F0:
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
@@ -433,57 +396,21 @@ def _qkx_search(n, nmax, x, weights, L, mn, mx, sum_w, sum_x, rmin, rdelta, nste
                 this_min = _F0
                 this_scale = sum_xl / sum_l2
             cur_error = _F0
-            if last:
-                for i in range(n):
-                    diff = this_scale * cur[i] + this_min - x[i]
-                    diff = abs(diff) if use_mad else diff * diff
-                    cur_error += weights[i] * diff
-            else:
-                s_l = _F0
-                s_l2 = _F0
-                s_xl = _F0
-                for i in range(n):
-                    xi = x[i]
-                    w = weights[i]
-                    diff = this_scale * cur[i] + this_min - xi
-                    diff = abs(diff) if use_mad else diff * diff
-                    cur_error += w * diff
-                    l2 = nearest_int(isc_n * (xi - min_))
-                    fl = F(clampi(l2, 0, nmax))
-                    nxt[i] = fl
-                    wl = w * fl
-                    s_l += wl
-                    s_l2 += wl * fl
-                    s_xl += wl * xi
+            for i in range(n):
+                diff = this_scale * F(Laux[i]) + this_min - x[i]
+                diff = abs(diff) if use_mad else diff * diff
+                cur_error += weights[i] * diff
             if cur_error < best_error:
+                for i in range(n):
+                    L[i] = Laux[i]
                 best_error = cur_error
                 scale = this_scale
-                won = True
-                win_iscale = isc_k
-                win_min = min_k
-                if this_min != min_:
-                    min_ = this_min
-                    if not last:  # the speculative next trial used the old min
-                        isc_n = (rmin + rdelta * F(is_ + 1) + F(nmax)) / (mx - min_)
-                        s_l, s_l2, s_xl = _trial_sums(n, nmax, x, weights, min_, isc_n, nxt)
-                else:
-                    min_ = this_min
-        elif not last:
-            s_l, s_l2, s_xl = _trial_sums(n, nmax, x, weights, min_, isc_n, nxt)
-        tmp = cur
-        cur = nxt
-        nxt = tmp
-        isc_k = isc_n
-        min_k = min_
-    if won:
-        for i in range(n):
-            l = nearest_int(win_iscale * (x[i] - win_min))
-            L[i] = clampi(l, 0, nmax)
-    return scale, min_
+                mn = this_min
+    return scale, mn
 
 
 @njit(cache=True, error_model="numpy")
-def make_qkx2_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, fa, fb):
+def make_qkx2_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, Laux):
     """Asymmetric quants in [0, nmax] with a min; returns (scale, the_min)
     where the_min = -min >= 0, as ggml's out-parameter."""
     mn = x[0]
@@ -504,12 +431,12 @@ def make_qkx2_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, fa, f
         for i in range(n):
             L[i] = 0
         return _F0, -mn
-    scale, mn = _qkx_search(n, nmax, x, weights, L, mn, mx, sum_w, sum_x, rmin, rdelta, nstep, use_mad, fa, fb)
+    scale, mn = _qkx_search(n, nmax, x, weights, L, mn, mx, sum_w, sum_x, rmin, rdelta, nstep, use_mad, Laux)
     return scale, -mn
 
 
 @njit(cache=True, error_model="numpy")
-def make_qkx3_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, fa, fb):
+def make_qkx3_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, Laux):
     """make_qkx2_quants' weighted sibling (weights given: every ggml caller
     of a K-quant passes them); differs in the ``max <= min`` test."""
     mn = x[0]
@@ -530,7 +457,7 @@ def make_qkx3_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, fa, f
         for i in range(n):
             L[i] = 0
         return _F0, -mn
-    scale, mn = _qkx_search(n, nmax, x, weights, L, mn, mx, sum_w, sum_x, rmin, rdelta, nstep, use_mad, fa, fb)
+    scale, mn = _qkx_search(n, nmax, x, weights, L, mn, mx, sum_w, sum_x, rmin, rdelta, nstep, use_mad, Laux)
     return scale, -mn
 
 
