@@ -13,17 +13,21 @@
       "seconds": 3.1,
       "dry_run": false,
       "notes": ["..."],                        # fallbacks, warnings
+      "bits_per_weight": 8.5,                  # tensor data bits / weights (llama-quantize's BPW)
+      "by_type": {"Q8_0": {"tensors": 211, "elements": ..., "bytes": ...}},
+      "fallbacks": [{"name": ..., "wanted": "Q6_K", "type": "Q8_0"}],
       "tensors": [                             # one per tensor, in file order
         {"name": "token_embd.weight", "shape": [49152, 576], "type": "Q8_0",
-         "wanted": null, "reason": "default"}
+         "wanted": null, "reason": "default", "bytes": 30081024}
       ]
     }
 
 ``shape`` is in numpy/Hugging Face order (rows first), ``wanted`` is the type a
 rule chose before a shape fallback (or null). Without ``--json`` a one-line
 summary goes to stderr (nothing with ``--quiet``) and stdout stays empty,
-except with ``--dry-run``: then the plan, one tensor per line (name, type,
-shape, rule), is printed on stdout.
+except with ``--dry-run``: then the plan (quantkit.plan_report: one tensor per
+line with shape, type, MiB and rule; totals, bits per weight, types, fallbacks)
+is printed on stdout.
 """
 from __future__ import annotations
 
@@ -96,10 +100,10 @@ def convert(
     if as_json:
         typer.echo(json.dumps(result_json(res, type_, dry_run), ensure_ascii=False))
         return
-    if dry_run:  # the plan is data: stdout
-        for tp in res.plan:
-            wanted = f" (wanted {tp.wanted.name})" if tp.wanted is not None else ""
-            typer.echo(f"{tp.name:40s} {tp.qtype.name:7s} {str(list(tp.shape)):18s} {tp.reason}{wanted}")
+    if dry_run:  # the plan is data: stdout (quantkit.plan_report: per tensor, totals, bpw, fallbacks)
+        from ..plan_report import render_plan
+
+        typer.echo(render_plan(_as_plan(res, type_)))
     if not quiet:
         for n in res.notes:
             print(f"note: {n}", file=sys.stderr)
@@ -111,9 +115,17 @@ def convert(
                   file=sys.stderr)
 
 
+def _as_plan(res, type_: str):
+    from ..mix import Plan, resolve_preset
+
+    return Plan(file_type=res.file_type, tensors=list(res.plan), preset=resolve_preset(type_).name)
+
+
 def result_json(res, type_: str, dry_run: bool) -> dict:
     from ..mix import resolve_preset
+    from ..plan_report import summary
 
+    s = summary(_as_plan(res, type_))
     return {
         "schema": "quantkit.convert/1",
         "output": str(Path(res.out).resolve()) if res.out is not None else None,
@@ -125,9 +137,14 @@ def result_json(res, type_: str, dry_run: bool) -> dict:
         "seconds": round(res.seconds, 3),
         "dry_run": dry_run,
         "notes": list(res.notes),
+        # plan totals (quantkit.plan_report): tensor data only, as llama-quantize counts it
+        "bits_per_weight": round(s["bits_per_weight"], 4),
+        "by_type": s["by_type"],
+        "fallbacks": s["fallbacks"],
         "tensors": [
             {"name": tp.name, "shape": [int(d) for d in tp.shape], "type": tp.qtype.name,
-             "wanted": tp.wanted.name if tp.wanted is not None else None, "reason": tp.reason}
+             "wanted": tp.wanted.name if tp.wanted is not None else None, "reason": tp.reason,
+             "bytes": tp.n_bytes}
             for tp in res.plan
         ],
     }
