@@ -14,7 +14,9 @@ transformers 4.57.6, the version llama.cpp's requirements pin.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -214,6 +216,22 @@ def add_general_metadata(w: GGUFWriter, model_dir: Path | None, fallback_name: s
     w.add_type(gguf.GGUFType.MODEL)
     meta.set_gguf_meta_model(w)
     return meta
+
+
+@contextlib.contextmanager
+def quiet_gguf_logs():
+    """gguf-py logs through logging (e.g. the converter's rules set some keys
+    twice, on purpose): keep those records off quantkit's stderr."""
+    names = ("gguf.gguf_writer", "gguf.vocab", "gguf.metadata", "metadata")
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, saved):
+            lg.setLevel(lvl)
 
 
 def new_recorder(arch: MODEL_ARCH) -> GGUFWriter:
@@ -425,9 +443,10 @@ class TextFamily:
         fallback = getattr(self.source, "name", None) or (self.model_dir.name if self.model_dir else "model")
         # a hub snapshot's directory is a commit hash: name it after the repo instead
         in_hub_cache = self.model_dir is not None and self.model_dir.parent.name == "snapshots"
-        add_general_metadata(w, self.model_dir, fallback, counts, name=fallback if in_hub_cache else None)
-        self.add_parameters(w)
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        self.add_vocab(w)
+        with quiet_gguf_logs():
+            add_general_metadata(w, self.model_dir, fallback, counts, name=fallback if in_hub_cache else None)
+            self.add_parameters(w)
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            self.add_vocab(w)
         # the stream's name (default output file names) is the checkpoint's: directory or repo name
         return recorded(w), fallback
