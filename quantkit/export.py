@@ -6,7 +6,9 @@ Writes, into a temporary directory renamed into place only on success:
   model.safetensors      dequantized tensors with HF names, streamed one at a
                          time (header first, then each tensor's bytes)
   config.json            LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM
-  tokenizer.json         rebuilt from the GGUF vocabulary (byte-level BPE)
+  tokenizer.json         rebuilt from the GGUF vocabulary, byte-level BPE
+                         ("gpt2"; pre-tokenizers in PRE_TOKENIZERS), or
+  tokenizer.model        for SentencePiece vocabularies ("llama")
   tokenizer_config.json  special tokens, add_bos/add_eos, chat template
 
 For ``llama`` the Q/K row permutation llama.cpp's converter applies
@@ -322,7 +324,8 @@ def build_tokenizer(hdr: GGUFHeader) -> tuple[Any, dict]:
         raise InputError(f"{hdr.path}: has no vocabulary (tokenizer.ggml.model missing)")
     if model != "gpt2":
         raise UnsupportedError(
-            f"{hdr.path}: vocabulary kind {model!r} cannot be exported yet; supported: byte-level BPE ('gpt2')"
+            f"{hdr.path}: vocabulary kind {model!r} cannot be exported yet; supported: byte-level BPE ('gpt2'), "
+            "SentencePiece ('llama')"
         )
     pre = hdr.get("tokenizer.ggml.pre", "default")
     if not isinstance(pre, str) or pre not in PRE_TOKENIZERS:
@@ -373,6 +376,11 @@ def build_tokenizer(hdr: GGUFHeader) -> tuple[Any, dict]:
         at = AddedToken(tok, special=special, normalized=False, lstrip=False, rstrip=False, single_word=False)
         (tk.add_special_tokens if special else tk.add_tokens)([at])
 
+    return tk, _tokenizer_config(hdr, tokens, added, "GPT2Tokenizer")
+
+
+def _tokenizer_config(hdr: GGUFHeader, tokens: list[str], added: list[tuple[int, str, bool]], cls: str) -> dict:
+    """tokenizer_config.json: only what the GGUF holds, so converting back reproduces it."""
     def tok_of(key: str) -> str | None:
         v = _num(hdr, key, "int")
         return tokens[v] if v is not None and v < len(tokens) else None
@@ -401,8 +409,102 @@ def build_tokenizer(hdr: GGUFHeader) -> tuple[Any, dict]:
     if ctx is not None:
         tcfg["model_max_length"] = ctx
     tcfg["clean_up_tokenization_spaces"] = False
-    tcfg["tokenizer_class"] = "GPT2Tokenizer"
-    return tk, tcfg
+    tcfg["tokenizer_class"] = cls
+    return tcfg
+
+
+# SentencePiece: tokenizer.model written as protobuf by hand (sentencepiece_model.proto;
+# field numbers checked against the sentencepiece package's descriptor in the tests).
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _pb_varint(field: int, n: int) -> bytes:
+    return _varint(field << 3) + _varint(n)
+
+
+def _pb_bytes(field: int, b: bytes) -> bytes:
+    return _varint(field << 3 | 2) + _varint(len(b)) + b
+
+
+def _pb_float(field: int, x: float) -> bytes:
+    import struct
+
+    return _varint(field << 3 | 5) + struct.pack("<f", x)
+
+
+SPM_MODEL_BPE = 2
+_SPM_DEFAULT_PAD = re.compile(r"^\[PAD(\d+)\]$")
+
+
+def build_sentencepiece(hdr: GGUFHeader) -> tuple[bytes, dict]:
+    """(tokenizer.model bytes, tokenizer_config dict) for a ``tokenizer.ggml.model == "llama"`` vocabulary.
+
+    Inverse of the converter's _create_vocab_sentencepiece: trailing "[PAD<i>]" fillers
+    are left out of the model (config.json keeps the full vocab_size); tokens with the
+    added-token score -1000 go to added_tokens_decoder (special unless USER_DEFINED).
+    """
+    tokens = _array(hdr, "tokenizer.ggml.tokens", {GGUFValueType.STRING})
+    if not tokens:
+        raise InputError(f"{hdr.path}: the vocabulary (tokenizer.ggml.tokens) is missing or empty")
+    scores = _array(hdr, "tokenizer.ggml.scores", _FLOAT_TYPES) or [0.0] * len(tokens)
+    types = _array(hdr, "tokenizer.ggml.token_type", _INT_TYPES) or [TokenType.NORMAL] * len(tokens)
+    if not len(tokens) == len(scores) == len(types):
+        raise InputError(f"{hdr.path}: {len(tokens)} tokens, {len(scores)} scores, {len(types)} token types")
+    n = len(tokens)
+    while n > 1 and types[n - 1] == TokenType.UNUSED and _SPM_DEFAULT_PAD.match(tokens[n - 1]) \
+            and int(_SPM_DEFAULT_PAD.match(tokens[n - 1]).group(1)) == n - 1:
+        n -= 1
+    unk = _num(hdr, "tokenizer.ggml.unknown_token_id", "int")
+    if unk is None:
+        unk = next((i for i in range(n) if types[i] == TokenType.UNKNOWN), 0)  # llama.cpp's default for SPM
+    if unk >= n:
+        raise UnsupportedError(f"{hdr.path}: SentencePiece vocabulary without an unknown token cannot be exported")
+    pieces = b""
+    added: list[tuple[int, str, bool]] = []
+    seen: set[str] = set()
+    for i in range(n):
+        tok, tt, sc = tokens[i], int(types[i]), float(scores[i])
+        if tok in seen or not tok:
+            raise InputError(f"{hdr.path}: token {i} {tok!r} is empty or appears twice")
+        seen.add(tok)
+        sp_type = TokenType.UNKNOWN if i == unk else tt
+        if sp_type == TokenType.UNKNOWN and i != unk:
+            sp_type = TokenType.CONTROL
+        if sp_type not in (1, 2, 3, 4, 5, 6):
+            raise InputError(f"{hdr.path}: token {i} has invalid type {tt}")
+        if sc == -1000.0 and tt in (TokenType.CONTROL, TokenType.USER_DEFINED):
+            added.append((i, tok, tt == TokenType.CONTROL))
+        pieces += _pb_bytes(1, _pb_bytes(1, tok.encode("utf-8")) + _pb_float(2, sc) + _pb_varint(3, int(sp_type)))
+    byte_fallback = any(t == TokenType.BYTE for t in types[:n])
+    ids = {41: "tokenizer.ggml.bos_token_id", 42: "tokenizer.ggml.eos_token_id", 43: "tokenizer.ggml.padding_token_id"}
+    trainer = _pb_varint(3, SPM_MODEL_BPE) + _pb_varint(4, n) + _pb_varint(35, int(byte_fallback)) + _pb_varint(40, unk)
+    for field, key in ids.items():
+        v = _num(hdr, key, "int")
+        trainer += _pb_varint(field, v if v is not None and v < n else -1)
+    add_prefix = hdr.get("tokenizer.ggml.add_space_prefix", True)
+    normalizer = (_pb_bytes(1, b"identity") + _pb_varint(3, int(bool(add_prefix))) + _pb_varint(4, 0)
+                  + _pb_varint(5, 1))
+    model = pieces + _pb_bytes(2, trainer) + _pb_bytes(3, normalizer)
+    tcfg = _tokenizer_config(hdr, tokens, added, "LlamaTokenizer")
+    return model, tcfg
+
+
+def tokenizer_files(hdr: GGUFHeader) -> tuple[dict[str, bytes], dict]:
+    """The tokenizer files to write ({name: bytes}) and tokenizer_config.json's dict."""
+    model = hdr.get("tokenizer.ggml.model")
+    if model == "llama":
+        spm, tcfg = build_sentencepiece(hdr)
+        return {"tokenizer.model": spm}, tcfg
+    tk, tcfg = build_tokenizer(hdr)
+    return {"tokenizer.json": (tk.to_str(pretty=True)).encode()}, tcfg
 
 
 # ---------------------------------------------------------------- driver
@@ -452,7 +554,7 @@ def export_gguf(path: "str | os.PathLike[str]", out_dir: "str | os.PathLike[str]
     hdr = read_header(path)
     arch = _arch(hdr)
     cfg = build_config(hdr, dtype)
-    tk, tcfg = build_tokenizer(hdr)
+    tok_files, tcfg = tokenizer_files(hdr)
     plan = _tensor_plan(hdr, cfg, arch)
     _prepare_out(out_dir, force)
 
@@ -463,7 +565,8 @@ def export_gguf(path: "str | os.PathLike[str]", out_dir: "str | os.PathLike[str]
     try:
         _write_safetensors(tmp / "model.safetensors", hdr, plan, dtype)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        tk.save(str(tmp / "tokenizer.json"))
+        for name, data in tok_files.items():
+            (tmp / name).write_bytes(data)
         (tmp / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2, ensure_ascii=False) + "\n")
         files = sorted(p.name for p in tmp.iterdir())
         umask = os.umask(0)
@@ -489,5 +592,5 @@ def export_gguf(path: "str | os.PathLike[str]", out_dir: "str | os.PathLike[str]
     return ExportResult(out_dir, arch, len(plan), sum(t.n_elements for _, t, _ in plan), dtype, files)
 
 
-__all__ = ["EXPORT_FORMAT", "export_gguf", "ExportResult", "build_config", "build_tokenizer", "hf_tensor_name", "permute", "unpermute",
+__all__ = ["EXPORT_FORMAT", "export_gguf", "tokenizer_files", "build_sentencepiece", "ExportResult", "build_config", "build_tokenizer", "hf_tensor_name", "permute", "unpermute",
            "dequantize_tensor", "ARCHS", "PRE_TOKENIZERS"]

@@ -452,7 +452,7 @@ def test_existing_output_refused_then_forced(tmp_path, capsys):
     ("parent", 5, "no such directory"),
 ])
 def test_export_errors(tmp_path, capsys, case, code, needle):
-    kw = {"arch": {"arch": "gpt2"}, "pre": {"pre": "chatglm-bpe"}, "vocab": {"vocab_model": "llama"},
+    kw = {"arch": {"arch": "gpt2"}, "pre": {"pre": "chatglm-bpe"}, "vocab": {"vocab_model": "t5"},
           "imatrix": {"general_type": "imatrix"}}.get(case, {})
     src = write_tiny_llama(tmp_path / "tiny.gguf", **kw)
     args = ["export", str(src), "-o", str(tmp_path / "hf")]
@@ -629,3 +629,97 @@ def test_fuzzed_gguf_is_a_clear_error(tmp_path):
             shutil.rmtree(out)
 
     check()
+
+
+# ---------------------------------------------------------------- SentencePiece vocabularies
+
+@pytest.fixture(scope="module")
+def spm_checkpoint(random_checkpoint, tmp_path_factory):
+    """The random tiny llama with a SentencePiece BPE tokenizer.model (byte fallback, as
+    Llama 2's) trained on pydoc text: 500 pieces for a vocab_size of 512, so the converter
+    pads with [PAD<i>] tokens."""
+    import io
+    import shutil
+
+    import sentencepiece as spm
+
+    src = random_checkpoint("llama-f32")
+    d = tmp_path_factory.mktemp("spm") / "spm-llama"
+    d.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(src / f, d / f)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(" ".join(_pydoc_texts()).splitlines()), model_writer=model, vocab_size=500,
+        model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        user_defined_symbols=["<tool>"], minloglevel=2, num_threads=1)
+    (d / "tokenizer.model").write_bytes(model.getvalue())
+    special = {"0": "<unk>", "1": "<s>", "2": "</s>"}
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "added_tokens_decoder": {k: {"content": v, "lstrip": False, "normalized": False, "rstrip": False,
+                                     "single_word": False, "special": True} for k, v in special.items()},
+        "chat_template": "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}",
+        "tokenizer_class": "LlamaTokenizer", "model_max_length": 2048}))
+    return d
+
+
+def test_sentencepiece_export_round_trip(spm_checkpoint, tmp_path):
+    import sentencepiece as spm
+
+    from quantkit.convert import ConvertOptions, convert
+
+    x = tmp_path / "x.gguf"
+    convert(ConvertOptions(src=str(spm_checkpoint), type="F32", out=x, quiet=True, progress=False))
+    r = GGUFReader(x)
+    assert r.fields["tokenizer.ggml.model"].contents() == "llama"
+    assert r.fields["tokenizer.ggml.tokens"].contents()[-1] == "[PAD511]"
+    hf = tmp_path / "rt" / spm_checkpoint.name
+    hf.parent.mkdir()
+    export_gguf(x, hf, dtype="f32")
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model",
+                                                    "tokenizer_config.json"]
+    ours = spm.SentencePieceProcessor(model_file=str(hf / "tokenizer.model"))
+    orig = spm.SentencePieceProcessor(model_file=str(spm_checkpoint / "tokenizer.model"))
+    assert ours.vocab_size() == orig.vocab_size() == 500
+    for i in range(500):
+        assert ours.IdToPiece(i) == orig.IdToPiece(i)
+        assert (ours.IsControl(i), ours.IsUnknown(i), ours.IsByte(i)) == (orig.IsControl(i), orig.IsUnknown(i), orig.IsByte(i))
+    texts = _pydoc_texts()[::8]
+    for t in texts:
+        assert ours.encode(t) == orig.encode(t), t[:60]
+    # The converter keeps no trace of user-defined symbols ("<tool>" is a NORMAL token in
+    # the GGUF): ours, like llama.cpp, then spells it out; the original matches it whole.
+    extra = "  two  spaces, 12345 digits, <tool> and ünïcödé 🦙\n\ttab"
+    assert ours.encode(extra) != orig.encode(extra)
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(x), vocab_only=True, verbose=False)
+    for t in texts + [extra]:
+        assert ours.encode(t) == llm.tokenize(t.encode(), add_bos=False, special=False), t[:60]
+    # converting the export again gives the same file
+    y = tmp_path / "y.gguf"
+    convert(ConvertOptions(src=str(hf), type="F32", out=y, quiet=True, progress=False))
+    _assert_same_gguf(x, y)
+
+
+def test_sentencepiece_field_numbers():
+    """The hand-written tokenizer.model fields match sentencepiece_model.proto's numbers,
+    read from the descriptor the sentencepiece package ships."""
+    import importlib.util
+    import re as _re
+
+    spec = importlib.util.find_spec("sentencepiece.sentencepiece_model_pb2")
+    src = Path(spec.origin).read_text()
+    desc = eval(_re.search(r"AddSerializedFile\((b'.*?')\)", src, _re.S).group(1))  # noqa: S307 (a bytes literal)
+
+    def number(name: str) -> int:
+        n = name.encode()
+        j = desc.find(b"\n" + bytes([len(n)]) + n + b"\x18")
+        assert j >= 0, name
+        return desc[j + 2 + len(n) + 1]
+
+    want = {"pieces": 1, "trainer_spec": 2, "normalizer_spec": 3, "piece": 1, "score": 2, "type": 3,
+            "model_type": 3, "vocab_size": 4, "byte_fallback": 35, "unk_id": 40, "bos_id": 41, "eos_id": 42,
+            "pad_id": 43, "name": 1, "add_dummy_prefix": 3, "remove_extra_whitespaces": 4, "escape_whitespaces": 5}
+    assert {k: number(k) for k in want} == want
