@@ -1,20 +1,28 @@
-"""Wall time and peak RSS of `quantkit convert`, beside llama.cpp's
-convert_hf_to_gguf.py (torch + gguf-py) on the same job, measured in the same run.
+"""Wall time and peak RSS of `quantkit convert`, beside llama.cpp's route to the
+same file, measured in the same run (the anchor), ratio printed.
 
-    python scripts/bench_convert.py [--types f32,bf16,q8_0] [--models tiny,kquant,bench,smollm2]
+    python scripts/bench_convert.py                        # Q4_K_M on smollm2 and bench, 2 threads
+    python scripts/bench_convert.py --types Q4_K_M,Q6_K --models smollm2 --threads 2 --reference
+    python scripts/bench_convert.py --types f32,bf16,q8_0 --models kquant   # float: vs convert_hf_to_gguf.py
 
-Each conversion runs in its own subprocess; peak RSS is that child's
-ru_maxrss (resource.getrusage(RUSAGE_CHILDREN) difference is not usable for
-a max, so every job runs under a fresh `python -c` that reports its own).
-Models: tiny = random "llama-f32" (0.1M params), kquant (5M), bench
-(~237M params, BF16, built on demand), smollm2 (135M, the rebuilt SmolLM2).
-The anchor is the reference converter's time on the same checkpoint and type:
-ratios < 1 mean quantkit is faster.
+Quantized presets: `quantkit convert HF_DIR --type T` end to end, beside
+  llama (our BF16): `quantkit convert HF_DIR --type BF16`, then llama_model_quantize
+                    (llama-cpp-python, llama-quantize's engine) with the same threads;
+  llama (ref BF16): with --reference, llama.cpp's convert_hf_to_gguf.py (torch) to
+                    BF16 instead of ours, then llama_model_quantize.
+A route's time is the sum of its steps, its peak RSS the largest step's.
+Float types (f32/f16/bf16/q8_0 with --float): beside convert_hf_to_gguf.py.
+
+Every step is its own subprocess; wall time is measured around it and peak RSS
+is that child's ru_maxrss from os.wait4 (RUSAGE_CHILDREN cannot give a per-run
+max). Models: smollm2 (135M, the rebuilt SmolLM2, BF16), bench (~237M params
+random llama 1024/2816, BF16, built on demand), kquant (5M), tiny.
+"same" says whether our file is byte-identical to the llama route's output.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -24,70 +32,125 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-_CHILD = r"""
-import json, resource, sys, time
-t0 = time.perf_counter()
-from quantkit.convert import convert, ConvertOptions
-r = convert(ConvertOptions(src=sys.argv[1], type=sys.argv[2], out=sys.argv[3], force=True,
-                           vocab_pre=sys.argv[4] or None, quiet=True))
-print(json.dumps({"seconds": time.perf_counter() - t0, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  "bytes": r.n_bytes}))
+FLOAT_TYPES = ("f32", "f16", "bf16")
+
+_LLAMA_QUANTIZE = r"""
+import ctypes, sys
+import llama_cpp
+@llama_cpp.llama_log_callback
+def _cb(level, text, ud):
+    pass
+llama_cpp.llama_log_set(_cb, ctypes.c_void_p(0))
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype = int(sys.argv[3]); p.nthread = int(sys.argv[4])
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))
 """
 
 
 def checkpoint(name: str) -> tuple[Path, str | None]:
-    from fixtures import random_checkpoints as rc
-
     if name == "smollm2":
         from fixtures.smollm2 import build
 
         return build(), None
-    spec = {"tiny": "llama-f32"}.get(name, name)
-    return rc.cached(spec), rc.VOCAB_PRE
+    from fixtures import random_checkpoints as rc
+
+    if Path(name).is_dir():
+        return Path(name), None
+    return rc.cached({"tiny": "llama-f32"}.get(name, name)), rc.VOCAB_PRE
 
 
-def ours(ckpt: Path, t: str, pre: str | None) -> dict:
-    with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "o.gguf"
-        r = subprocess.run([sys.executable, "-c", _CHILD, str(ckpt), t.upper(), str(out), pre or ""],
-                           capture_output=True, text=True, cwd=ROOT)
-        if r.returncode:
-            raise SystemExit(r.stderr)
-        return json.loads(r.stdout.strip().splitlines()[-1])
+def run(cmd: list[str], cwd: Path | None = None, env: dict | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one subprocess."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = p.stderr.read()
+    _, status, ru = os.wait4(p.pid, 0)
+    dt = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode:
+        raise SystemExit(f"failed ({p.returncode}): {' '.join(map(str, cmd))}\n{err.decode(errors='replace')[-3000:]}")
+    return dt, ru.ru_maxrss / 1024.0
 
 
-def reference(ckpt: Path, t: str, pre: str | None) -> float | None:
+def quantkit_cmd(ckpt: Path, t: str, out: Path, pre: str | None, threads: int) -> list[str]:
+    cmd = [sys.executable, "-m", "quantkit", "convert", str(ckpt), "--type", t, "-o", str(out), "--force",
+           "--threads", str(threads), "--quiet"]
+    return cmd + (["--vocab-pre", pre] if pre else [])
+
+
+def reference_bf16(ckpt: Path, out: Path, pre: str | None) -> tuple[list[str], Path, dict]:
     from fixtures import reference_converter as refc
 
-    if t.lower() not in refc.OUTTYPES:
-        return None
-    with tempfile.TemporaryDirectory() as d:
-        # not cached: time a fresh run (the cache would hide it)
-        t0 = time.perf_counter()
-        py = refc.ensure_venv()
-        src = refc.llama_cpp_source()
-        r = subprocess.run([str(py), "-c", refc._RUNNER, str(src), str(src / "convert_hf_to_gguf.py"), pre or "",
-                            str(ckpt), "--outtype", t.lower(), "--outfile", str(Path(d) / "r.gguf")],
-                           cwd=str(src), capture_output=True, text=True)
-        if r.returncode:
-            raise SystemExit(r.stderr[-2000:])
-        return time.perf_counter() - t0
+    py = refc.ensure_venv()
+    src = refc.llama_cpp_source()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", NO_LOCAL_GGUF="1")
+    return ([str(py), "-c", refc._RUNNER, str(src), str(src / "convert_hf_to_gguf.py"), pre or "",
+             str(ckpt), "--outtype", "bf16", "--outfile", str(out)], src, env)
+
+
+def bench_quant(model: str, t: str, threads: int, reference: bool, d: Path) -> list[tuple]:
+    from quantkit.mix import resolve_preset
+
+    ckpt, pre = checkpoint(model)
+    ftype = int(resolve_preset(t).ftype)
+    ours_out, bf16, ref_bf16, l_out, r_out = (d / n for n in ("ours.gguf", "bf16.gguf", "ref-bf16.gguf",
+                                                                "llama.gguf", "llama-ref.gguf"))
+    rows = []
+    s, m = run(quantkit_cmd(ckpt, t, ours_out, pre, threads), cwd=d)
+    rows.append((model, t, "quantkit", s, m, None))
+    s1, m1 = run(quantkit_cmd(ckpt, "BF16", bf16, pre, threads), cwd=d)
+    s2, m2 = run([sys.executable, "-c", _LLAMA_QUANTIZE, str(bf16), str(l_out), str(ftype), str(threads)], cwd=d)
+    rows.append((model, t, "llama (our BF16)", s1 + s2, max(m1, m2), ours_out.read_bytes() == l_out.read_bytes()))
+    if reference:
+        cmd, cwd, env = reference_bf16(ckpt, ref_bf16, pre)
+        s1, m1 = run(cmd, cwd=cwd, env=env)
+        s2, m2 = run([sys.executable, "-c", _LLAMA_QUANTIZE, str(ref_bf16), str(r_out), str(ftype), str(threads)],
+                     cwd=d)
+        rows.append((model, t, "llama (ref BF16)", s1 + s2, max(m1, m2), ours_out.read_bytes() == r_out.read_bytes()))
+    for f in (ours_out, bf16, ref_bf16, l_out, r_out):
+        f.unlink(missing_ok=True)
+    return rows
+
+
+def bench_float(model: str, t: str, threads: int, d: Path) -> list[tuple]:
+    from fixtures import reference_converter as refc
+
+    ckpt, pre = checkpoint(model)
+    ours_out = d / "ours.gguf"
+    s, m = run(quantkit_cmd(ckpt, t.upper(), ours_out, pre, threads), cwd=d)
+    rows = [(model, t, "quantkit", s, m, None)]
+    if t.lower() in refc.OUTTYPES:
+        cmd, cwd, env = reference_bf16(ckpt, d / "ref.gguf", pre)
+        cmd[cmd.index("bf16")] = t.lower()
+        s, m = run(cmd, cwd=cwd, env=env)
+        rows.append((model, t, "convert_hf_to_gguf", s, m, ours_out.read_bytes() == (d / "ref.gguf").read_bytes()))
+        (d / "ref.gguf").unlink(missing_ok=True)
+    ours_out.unlink(missing_ok=True)
+    return rows
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--types", default="f32,bf16,q8_0")
-    ap.add_argument("--models", default="tiny,kquant,smollm2,bench")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--types", default="Q4_K_M")
+    ap.add_argument("--models", default="smollm2,bench")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reference", action="store_true", help="also time convert_hf_to_gguf.py (torch) + quantize")
+    ap.add_argument("--float", dest="float_", action="store_true",
+                    help="f32/f16/bf16/q8_0: compare with convert_hf_to_gguf.py's own output")
     a = ap.parse_args()
-    print(f"{'model':10s} {'type':5s} {'quantkit s':>10s} {'peak RSS MB':>11s} {'llama.cpp s':>11s} {'ratio':>6s}")
+    print(f"{'model':8s} {'type':7s} {'route':20s} {'wall s':>8s} {'peak MiB':>9s} {'same':>5s}   "
+          f"quantkit: speed-up, RSS ratio", flush=True)
     for m in a.models.split(","):
-        ckpt, pre = checkpoint(m)
         for t in a.types.split(","):
-            o = ours(ckpt, t, pre)
-            ref = reference(ckpt, t, pre)
-            ratio = f"{o['seconds'] / ref:6.2f}" if ref else "     -"
-            refs = f"{ref:11.1f}" if ref else "          -"
-            print(f"{m:10s} {t:5s} {o['seconds']:10.1f} {o['maxrss_kb'] / 1024:11.0f} {refs} {ratio}", flush=True)
+            with tempfile.TemporaryDirectory(dir=os.environ.get("QUANTKIT_BENCH_TMP")) as d:
+                rows = (bench_float(m, t, a.threads, Path(d)) if a.float_ or t.lower() in FLOAT_TYPES
+                        else bench_quant(m, t, a.threads, a.reference, Path(d)))
+            ours = rows[0]
+            for r in rows:
+                same = "" if r[5] is None else ("yes" if r[5] else "NO")
+                cmp = "" if r is ours else f"   {r[3] / ours[3]:.2f}x faster, {ours[4] / r[4]:.2f}x the RSS"
+                print(f"{r[0]:8s} {r[1]:7s} {r[2]:20s} {r[3]:8.1f} {r[4]:9.0f} {same:>5s}{cmp}", flush=True)
 
 
 if __name__ == "__main__":
