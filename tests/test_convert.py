@@ -454,3 +454,60 @@ def test_sentencepiece_vocab_parity(random_checkpoint, reference_gguf, tmp_path,
     assert kv["tokenizer.ggml.model"][2] == "llama" and kv["tokenizer.ggml.pre"][2] == "default"
     assert diff(out, ref) == []
     assert filecmp.cmp(out, ref, shallow=False)
+
+
+def _cfg_edit(**changes):
+    def edit(d: Path) -> None:
+        cfg = json.loads((d / "config.json").read_text())
+        for k, v in changes.items():
+            if v is None:
+                cfg.pop(k, None)
+            else:
+                cfg[k] = v
+        (d / "config.json").write_text(json.dumps(cfg))
+    return edit
+
+
+def _model_card(d: Path) -> None:
+    (d / "README.md").write_text(
+        "---\nlicense: apache-2.0\nlanguage:\n- en\ntags:\n- tiny\n- test\nbase_model: org/Base-Model-1B\n"
+        "datasets:\n- org/some-data\n---\n# A tiny model\n")
+    (d / "generation_config.json").write_text(json.dumps({"temperature": 0.7, "top_p": 0.9, "top_k": 40,
+                                                         "repetition_penalty": 1.1}))
+
+
+VARIANTS = {
+    # transformers' defaults for what config.json leaves out (head_dim computed, eps, context)
+    "llama-defaults": ("llama-f32", _cfg_edit(head_dim=None, rms_norm_eps=None, max_position_embeddings=None)),
+    "llama-linear-rope": ("llama-f32", _cfg_edit(rope_scaling={"type": "linear", "factor": 2.0})),
+    "mistral-no-head-dim": ("mistral-bf16", _cfg_edit(head_dim=None)),
+    "qwen2-yarn": ("qwen2-f16-sharded", _cfg_edit(rope_scaling={"type": "yarn", "factor": 4.0,
+                                                                "original_max_position_embeddings": 512})),
+    "qwen3-model-card": ("qwen3-bf16", _model_card),
+}
+
+
+VARIANT_KEYS = {
+    "llama-defaults": ["llama.attention.key_length", "llama.context_length"],
+    "llama-linear-rope": ["llama.rope.scaling.type", "llama.rope.scaling.factor"],
+    "mistral-no-head-dim": ["llama.rope.dimension_count"],
+    "qwen2-yarn": ["qwen2.rope.scaling.type", "qwen2.rope.scaling.original_context_length"],
+    "qwen3-model-card": ["general.license", "general.base_model.0.name", "general.dataset.count",
+                         "general.sampling.penalty_repeat", "general.tags"],
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_metadata_variants_match_converter(variant, random_checkpoint, reference_gguf, tmp_path, capsys):
+    name, edit = VARIANTS[variant]
+    d = tmp_path / variant
+    shutil.copytree(random_checkpoint(name), d)
+    edit(d)
+    ref = reference_gguf(d, "f32", VOCAB_PRE)
+    out = tmp_path / "ours.gguf"
+    rc, _, err = _cli(["convert", str(d), "--type", "F32", "-o", str(out), "--vocab-pre", VOCAB_PRE, "--quiet"],
+                      capsys)
+    assert rc == 0, err
+    assert set(VARIANT_KEYS[variant]) <= set(kv_items(out))  # the variant reaches the metadata at all
+    assert diff(out, ref) == []
+    assert filecmp.cmp(out, ref, shallow=False)
