@@ -511,3 +511,36 @@ def test_metadata_variants_match_converter(variant, random_checkpoint, reference
     assert set(VARIANT_KEYS[variant]) <= set(kv_items(out))  # the variant reaches the metadata at all
     assert diff(out, ref) == []
     assert filecmp.cmp(out, ref, shallow=False)
+
+
+def test_hub_repo_id_offline_end_to_end(random_checkpoint, tmp_path, monkeypatch, capsys):
+    """SRC as a hub repo id, resolved from a local cache layout with HF_HUB_OFFLINE=1 (nothing downloaded)."""
+    from gguf_compare import tensor_items
+
+    src = random_checkpoint("qwen3-bf16")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    base = tmp_path / "hub" / "models--someorg--tiny-qwen3"
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(commit)
+    snap = base / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (base / "blobs").mkdir()
+    for i, f in enumerate(sorted(src.iterdir())):
+        blob = base / "blobs" / f"blob{i}"
+        shutil.copy(f, blob)
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    for k in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    rc, _, err = _cli(["convert", "someorg/tiny-qwen3", "--type", "F16", "--vocab-pre", VOCAB_PRE, "--quiet"], capsys)
+    assert rc == 0, err
+    out = work / "tiny-qwen3-F16.gguf"
+    assert kv_items(out)["general.name"][2] == "tiny-qwen3"
+    local = tmp_path / "local.gguf"
+    assert _cli(["convert", str(src), "--type", "F16", "-o", str(local), "--vocab-pre", VOCAB_PRE, "--quiet"],
+                capsys)[0] == 0
+    assert tensor_items(out) == tensor_items(local)
