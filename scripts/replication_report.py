@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--best", action="append", default=[], metavar="PRESET=SPEC",
+                    help="skip the search for PRESET and use these repeats (e.g. from an earlier run)")
     a = ap.parse_args(argv)
 
     import pydoc_data.topics as topics
@@ -141,11 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     budget = a.budget_mb or plan_size(src, "Q4_K_S") / 1e6
     report["budget_mb"] = budget
     best: dict[str, str | None] = {}
+    for b in a.best:
+        p, _, spec = b.partition("=")
+        best[p.strip().upper()] = spec.strip() or None
+        report["searches"][p.strip().upper()] = {"given": spec.strip()}
     presets = [p.strip().upper() for p in a.presets.split(",")]
     for preset in presets:
+        if preset in best:
+            continue
         reuse = next((p for p in best if plan_types(src, p, None) == plan_types(src, preset, None)
-                      and best[p] is not None
-                      and plan_types(src, p, best[p]) == plan_types(src, preset, best[p])), None)
+                      and (best[p] is None or plan_types(src, p, best[p]) == plan_types(src, preset, best[p]))),
+                     None)
         if reuse:
             log(f"{preset}: same per-tensor types as {reuse} with and without the repeats; reusing its search")
             best[preset] = best[reuse]
@@ -159,8 +167,13 @@ def main(argv: list[str] | None = None) -> int:
                        imatrix_text=t_imatrix, imatrix_chunks=a.imatrix_chunks, log=log)
         S.chart(res, out_dir / f"search-{preset}.png")
         report["searches"][preset] = res.to_json()
-        best[preset] = res.best.repeat if res.best is not None else None
-        log(f"{preset}: best {res.best.label if res.best else '-'} after {res.n_tried} configurations")
+        (out_dir / f"search-{preset}.json").write_text(json.dumps(res.to_json(), indent=1))
+        # the best replication found: the greedy choice, else the least bad candidate (reported either way)
+        reps = [c for c in res.configs if c.repeat]
+        pick = res.best if res.best is not None and res.best.repeat else min(reps, key=lambda c: c.kld, default=None)
+        best[preset] = pick.repeat if pick is not None else None
+        log(f"{preset}: best {pick.label if pick else '-'} after {res.n_tried} configurations "
+            f"({'beats' if res.best is not None and res.best.repeat else 'does not beat'} plain {preset} on dev)")
 
     # held-out: every configuration converted again (imatrix on the first third, on its own graph)
     ev = S.Evaluator(src, t_eval, ctx=a.ctx, chunks=a.eval_chunks, workdir=out_dir, imatrix_text=t_imatrix,
@@ -173,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((preset, preset, rep, "best replication"))
             size = plan_size(src, preset, rep)
             i = LADDER.index(preset)
-            nxt = next((p for p in LADDER[i + 1:] if plan_size(src, p) >= size), None)
+            own = plan_size(src, preset)
+            sizes = {p: plan_size(src, p) for p in LADDER[i + 1:i + 6]}
+            nxt = min((p for p, z in sizes.items() if z > own), key=lambda p: abs(sizes[p] - size), default=None)
             if nxt:
                 rows.append((preset, nxt, None, "(b) next larger preset of about that size"))
             rows.append((preset, "BF16", rep, "(d) BF16 with the same repeats"))
