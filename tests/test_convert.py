@@ -544,3 +544,18 @@ def test_hub_repo_id_offline_end_to_end(random_checkpoint, tmp_path, monkeypatch
     assert _cli(["convert", str(src), "--type", "F16", "-o", str(local), "--vocab-pre", VOCAB_PRE, "--quiet"],
                 capsys)[0] == 0
     assert tensor_items(out) == tensor_items(local)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--type", "Q9_9"], "Q9_9"),
+    (["--threads", "0"], "--threads"),
+    (["--bogus"], "--bogus"),
+    (["--tensor-type", "attn_v"], "REGEX=TYPE"),
+    (["--vocab-pre", "no-such-pre"], "no-such-pre"),
+    (["--repeat", "2:1"], "--repeat"),
+], ids=["type", "threads", "option", "tensor-type", "vocab-pre", "repeat"])
+def test_usage_errors_are_one_line_exit_2(args, needle, random_checkpoint, tmp_path, capsys):
+    out = tmp_path / "o.gguf"
+    rc, so, err = _cli(["convert", str(random_checkpoint("llama-f32")), "-o", str(out), *args], capsys)
+    assert rc == 2 and so == "" and needle in _one_error_line(err)
+    assert not out.exists()

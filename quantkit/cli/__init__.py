@@ -79,10 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # typer.Exit inside commands
         return int(e.code or 0) if isinstance(e.code, int) or e.code is None else 1
     except Exception as e:  # click usage errors and the rest
-        import click
+        try:  # typer >= 0.29 vendors click as typer._click
+            from typer import _click as click
+        except ImportError:  # pragma: no cover - older typer
+            import click
 
         if isinstance(e, click.exceptions.ClickException):
-            e.show()
+            # one line, as every other error (click's show() prints usage lines too)
+            msg = _one_line(e.format_message())
+            if msg:  # (no_args_is_help has printed the help and has no message)
+                print(f"error: {msg}", file=sys.stderr)
             return e.exit_code
         if isinstance(e, click.exceptions.Abort):
             print("error: interrupted", file=sys.stderr)
