@@ -559,3 +559,17 @@ def test_usage_errors_are_one_line_exit_2(args, needle, random_checkpoint, tmp_p
     rc, so, err = _cli(["convert", str(random_checkpoint("llama-f32")), "-o", str(out), *args], capsys)
     assert rc == 2 and so == "" and needle in _one_error_line(err)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("preset,ftype", [("Q8_0", 7), ("Q4_K_M", 15)])
+def test_gguf_input_quantized_equals_llama_quantize(preset, ftype, random_checkpoint, reference_gguf, tmp_path, capsys):
+    """llama.cpp's own F32 file as SRC: quantkit's output is llama-quantize's, byte for byte."""
+    from llama_oracle import llama_quantize
+
+    f32 = reference_gguf(random_checkpoint("kquant"), "f32", VOCAB_PRE)
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
+    rc, _, err = _cli(["convert", str(f32), "--type", preset, "-o", str(ours), "--quiet"], capsys)
+    assert rc == 0, err
+    assert llama_quantize(f32, theirs, ftype) == 0
+    assert diff(ours, theirs) == []
+    assert filecmp.cmp(ours, theirs, shallow=False)
