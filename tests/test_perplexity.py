@@ -89,14 +89,10 @@ def test_perplexity_gguf_matches_llama_cpp(smollm2_gguf, gguf_model, text):
     assert abs(res["ppl"] / ref - 1) < 0.005, (res["ppl"], ref)
 
 
-def test_perplexity_hf_checkpoint_matches_llama_cpp(smollm2_checkpoint, text):
+def test_perplexity_hf_checkpoint_matches_llama_cpp(smollm2_checkpoint, reference_gguf, text):
     """The HF checkpoint through our forward pass vs llama.cpp on the BF16 GGUF
     that llama.cpp's own converter makes from the same checkpoint."""
-    ref_conv = pytest.importorskip("fixtures.reference_converter")
-    try:
-        bf16 = ref_conv.convert(smollm2_checkpoint, "bf16")
-    except Exception as e:  # pragma: no cover - oracle venv unavailable
-        pytest.skip(f"reference converter unavailable: {e}")
+    bf16 = reference_gguf(smollm2_checkpoint, "bf16")
     s = open_stream(smollm2_checkpoint)
     tok = load_tokenizer(s, smollm2_checkpoint)
     model = Model.from_stream(s)
@@ -105,7 +101,26 @@ def test_perplexity_hf_checkpoint_matches_llama_cpp(smollm2_checkpoint, text):
     assert abs(res["ppl"] / ref - 1) < 0.005, (res["ppl"], ref)
 
 
-def test_kld_matches_llama_cpp(smollm2_gguf, smollm2_checkpoint, gguf_model, text):
+def test_perplexity_q4_k_m_matches_llama_cpp(smollm2_checkpoint, reference_gguf, gguf_model, text, tmp_path):
+    """A Q4_K_M file (llama.cpp's quantizer on the converter's BF16 GGUF): K-quant
+    and fallback types, Q8_K/Q8_0 activation rounding."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from llama_oracle import llama_quantize
+
+    bf16 = reference_gguf(smollm2_checkpoint, "bf16")
+    q = tmp_path / "q4km.gguf"
+    assert llama_quantize(bf16, q, 15) == 0  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    _, tok = gguf_model
+    # 8 chunks: over 4 chunks (252 tokens) llama.cpp's own rounding noise
+    # (flash attention in f16, fast exp/silu) moved this file's PPL by 0.56%
+    res = perplexity(q, text, ctx=CTX, n_chunks=2 * CHUNKS, tokenizer=tok)
+    ref, _ = llama_ppl(q, tok.encode(text), CTX, 2 * CHUNKS, tok.bos_id if tok.add_bos else None)
+    assert abs(res["ppl"] / ref - 1) < 0.005, (res["ppl"], ref)
+
+
+def test_kld_matches_llama_cpp(smollm2_gguf, smollm2_checkpoint, reference_gguf, gguf_model, text):
     """KLD of the Q4_1 GGUF against the (dequantized, bf16) checkpoint: ours vs
     the same statistic from llama-cpp-python's logits of both models."""
     model, tok = gguf_model
@@ -116,11 +131,7 @@ def test_kld_matches_llama_cpp(smollm2_gguf, smollm2_checkpoint, gguf_model, tex
     self_res = perplexity(smollm2_gguf, text, ctx=CTX, n_chunks=1, model=model, tokenizer=tok, base_model=model)
     assert abs(self_res["kld"]["mean_kld"]) < 1e-9 and self_res["kld"]["same_top_p"] == 1.0
     # oracle: llama.cpp logits of the Q4_1 file vs of the reference converter's bf16 file
-    ref_conv = pytest.importorskip("fixtures.reference_converter")
-    try:
-        bf16 = ref_conv.convert(smollm2_checkpoint, "bf16")
-    except Exception as e:  # pragma: no cover
-        pytest.skip(f"reference converter unavailable: {e}")
+    bf16 = reference_gguf(smollm2_checkpoint, "bf16")
     tokens = tok.encode(text)
     _, lq = llama_ppl(smollm2_gguf, tokens, CTX, 2, None)
     _, lb = llama_ppl(bf16, tokens, CTX, 2, None)
