@@ -128,9 +128,24 @@ def _producer(source, ref, tp, imatrix: dict | None, raw_name: str | None = None
         if x.ndim == 0:
             x = x.reshape(1)
         im = imatrix.get(tp.name) if imatrix else None
-        return quant.quantize(x, tp.qtype, imatrix=im, name=tp.name)
+        if x.nbytes <= CHUNK_BYTES:
+            return quant.quantize(x, tp.qtype, imatrix=im, name=tp.name)
+        # a big tensor: encode it in row chunks, each written as soon as it is made,
+        # so the encoded copy never exists whole (rows are independent in every format)
+        quant.check_finite(x, tp.name)
+        return _chunks(quant, x.reshape(-1, x.shape[-1]), tp, im)
 
     return produce
+
+
+# Tensors larger than this (float32 bytes) are encoded and written in row chunks.
+CHUNK_BYTES = 32 << 20
+
+
+def _chunks(quant, x2: np.ndarray, tp, im):
+    step = max(1, CHUNK_BYTES // 4 // max(1, x2.shape[1]))
+    for r0 in range(0, x2.shape[0], step):
+        yield quant.quantize(x2[r0:r0 + step], tp.qtype, imatrix=im, name=tp.name)
 
 
 def _imatrix(opts: ConvertOptions, src_stream) -> dict | None:

@@ -5,8 +5,10 @@
 * ``metadata``: ``{key: KV}`` in file order (``general.architecture`` first).
 * ``tensors``: ``TensorOut`` rows in file order; each ``produce()`` returns the
   tensor's encoded data (uint8 block bytes, or a float array already in the
-  target type), called once, just before that tensor is written. Only one
-  tensor's data is alive at a time: peak memory does not grow with the model.
+  target type) or an iterator of its row chunks, called once, just before that
+  tensor is written. Only one tensor's data is alive at a time (of a big
+  tensor, its float32 values and one encoded chunk): peak memory does not grow
+  with the model.
 * The header, key/values and tensor infos go first, then tensor data, all into
   a temporary file in the target directory (``.<name>.<random>.partial``),
   renamed over ``path`` only when everything is written and flushed. On any
@@ -23,10 +25,11 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+from gguf.gguf_writer import WriterState
 
 from .errors import OutputError
 from .model import KV
@@ -37,7 +40,8 @@ class TensorOut:
     name: str
     shape: tuple[int, ...]  # numpy order (rows last), logical elements
     qtype: GGMLQuantizationType
-    produce: Callable[[], np.ndarray]
+    # the encoded data, whole, or an iterator of row chunks in order (big tensors)
+    produce: Callable[[], Union[np.ndarray, Iterator[np.ndarray]]]
 
     @property
     def nbytes(self) -> int:
@@ -111,12 +115,15 @@ def write_gguf(
         w.write_ti_data_to_file()
         for t in tensors:
             data = t.produce()
-            if data.nbytes != t.nbytes:
-                raise ValueError(f"tensor {t.name!r}: produced {data.nbytes} bytes, expected {t.nbytes}")
-            w.write_tensor_data(np.ascontiguousarray(data))
+            if isinstance(data, np.ndarray):
+                if data.nbytes != t.nbytes:
+                    raise ValueError(f"tensor {t.name!r}: produced {data.nbytes} bytes, expected {t.nbytes}")
+                w.write_tensor_data(np.ascontiguousarray(data))
+                if on_bytes is not None:
+                    on_bytes(t.nbytes)
+            else:
+                _write_chunked(w, t, data, on_bytes)
             del data
-            if on_bytes is not None:
-                on_bytes(t.nbytes)
         assert w.fout is not None
         for f in w.fout:
             f.flush()
@@ -131,6 +138,29 @@ def write_gguf(
     except BaseException:
         _discard(w, tmp)
         raise
+
+
+def _write_chunked(w: GGUFWriter, t: TensorOut, chunks: Iterable[np.ndarray], on_bytes) -> None:
+    """GGUFWriter.write_tensor_data for a tensor that arrives in pieces (same bytes:
+    align, data, pad to the alignment)."""
+    assert w.fout is not None and len(w.fout) == 1
+    fout = w.fout[0]
+    name = next(iter(w.tensors[0]))
+    ti = w.tensors[0].pop(name)
+    if name != t.name:
+        raise ValueError(f"tensor {t.name!r} written out of order (expected {name!r})")
+    w.write_padding(fout, fout.tell())
+    n = 0
+    for c in chunks:
+        c = np.ascontiguousarray(c)
+        c.tofile(fout)
+        n += c.nbytes
+        if on_bytes is not None:
+            on_bytes(c.nbytes)
+    if n != ti.nbytes:
+        raise ValueError(f"tensor {t.name!r}: produced {n} bytes, expected {ti.nbytes}")
+    w.write_padding(fout, n)
+    w.state = WriterState.WEIGHTS
 
 
 def _discard(w: GGUFWriter, tmp: Path) -> None:

@@ -573,3 +573,29 @@ def test_gguf_input_quantized_equals_llama_quantize(preset, ftype, random_checkp
     assert llama_quantize(f32, theirs, ftype) == 0
     assert diff(ours, theirs) == []
     assert filecmp.cmp(ours, theirs, shallow=False)
+
+
+@pytest.mark.parametrize("t", ["F32", "BF16", "Q8_0"])
+def test_big_tensors_stream_in_row_chunks_same_bytes(t, random_checkpoint, tmp_path, capsys, monkeypatch):
+    """Tensors above convert.CHUNK_BYTES are encoded and written in row chunks: same file."""
+    import quantkit.convert as conv
+
+    ckpt = random_checkpoint("qwen2-f16-sharded")
+    whole = tmp_path / "whole.gguf"
+    assert _cli(["convert", str(ckpt), "--type", t, "-o", str(whole), "--vocab-pre", VOCAB_PRE, "--quiet"],
+                capsys)[0] == 0
+    monkeypatch.setattr(conv, "CHUNK_BYTES", 1000)  # every 2-D tensor in several chunks (uneven last one)
+    chunked = tmp_path / "chunked.gguf"
+    assert _cli(["convert", str(ckpt), "--type", t, "-o", str(chunked), "--vocab-pre", VOCAB_PRE, "--quiet"],
+                capsys)[0] == 0
+    assert filecmp.cmp(whole, chunked, shallow=False)
+
+
+def test_non_finite_in_chunked_tensor(random_checkpoint, tmp_path, capsys, monkeypatch):
+    import quantkit.convert as conv
+
+    d = _copy(random_checkpoint, "llama-f32", tmp_path)
+    _edit_safetensors(d, lambda t: t["model.embed_tokens.weight"].__setitem__((400, 7), np.nan))
+    monkeypatch.setattr(conv, "CHUNK_BYTES", 1000)
+    line = _expect_error(_args(d, tmp_path / "o.gguf", "Q8_0"), 3, capsys, tmp_path / "o.gguf", "token_embd.weight")
+    assert "row 400" in line
