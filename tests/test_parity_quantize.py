@@ -305,7 +305,8 @@ TOOL_CASES = [
                 "--output-tensor-type", "q4_k", "--token-embedding-type", "q6_k"]),
     ("Q5_K_S", ["--imatrix", "{im}", "--tensor-type", "ffn_down=iq4_nl", "--token-embedding-type", "Q8_0"]),
     ("Q4_K_S", ["--pure", "--leave-output-tensor"]),
-]
+] + ([("Q2_K_S@smollm2-hf", ["--imatrix", "{im}"]), ("IQ4_XS@smollm2-hf", ["--imatrix", "{im}"])]
+     if os.environ.get("QUANTKIT_FULL_PARITY") else [])
 
 
 @pytest.fixture(scope="session")
