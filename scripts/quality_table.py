@@ -120,7 +120,7 @@ def main() -> None:
         return float(m.group(1))
 
     rows = []
-    for t in a.types.split(","):
+    for t in [t for t in a.types.split(",") if t]:  # --types "" = calibration speed only
         row = {"type": t}
         for with_im in (False, True):
             if with_im and t in NO_IMATRIX:

@@ -96,22 +96,42 @@ def make_chunks(tokens: list[int] | np.ndarray, ctx: int, n_chunks: int | None, 
     return out
 
 
+def map_chunks(fn, chunks, model, workers: int | None = None, T: int | None = None):
+    """fn over chunks, results in order: one chunk per core, each with
+    single-threaded BLAS (as llama-imatrix runs several sequences per batch)."""
+    from .forward import blas_threads
+
+    n = workers or min(len(chunks), os.cpu_count() or 1)
+    if n <= 1 or len(chunks) <= 1:
+        yield from map(fn, chunks)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    model.prepare(T or len(chunks[0]))
+    with blas_threads(1), ThreadPoolExecutor(n) as ex:
+        yield from ex.map(fn, chunks)
+
+
 class Collector:
     """Accumulates what llama-imatrix's collect_imatrix does for dense
     matrices: per input column the sum of x**2 over tokens, and the tokens seen."""
 
     def __init__(self):
+        import threading
+
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def __call__(self, name: str, x: np.ndarray) -> None:
         wname = name + ".weight" if not name.endswith(".weight") else name
         x2 = np.einsum("ij,ij->j", x, x, dtype=np.float64, optimize=False) if x.shape[0] else 0
-        if wname in self.sums:
-            self.sums[wname] += x2
-        else:
-            self.sums[wname] = np.array(x2, dtype=np.float64).reshape(-1)
-        self.counts[wname] = self.counts.get(wname, 0) + int(x.shape[0])
+        with self._lock:
+            if wname in self.sums:
+                self.sums[wname] += x2
+            else:
+                self.sums[wname] = np.array(x2, dtype=np.float64).reshape(-1)
+            self.counts[wname] = self.counts.get(wname, 0) + int(x.shape[0])
 
     def to_imatrix(self, chunk_count: int, chunk_size: int, datasets: list[str]) -> IMatrix:
         im = IMatrix(datasets=list(datasets), chunk_count=chunk_count, chunk_size=chunk_size)
@@ -125,7 +145,8 @@ class Collector:
 
 def calibrate(src, text: str, ctx: int = 512, n_chunks: int | None = None, process_output: bool = False,
               dataset: str = "", progress: Callable[[int], None] | None = None,
-              model=None, tokenizer=None, tokens: list[int] | None = None) -> tuple[IMatrix, CalibStats]:
+              model=None, tokenizer=None, tokens: list[int] | None = None,
+              workers: int | None = None) -> tuple[IMatrix, CalibStats]:
     """Importance matrix of ``src`` (path or ModelStream) on ``text``, as
     llama-imatrix -c ctx [--chunks n] [--process-output] computes it.
     ``progress(n_tokens)`` is called after every chunk."""
@@ -140,10 +161,14 @@ def calibrate(src, text: str, ctx: int = 512, n_chunks: int | None = None, proce
     m = model or Model.from_stream(stream)
     col = Collector()
     t0 = time.perf_counter()
-    for c in chunks:
+
+    def one(c):
         m.forward(c, hook=col, logits_from=None, output_hook=process_output)
+        return len(c)
+
+    for n in map_chunks(one, chunks, m, workers):
         if progress:
-            progress(len(c))
+            progress(n)
     dt = time.perf_counter() - t0
     im = col.to_imatrix(len(chunks), ctx, [dataset] if dataset else [])
     return im, CalibStats(n_tokens=len(chunks) * ctx, n_chunks=len(chunks), seconds=dt)

@@ -13,6 +13,7 @@ scores are (n_head, T, T) per layer).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -207,6 +208,55 @@ def round_activations(x: np.ndarray, kind: str | None) -> np.ndarray:
     return x
 
 
+def _openblas_api():
+    """(get, set) of the OpenBLAS numpy loaded, via ctypes; None when not found."""
+    import ctypes
+    import re
+
+    try:
+        with open("/proc/self/maps") as f:
+            libs = sorted(set(re.findall(r"(/\S*openblas\S*\.so\S*)", f.read())))
+    except OSError:
+        return None
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for pre in ("scipy_openblas", "openblas"):
+            for suf in ("64_", "_64_", ""):
+                g = getattr(lib, f"{pre}_get_num_threads{suf}", None)
+                st = getattr(lib, f"{pre}_set_num_threads{suf}", None)
+                if g is not None and st is not None:
+                    g.restype = ctypes.c_int
+                    st.argtypes = [ctypes.c_int]
+                    return g, st
+    return None
+
+
+_BLAS = []
+
+
+@contextmanager
+def blas_threads(n: int | None):
+    """Run the block with OpenBLAS limited to ``n`` threads (None: unchanged).
+    Calibration runs one chunk per core with single-threaded BLAS: OpenBLAS's
+    own threads on small matrices burn ~3x the CPU time (measured)."""
+    if not _BLAS:
+        _BLAS.append(_openblas_api())
+    api = _BLAS[0]
+    if n is None or api is None:
+        yield
+        return
+    get, set_ = api
+    old = get()
+    set_(int(n))
+    try:
+        yield
+    finally:
+        set_(old)
+
+
 def rms_norm(x: np.ndarray, w: np.ndarray | None, eps: float) -> np.ndarray:
     ms = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True, dtype=np.float32)
     y = x * (1.0 / np.sqrt(ms + np.float32(eps))).astype(np.float32)
@@ -309,6 +359,11 @@ class Model:
         o = np.matmul(s.reshape(hp.n_head_kv, g * T, T), vh)  # (Hkv, g*T, dv)
         o = o.reshape(hp.n_head_kv, g, T, hp.head_dim_v).transpose(2, 0, 1, 3).reshape(T, hp.n_head * hp.head_dim_v)
         return self._lin(p + "attn_output", np.ascontiguousarray(o), hook)
+
+    def prepare(self, T: int) -> None:
+        """Fill the rope/mask caches for sequences of T tokens (before threads share the model)."""
+        self._rope_tables(T)
+        self._mask(T)
 
     def _mask(self, T: int) -> np.ndarray:
         m = getattr(self, "_mask_cache", None)

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError
-from . import make_chunks, open_stream
+from . import make_chunks, map_chunks, open_stream
 
 
 def _mean_unc(s: float, s2: float, n: int) -> tuple[float, float]:
@@ -60,7 +60,7 @@ def chunk_nll(logprobs: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 def perplexity(src, text: str, ctx: int = 512, n_chunks: int | None = None, kld_base=None,
                progress: Callable[[int], None] | None = None, model=None, tokenizer=None,
-               base_model=None, tokens: list[int] | None = None) -> dict:
+               base_model=None, tokens: list[int] | None = None, workers: int | None = None) -> dict:
     """Run llama-perplexity's measurement; returns a JSON-ready dict."""
     from .forward import Model
     from .tokenize import load_tokenizer
@@ -89,16 +89,22 @@ def perplexity(src, text: str, ctx: int = 512, n_chunks: int | None = None, kld_
     running = []
     kld_values, dp_values = [], []
     t0 = time.perf_counter()
-    for i, c in enumerate(chunks):
+    def one(i: int):
+        c = chunks[i]
         targets = toks[i * ctx + first + 1:(i + 1) * ctx]
         lp = log_softmax(m.forward(c, logits_from=first)[:-1])
+        lpb = log_softmax(base.forward(c, logits_from=first)[:-1]) if base is not None else None
+        return targets, lp, lpb
+
+    if base is not None and base is not m:
+        base.prepare(ctx)
+    for targets, lp, lpb in map_chunks(one, list(range(len(chunks))), m, workers, len(chunks[0]) if chunks else 0):
         nll = chunk_nll(lp, targets)
         s_nll += float(nll.sum())
         s_nll2 += float((nll * nll).sum())
         count += len(nll)
         running.append(math.exp(s_nll / count))
         if base is not None:
-            lpb = log_softmax(base.forward(c, logits_from=first)[:-1])
             nllb = chunk_nll(lpb, targets)
             sb_nll += float(nllb.sum())
             sb_nll2 += float((nllb * nllb).sum())
@@ -115,7 +121,7 @@ def perplexity(src, text: str, ctx: int = 512, n_chunks: int | None = None, kld_
             kld_values.append(kld)
             dp_values.append(dp)
         if progress:
-            progress(len(c))
+            progress(ctx)
     dt = time.perf_counter() - t0
     mlog, ulog = _mean_unc(s_nll, s_nll2, count)
     ppl = math.exp(mlog)
