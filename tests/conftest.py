@@ -59,3 +59,14 @@ def reference_gguf():
 
     return convert
 # ---- end reference converter ----
+
+
+# ---- llama.cpp tools (fixtures/build_llama_tools.py; owner: mix/parity) ----
+@pytest.fixture(scope="session")
+def llama_tools() -> Path:
+    """bin/ with llama-quantize, llama-imatrix, llama-perplexity built from the
+    llama-cpp-python sdist (once, ~10 minutes on 2 cores; cached)."""
+    from fixtures.build_llama_tools import build
+
+    return build()
+# ---- end llama.cpp tools ----

@@ -35,14 +35,12 @@ def _file_type(path) -> int:
 
 
 @pytest.mark.parametrize("alias", ["Q3_K", "Q4_K", "Q5_K", "q4_k_m", "iq4_xs"])
-def test_preset_names_and_aliases_as_llama_quantize(alias, tiny, tiny_stream, tmp_path):
+def test_preset_names_and_aliases_as_llama_quantize(alias, tiny, tiny_stream, tmp_path, llama_tools):
     """The llama-quantize tool accepts the same spellings and writes the same general.file_type."""
     import subprocess
 
-    from fixtures.build_llama_tools import build
-
     out = tmp_path / "o.gguf"
-    proc = subprocess.run([str(build() / "llama-quantize"), str(tiny), str(out), alias, "1"],
+    proc = subprocess.run([str(llama_tools / "llama-quantize"), str(tiny), str(out), alias, "1"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-1000:]
     plan = mix.make_plan(tiny_stream, alias)
@@ -68,15 +66,13 @@ def test_bad_options(tiny_stream, opts, match):
         mix.make_plan(tiny_stream, "Q4_K_M", mix.MixOptions(**opts))
 
 
-def test_embedding_type_that_does_not_fit_the_row(smollm2_gguf, tmp_path):
+def test_embedding_type_that_does_not_fit_the_row(smollm2_gguf, tmp_path, llama_tools):
     """SmolLM2's rows are 576 wide: --token-embedding-type Q4_K (block 256) is applied
     without a fallback; llama-quantize fails on it mid-file, quantkit refuses up front.
     (For tied embeddings --output-tensor-type does get the fallback: no error.)"""
     import subprocess
 
-    from fixtures.build_llama_tools import build
-
-    proc = subprocess.run([str(build() / "llama-quantize"), "--allow-requantize", "--token-embedding-type", "q4_k",
+    proc = subprocess.run([str(llama_tools / "llama-quantize"), "--allow-requantize", "--token-embedding-type", "q4_k",
                            str(smollm2_gguf), str(tmp_path / "l.gguf"), "Q8_0", "2"], capture_output=True, text=True)
     assert proc.returncode != 0
     stream = stream_from_gguf(smollm2_gguf)

@@ -309,15 +309,8 @@ TOOL_CASES = [
      if os.environ.get("QUANTKIT_FULL_PARITY") else [])
 
 
-@pytest.fixture(scope="session")
-def llama_tools_bin():
-    from fixtures.build_llama_tools import build
-
-    return build()
-
-
 @pytest.mark.parametrize("preset,args", TOOL_CASES, ids=[f"{p}-{i}" for i, (p, _) in enumerate(TOOL_CASES)])
-def test_tool_parity_imatrix_and_overrides(preset, args, f32_models, known_imatrix_file, llama_tools_bin, request,
+def test_tool_parity_imatrix_and_overrides(preset, args, f32_models, known_imatrix_file, llama_tools, request,
                                            tmp_path):
     """`llama-quantize OPTIONS F32.gguf out PRESET 2` == `quantkit convert CKPT --type PRESET OPTIONS`."""
     from quantkit.cli import main
@@ -326,7 +319,7 @@ def test_tool_parity_imatrix_and_overrides(preset, args, f32_models, known_imatr
     model = model or "kquant"
     args = [a.format(im=known_imatrix_file(model)) if "{im}" in a else a for a in args]
     ref = tmp_path / "llama.gguf"
-    proc = subprocess.run([str(llama_tools_bin / "llama-quantize"), *args, str(f32_models(model)), str(ref),
+    proc = subprocess.run([str(llama_tools / "llama-quantize"), *args, str(f32_models(model)), str(ref),
                            preset, "2"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt, vocab_pre = HF_MODELS[model](request)
