@@ -136,18 +136,6 @@ def parse_tensor_types(pairs: list[tuple[str, str]]) -> list[tuple[re.Pattern, T
     return out
 
 
-def parse_tensor_type_arg(arg: str) -> tuple[str, str]:
-    """'REGEX=TYPE' -> (REGEX, TYPE) with llama-quantize's checks."""
-    rx, sep, t = arg.partition("=")
-    if not sep:
-        raise UsageError(f"--tensor-type: malformed {arg!r}, expected REGEX=TYPE")
-    if not rx:
-        raise UsageError(f"--tensor-type: missing tensor name in {arg!r}")
-    if not t:
-        raise UsageError(f"--tensor-type: missing type in {arg!r}")
-    return rx, t
-
-
 def effective_imatrix(opts: MixOptions) -> dict[str, np.ndarray] | None:
     """The importance vectors llama-quantize would use: --exclude-weights drops,
     --include-weights keeps, entries whose name contains one of the strings.
