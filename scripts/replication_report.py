@@ -76,6 +76,34 @@ def llama_measure(path: str, chunks: list[np.ndarray], ctx: int, threads: int, r
     return {"llama_ppl": ppl, "prompt_tps": n_prompt / tp, "gen_tps": n_gen / tg}
 
 
+def speed_interleaved(paths: list[str], n_prompt: int = 128, n_gen: int = 32, reps: int = 7,
+                      threads: int = 1) -> dict[str, dict]:
+    """Prompt/generation tokens/s of several files measured in turns (A B C A B C ...),
+    so that load on a shared machine hits all alike; medians over reps."""
+    import llama_cpp
+    import pydoc_data.topics as topics
+
+    text = "\n".join(topics.topics.values())
+    llms = {p: llama_cpp.Llama(model_path=p, n_ctx=n_prompt + n_gen + 8, n_batch=n_prompt, n_ubatch=n_prompt,
+                               verbose=False, n_threads=threads) for p in paths}
+    toks = next(iter(llms.values())).tokenize(text[-20000:].encode())[: n_prompt + n_gen]
+    tp: dict[str, list] = {p: [] for p in paths}
+    tg: dict[str, list] = {p: [] for p in paths}
+    for _ in range(reps):
+        for p, llm in llms.items():
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(toks[:n_prompt])
+            t1 = time.perf_counter()
+            for t in toks[n_prompt:]:
+                llm.eval([t])
+            t2 = time.perf_counter()
+            tp[p].append(n_prompt / (t1 - t0))
+            tg[p].append(n_gen / (t2 - t1))
+    return {p: {"prompt_tps": float(np.median(tp[p])), "gen_tps": float(np.median(tg[p])),
+                "prompt_tps_all": tp[p], "gen_tps_all": tg[p]} for p in paths}
+
+
 def kv_bytes(path: str, n_ctx: int = 2048) -> int:
     """F16 K and V cache of every block for n_ctx tokens (llama.cpp's default cache type)."""
     from quantkit.calib import open_stream
@@ -122,7 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--best", action="append", default=[], metavar="PRESET=SPEC",
                     help="skip the search for PRESET and use these repeats (e.g. from an earlier run)")
+    ap.add_argument("--speed", nargs="+", metavar="GGUF", help="only measure these files' speed, in turns")
     a = ap.parse_args(argv)
+    if a.speed:
+        res = speed_interleaved(a.speed, reps=a.reps, threads=a.threads)
+        base = res[a.speed[0]]
+        for p, r in res.items():
+            print(f"{p}: prompt {r['prompt_tps']:.1f} tok/s ({r['prompt_tps'] / base['prompt_tps']:.2f}x), "
+                  f"generation {r['gen_tps']:.1f} tok/s ({r['gen_tps'] / base['gen_tps']:.2f}x)")
+        return 0
 
     import pydoc_data.topics as topics
 
