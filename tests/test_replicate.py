@@ -471,3 +471,19 @@ def test_replicate_search_cli(kq_f32, tmp_path, capsys):
                    "--chart", str(chart2)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "out of range" in err.splitlines()[-1] and not chart2.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,opts", [("Q4_K_M", ["--repeat", "13:16"]),
+                                         ("Q2_K", ["--layer-map", "0:16,10:30", "--replica-type", "Q8_0"])])
+def test_smollm2_replicated_llama_cpp_agrees(smollm2_checkpoint, tmp_path, capsys, preset, opts):
+    """A real model: llama.cpp's perplexity of the replicated file equals quantkit's within 0.5%."""
+    out = tmp_path / "s.gguf"
+    assert cli_main(["convert", str(smollm2_checkpoint), "--type", preset, "-o", str(out), "--quiet"] + opts) == 0
+    capsys.readouterr()
+    # 4 chunks of 256: fewer scored tokens let per-token differences of llama.cpp's quantized
+    # activations (Q8_K dot products) vs quantkit's float forward move the ratio past 0.5%
+    q_ppl, chunks, _ = _quantkit_ppl(out, _text()[-30000:], 256, 4)
+    l_ppl, _ = _llama_ppl(out, chunks, 256)
+    assert 5 < q_ppl < 200  # a working language model, not noise
+    assert abs(l_ppl / q_ppl - 1) < 0.005, (l_ppl, q_ppl)
