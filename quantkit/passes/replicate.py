@@ -131,9 +131,7 @@ def _check_length(order: list[int], n_layers: int, option: str, spec: str) -> No
 def expand(spec: "str | Sequence[tuple[int, int]]", n_layers: int, option: str = "--layer-map") -> list[int]:
     """The source block of each new block: expand('0:3,1:3', 3) -> [0, 1, 2, 1, 2]."""
     text = spec if isinstance(spec, str) else ",".join(f"{a}:{b}" for a, b in spec)
-    ranges = parse_ranges(text, option) if isinstance(spec, str) else [(int(a), int(b)) for a, b in spec]
-    if not isinstance(spec, str):
-        parse_ranges(text, option)  # same checks
+    ranges = parse_ranges(text, option)
     _check_bounds(ranges, n_layers, option, text)
     order = [i for s, e in ranges for i in range(s, e)]
     _check_length(order, n_layers, option, text)
