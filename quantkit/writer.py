@@ -103,6 +103,10 @@ def write_gguf(
         raise _output_error(e, path) from None
     os.close(fd)
     tmp = Path(tmp_name)
+    # mkstemp creates 0600; the finished file gets the mode a plain open() would (umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     w = GGUFWriter(path=None, arch=arch)
     try:
         w.kv_data[0].clear()

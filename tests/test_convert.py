@@ -135,6 +135,9 @@ def test_default_output_name_json_and_no_overwrite(random_checkpoint, tmp_path, 
     path = Path(res["output"])
     assert path.parent == tmp_path and path.name.endswith("-BF16.gguf")
     assert path.stat().st_size == res["n_bytes"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # like a plain open(), not mkstemp's 0600
     from gguf import GGUFReader
 
     r = GGUFReader(path)
