@@ -31,7 +31,8 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, TokenType
 
 from .errors import InputError, OutputError, QuantkitError, UnsupportedError
-from .inspect import GGUFHeader, TensorInfo, read_header
+from .sources.gguf_header import GGUFHeader, TensorInfo, read_header
+from .writer import check_output_dir
 
 # Bumped whenever the files export writes change, so caches of exported
 # checkpoints (quantkit demo, fixtures/smollm2.py) are rebuilt.
@@ -312,7 +313,7 @@ def _array(hdr: GGUFHeader, key: str, subtypes: set) -> list | None:
         return None
     if e.vtype != GGUFValueType.ARRAY or e.subtype not in subtypes:
         raise InputError(f"{hdr.path}: metadata {key} is not an array of the expected type")
-    return e.value.tolist() if isinstance(e.value, np.ndarray) else list(e.value)
+    return list(e.value)
 
 
 def build_tokenizer(hdr: GGUFHeader) -> tuple[Any, dict]:
@@ -535,11 +536,7 @@ def _prepare_out(out_dir: Path, force: bool) -> None:
             raise OutputError(f"{out_dir}: exists and is not a directory")
         if any(out_dir.iterdir()) and not force:
             raise OutputError(f"{out_dir}: exists and is not empty (use --force to replace it)")
-    parent = out_dir.parent
-    if not parent.is_dir():
-        raise OutputError(f"{parent}: no such directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{parent}: not writable")
+    check_output_dir(out_dir.parent)
 
 
 def export_gguf(path: "str | os.PathLike[str]", out_dir: "str | os.PathLike[str]", dtype: str = "bf16",

@@ -78,9 +78,14 @@ def check_target(path: Path, force: bool) -> None:
         raise OutputError(f"{path} is a directory")
     if path.exists() and not force:
         raise OutputError(f"{path} exists (use --force to overwrite)")
-    d = path.parent
+    check_output_dir(path.parent)
+
+
+def check_output_dir(d: Path) -> None:
+    """The directory an output goes into must exist and be writable (quantized
+    files here, export's checkpoint directory)."""
     if not d.is_dir():
-        raise OutputError(f"output directory {d} does not exist")
+        raise OutputError(f"output directory {d}: no such directory (it does not exist or is not a directory)")
     if not os.access(d, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write to {d}: permission denied")
 
@@ -178,4 +183,4 @@ def _discard(w: GGUFWriter, tmp: Path) -> None:
         pass
 
 
-__all__ = ["TensorOut", "write_gguf", "check_target", "tensor_nbytes"]
+__all__ = ["TensorOut", "write_gguf", "check_target", "check_output_dir", "tensor_nbytes"]
