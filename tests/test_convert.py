@@ -33,6 +33,7 @@ VOCAB_PRE = "smollm"  # random checkpoints train their own vocabulary: hash not 
 
 
 def _cli(args: list[str], capsys) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what fixtures printed while building (first run on a fresh cache)
     rc = main(args)
     cap = capsys.readouterr()
     return rc, cap.out, cap.err
