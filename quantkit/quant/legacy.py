@@ -38,6 +38,7 @@ F = np.float32
 _F0 = F(0.0)
 _F1 = F(1.0)
 _FLT_MAX = F(np.finfo(np.float32).max)
+_INF = F(np.inf)
 _M8 = F(-8.0)
 _M16 = F(-16.0)
 _F15 = F(15.0)
@@ -84,10 +85,8 @@ def _minmax(x, o, n):
     mx = -_FLT_MAX
     for j in range(n):
         v = x[o + j]
-        if v < mn:
-            mn = v
-        if v > mx:
-            mx = v
+        mn = v if v < mn else mn  # ggml's "if (v < min) min = v", as a select
+        mx = v if v > mx else mx
     return mn, mx
 
 
@@ -188,10 +187,18 @@ def _q4_1_ref(x, out):
             id_ = _F1 / d if d != _F0 else _F0
             store_fp16(y, b, fp32_to_fp16(d))
             store_fp16(y, b + 2, fp32_to_fp16(mn))
-            for j in range(16):
-                xi0 = _min(15, _i8(cvt_i32((xr[o + j] - mn) * id_ + _P0_5)))
-                xi1 = _min(15, _i8(cvt_i32((xr[o + 16 + j] - mn) * id_ + _P0_5)))
-                y[b + 4 + j] = ((xi0 & 0xFF) | (xi1 << 4)) & 0xFF
+            if id_ < _INF:
+                # x >= mn, so (x - mn) * id_ + 0.5 lies in [0.5, ~15.5]: C's
+                # (int8_t)(x0 + 0.5f) is a plain truncation (branch-free, vectorizes)
+                for j in range(16):
+                    xi0 = min(15, np.int32((xr[o + j] - mn) * id_ + _P0_5))
+                    xi1 = min(15, np.int32((xr[o + 16 + j] - mn) * id_ + _P0_5))
+                    y[b + 4 + j] = np.uint8(xi0 | (xi1 << 4))
+            else:  # 1/d overflowed: inf/NaN products, x86 conversion rules
+                for j in range(16):
+                    xi0 = _min(15, _i8(cvt_i32((xr[o + j] - mn) * id_ + _P0_5)))
+                    xi1 = _min(15, _i8(cvt_i32((xr[o + 16 + j] - mn) * id_ + _P0_5)))
+                    y[b + 4 + j] = ((xi0 & 0xFF) | (xi1 << 4)) & 0xFF
 
 
 @njit(**PJIT)
