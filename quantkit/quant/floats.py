@@ -124,6 +124,23 @@ def _copy_rows(x, out):
             out[r, j] = x[r, j]
 
 
+@njit(**PJIT)
+def all_finite(u):
+    """True when no float32 (given as its uint32 bits, 2-D) is inf or NaN:
+    |bits| below the all-ones exponent. One read pass, parallel over rows
+    (numpy's isfinite(x).all() is single-threaded and writes a bool array)."""
+    nr, n = u.shape
+    bad = 0
+    for r in prange(nr):
+        m = np.uint32(0)
+        for j in range(n):
+            v = u[r, j] & np.uint32(0x7FFFFFFF)
+            m = v if v > m else m
+        if m >= np.uint32(0x7F800000):
+            bad += 1
+    return bad == 0
+
+
 def _as_u16(data: np.ndarray, n_per_row: int) -> np.ndarray:
     return np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, 2 * n_per_row).view(np.uint16)
 
