@@ -329,3 +329,22 @@ def test_tool_parity_imatrix_and_overrides(preset, args, f32_models, known_imatr
     assert rc == 0
     types = gguf_types(ref)
     _assert_same_file(ours, ref, preset, [mix.TensorPlan(n, (), GGMLQuantizationType[t]) for n, (t, _) in types.items()])
+
+
+# ------------------------------------------------------------- --pure ---
+# One preset per base type, so every encoder quantkit has is compared whole-file
+# with llama_model_quantize(pure=true), shape fallbacks included (SmolLM2's 576
+# columns send the 256-block types to their fallbacks; kquant's fit them).
+PURE_PRESETS = ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+                "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "F16", "BF16"]
+
+
+@pytest.mark.parametrize("model", ["kquant", "smollm2-hf"])
+@pytest.mark.parametrize("preset", PURE_PRESETS)
+def test_pure_bytes_match_llama_quantize(model, preset, f32_models, llama_out, request, tmp_path_factory):
+    rc, ref = llama_out(model, preset, pure=True)
+    assert rc == 0
+    ckpt, vocab_pre = HF_MODELS[model](request)
+    ours, res = _ours(tmp_path_factory, ckpt, preset, f"{model}-pure", vocab_pre=vocab_pre,
+                      mix=mix.MixOptions(pure=True))
+    _assert_same_file(ours, ref, preset, res.plan)
