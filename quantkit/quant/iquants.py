@@ -257,24 +257,14 @@ def _encode(sbs, tsize):
     return staticmethod(quantize_rows)
 
 
-def _decode(dec, sbs, tsize):
-    def dequantize_rows(data, n_per_row):
-        q = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, n_per_row // sbs * tsize)
-        out = np.empty((q.shape[0], n_per_row), np.float32)
-        dec(q, out)
-        return out
-
-    return staticmethod(dequantize_rows)
-
-
 class IQ4_NL(QuantType, qtype=GGMLQuantizationType.IQ4_NL, takes_imatrix=True):
     quantize_rows = _encode(32, 18)
-    dequantize_rows = _decode(_iq4_nl_dec, 32, 18)
+    _dec = staticmethod(_iq4_nl_dec)
 
 
 class IQ4_XS(QuantType, qtype=GGMLQuantizationType.IQ4_XS, takes_imatrix=True):
     quantize_rows = _encode(256, 136)
-    dequantize_rows = _decode(_iq4_xs_dec, 256, 136)
+    _dec = staticmethod(_iq4_xs_dec)
 
 
 assert IQ4_NL.type_size == 18 and IQ4_NL.block_size == 32

@@ -232,14 +232,7 @@ def _q2_K_dequant_rows(data, n):
 
 
 class Q2_K(QuantType, qtype=GGMLQuantizationType.Q2_K, takes_imatrix=True):
-    @staticmethod
-    def quantize_rows(x, imatrix):
-        out = np.empty((x.shape[0], x.shape[1] // QK_K * 84), np.uint8)
-        if imatrix is None:
-            _q2_K_ref_rows(x, out)
-        else:
-            _q2_K_impl_rows(x, imatrix, out)
-        return out
+    _ref, _impl = staticmethod(_q2_K_ref_rows), staticmethod(_q2_K_impl_rows)
 
     @staticmethod
     def dequantize_rows(data, n_per_row):
@@ -427,14 +420,7 @@ def _q3_K_dequant_rows(data, n):
 
 
 class Q3_K(QuantType, qtype=GGMLQuantizationType.Q3_K, takes_imatrix=True):
-    @staticmethod
-    def quantize_rows(x, imatrix):
-        out = np.empty((x.shape[0], x.shape[1] // QK_K * 110), np.uint8)
-        if imatrix is None:
-            _q3_K_ref_rows(x, out)
-        else:
-            _q3_K_impl_rows(x, imatrix, out)
-        return out
+    _ref, _impl = staticmethod(_q3_K_ref_rows), staticmethod(_q3_K_impl_rows)
 
     @staticmethod
     def dequantize_rows(data, n_per_row):
@@ -847,14 +833,7 @@ def _q6_K_dequant_rows(data, n):
 
 
 class Q6_K(QuantType, qtype=GGMLQuantizationType.Q6_K, takes_imatrix=True):
-    @staticmethod
-    def quantize_rows(x, imatrix):
-        out = np.empty((x.shape[0], x.shape[1] // QK_K * 210), np.uint8)
-        if imatrix is None:
-            _q6_K_ref_rows(x, out)
-        else:
-            _q6_K_impl_rows(x, imatrix, out)
-        return out
+    _ref, _impl = staticmethod(_q6_K_ref_rows), staticmethod(_q6_K_impl_rows)
 
     @staticmethod
     def dequantize_rows(data, n_per_row):

@@ -409,51 +409,24 @@ def _q8_0_dec(q, out):
 
 
 # ------------------------------------------------------------- registry
-def _encode(ref, impl, type_size):
-    def quantize_rows(x, imatrix):
-        out = np.empty((x.shape[0], x.shape[1] // 32 * type_size), np.uint8)
-        if imatrix is None or impl is None:
-            ref(x, out)
-        else:
-            impl(x, imatrix, out)
-        return out
-
-    return staticmethod(quantize_rows)
-
-
-def _decode(dec, type_size):
-    def dequantize_rows(data, n_per_row):
-        q = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, n_per_row // 32 * type_size)
-        out = np.empty((q.shape[0], n_per_row), np.float32)
-        dec(q, out)
-        return out
-
-    return staticmethod(dequantize_rows)
-
-
 class Q4_0(QuantType, qtype=GGMLQuantizationType.Q4_0, takes_imatrix=True):
-    quantize_rows = _encode(_q4_0_ref, _q4_0_impl, 18)
-    dequantize_rows = _decode(_q4_0_dec, 18)
+    _ref, _impl, _dec = staticmethod(_q4_0_ref), staticmethod(_q4_0_impl), staticmethod(_q4_0_dec)
 
 
 class Q4_1(QuantType, qtype=GGMLQuantizationType.Q4_1, takes_imatrix=True):
-    quantize_rows = _encode(_q4_1_ref, _q4_1_impl, 20)
-    dequantize_rows = _decode(_q4_1_dec, 20)
+    _ref, _impl, _dec = staticmethod(_q4_1_ref), staticmethod(_q4_1_impl), staticmethod(_q4_1_dec)
 
 
 class Q5_0(QuantType, qtype=GGMLQuantizationType.Q5_0, takes_imatrix=True):
-    quantize_rows = _encode(_q5_0_ref, _q5_0_impl, 22)
-    dequantize_rows = _decode(_q5_0_dec, 22)
+    _ref, _impl, _dec = staticmethod(_q5_0_ref), staticmethod(_q5_0_impl), staticmethod(_q5_0_dec)
 
 
 class Q5_1(QuantType, qtype=GGMLQuantizationType.Q5_1, takes_imatrix=True):
-    quantize_rows = _encode(_q5_1_ref, _q5_1_impl, 24)
-    dequantize_rows = _decode(_q5_1_dec, 24)
+    _ref, _impl, _dec = staticmethod(_q5_1_ref), staticmethod(_q5_1_impl), staticmethod(_q5_1_dec)
 
 
 class Q8_0(QuantType, qtype=GGMLQuantizationType.Q8_0, takes_imatrix=False):
-    quantize_rows = _encode(_q8_0_ref, None, 34)
-    dequantize_rows = _decode(_q8_0_dec, 34)
+    _ref, _dec = staticmethod(_q8_0_ref), staticmethod(_q8_0_dec)
 
 
 for _t in (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0):

@@ -20,7 +20,7 @@ Block and type sizes come from gguf.GGML_QUANT_SIZES; nothing here is I/O.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -54,10 +54,28 @@ class QuantType:
     def fits(cls, n_per_row: int) -> bool:
         return n_per_row % cls.block_size == 0
 
-    @staticmethod
-    def quantize_rows(x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-        raise NotImplementedError
+    # Most types hand their numba kernels to the base class, which owns the
+    # output allocation and the ref/weighted dispatch once for all of them:
+    #   _ref(x, out)            ggml's quantize_row_*_ref path
+    #   _impl(x, imatrix, out)  ggml's weighted quantize_*_impl path (None: the type takes no weights)
+    #   _dec(q, out)            the decoder
+    # A type whose kernels take other arguments overrides quantize_rows/dequantize_rows.
+    _ref: ClassVar[Callable | None] = None
+    _impl: ClassVar[Callable | None] = None
+    _dec: ClassVar[Callable | None] = None
 
-    @staticmethod
-    def dequantize_rows(data: np.ndarray, n_per_row: int) -> np.ndarray:
-        raise NotImplementedError
+    @classmethod
+    def quantize_rows(cls, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+        out = np.empty((x.shape[0], cls.row_bytes(x.shape[1])), np.uint8)
+        if imatrix is None or cls._impl is None:
+            cls._ref(x, out)
+        else:
+            cls._impl(x, imatrix, out)
+        return out
+
+    @classmethod
+    def dequantize_rows(cls, data: np.ndarray, n_per_row: int) -> np.ndarray:
+        q = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, cls.row_bytes(n_per_row))
+        out = np.empty((q.shape[0], n_per_row), np.float32)
+        cls._dec(q, out)
+        return out

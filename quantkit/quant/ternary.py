@@ -135,33 +135,12 @@ def _tq2_0_dec(q, out):
                         out[r, o + 128 * g + 32 * k + m] = F(t - 1) * d
 
 
-def _encode(enc, tsize):
-    def quantize_rows(x, imatrix):
-        out = np.empty((x.shape[0], x.shape[1] // QK_K * tsize), np.uint8)
-        enc(x, out)
-        return out
-
-    return staticmethod(quantize_rows)
-
-
-def _decode(dec, tsize):
-    def dequantize_rows(data, n_per_row):
-        q = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, n_per_row // QK_K * tsize)
-        out = np.empty((q.shape[0], n_per_row), np.float32)
-        dec(q, out)
-        return out
-
-    return staticmethod(dequantize_rows)
-
-
 class TQ1_0(QuantType, qtype=GGMLQuantizationType.TQ1_0, takes_imatrix=False):
-    quantize_rows = _encode(_tq1_0_ref, 54)
-    dequantize_rows = _decode(_tq1_0_dec, 54)
+    _ref, _dec = staticmethod(_tq1_0_ref), staticmethod(_tq1_0_dec)
 
 
 class TQ2_0(QuantType, qtype=GGMLQuantizationType.TQ2_0, takes_imatrix=False):
-    quantize_rows = _encode(_tq2_0_ref, 66)
-    dequantize_rows = _decode(_tq2_0_dec, 66)
+    _ref, _dec = staticmethod(_tq2_0_ref), staticmethod(_tq2_0_dec)
 
 
 assert TQ1_0.type_size == 54 and TQ2_0.type_size == 66
