@@ -138,7 +138,9 @@ def _q4_0_ref(x, out):
 
 
 @njit(**PJIT)
-def _q4_0_impl(x, qw, out):
+def _qx_impl(x, qw, nmax, tsize, out):
+    """quantize_row_q4_0_impl (nmax 8) / quantize_row_q5_0_impl (nmax 16):
+    make_qx_quants(32, nmax, xb, L, 1, weight) per block."""
     nr, n = x.shape
     for r in prange(nr):
         xr = x[r]
@@ -151,12 +153,19 @@ def _q4_0_impl(x, qw, out):
         sigma2 = _sigma2(xr)
         for ib in range(n // 32):
             o = ib * 32
-            b = ib * 18
+            b = ib * tsize
             _weights(xr, o, qw, sigma2, w)
-            d = make_qx_quants(32, 8, xr[o:o + 32], L, 1, w, True, wt, ra, rb)
+            d = make_qx_quants(32, nmax, xr[o:o + 32], L, 1, w, True, wt, ra, rb)
             store_fp16(y, b, fp32_to_fp16(d))
-            for j in range(16):
-                y[b + 2 + j] = (np.int64(L[j]) | (np.int64(L[j + 16]) << 4)) & 0xFF
+            if nmax == 8:
+                for j in range(16):
+                    y[b + 2 + j] = (np.int64(L[j]) | (np.int64(L[j + 16]) << 4)) & 0xFF
+            else:
+                _pack_q5(y, b + 2, L)
+
+
+def _q4_0_impl(x, qw, out):
+    _qx_impl(x, qw, 8, 18, out)
 
 
 @njit(**PJIT)
@@ -283,25 +292,8 @@ def _q5_0_ref(x, out):
             put_u32(y, b + 2, qh)
 
 
-@njit(**PJIT)
 def _q5_0_impl(x, qw, out):
-    nr, n = x.shape
-    for r in prange(nr):
-        xr = x[r]
-        y = out[r]
-        w = np.empty(32, np.float32)
-        wt = np.empty(32, np.float32)
-        L = np.empty(32, np.int8)
-        ra = np.empty(QX_RES_A, np.float32)
-        rb = np.empty(QX_RES_B, np.float32)
-        sigma2 = _sigma2(xr)
-        for ib in range(n // 32):
-            o = ib * 32
-            b = ib * 22
-            _weights(xr, o, qw, sigma2, w)
-            d = make_qx_quants(32, 16, xr[o:o + 32], L, 1, w, True, wt, ra, rb)
-            store_fp16(y, b, fp32_to_fp16(d))
-            _pack_q5(y, b + 2, L)
+    _qx_impl(x, qw, 16, 22, out)
 
 
 @njit(**INLINE)
