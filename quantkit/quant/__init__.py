@@ -10,7 +10,10 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from ..errors import NonFiniteError, UnsupportedError
+from . import _jitcache
 from .registry import REGISTRY, QuantType
+
+_jitcache.configure()  # before any @njit(cache=True): kernels cache outside the package
 
 # Importing the family modules registers their types.
 from . import floats  # noqa: F401,E402
