@@ -12,6 +12,7 @@ import sys
 import typer
 
 from ..errors import QuantkitError
+from .options import Debug
 
 app = typer.Typer(
     name="quantkit",
@@ -19,6 +20,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: flags show no value placeholder, pipelines read it easily
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -26,16 +28,25 @@ _state = {"debug": False}
 
 
 @app.callback()
-def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
-) -> None:
+def _root(debug: Debug = False) -> None:
     _state["debug"] = debug or bool(os.environ.get("QUANTKIT_DEBUG"))
 
 
-# One table: error type -> exit code is carried by the type (errors.py);
-# foreign exceptions that users can cause are mapped here.
+try:  # typer >= 0.29 vendors click as typer._click and has its own Abort
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer on real click
+    from click.exceptions import ClickException
+try:
+    from typer.exceptions import Abort
+except ImportError:  # pragma: no cover
+    from click.exceptions import Abort
+
+# One table: quantkit's own errors carry their exit code (errors.py); foreign
+# exceptions that users can cause are mapped here. ClickException (usage) keeps
+# click's own exit code and message.
 _FOREIGN_ERRORS: list[tuple[type[BaseException], int, str]] = [
     (MemoryError, 1, "out of memory"),
+    (Abort, 130, "interrupted"),  # typer: EOF on a prompt; never a traceback
 ]
 
 
@@ -79,20 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # typer.Exit inside commands
         return int(e.code or 0) if isinstance(e.code, int) or e.code is None else 1
     except Exception as e:  # click usage errors and the rest
-        try:  # typer >= 0.29 vendors click as typer._click
-            from typer import _click as click
-        except ImportError:  # pragma: no cover - older typer
-            import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        if isinstance(e, ClickException):
             # one line, as every other error (click's show() prints usage lines too)
             msg = _one_line(e.format_message())
             if msg:  # (no_args_is_help has printed the help and has no message)
                 print(f"error: {msg}", file=sys.stderr)
             return e.exit_code
-        if isinstance(e, click.exceptions.Abort):
-            print("error: interrupted", file=sys.stderr)
-            return 130
         for etype, code, text in _FOREIGN_ERRORS:
             if isinstance(e, etype):
                 print(f"error: {text}", file=sys.stderr)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from . import app
+from .options import Chunks, Ctx, Debug, Force, Json, Quiet, Text, Threads, VocabPre, flag
 
 
 def read_text(path: Path) -> str:
@@ -35,16 +37,18 @@ def progress_bar(total: int, desc: str, enabled: bool | None = None):
 @app.command()
 def calibrate(
     src: str = typer.Argument(..., help="HF checkpoint directory or GGUF file.", show_default=False),
-    text: Path = typer.Option(..., "--text", help="Calibration text file (UTF-8).", show_default=False),
+    text: Text = ...,
     out: Path = typer.Option(..., "-o", "--out", help="Output imatrix (.gguf, or .dat for the legacy format).",
                              show_default=False),
-    ctx: int = typer.Option(512, "--ctx", help="Tokens per chunk (llama-imatrix -c)."),
-    chunks: int = typer.Option(0, "--chunks", help="Use at most this many chunks (0 = all)."),
-    process_output: bool = typer.Option(False, "--process-output", help="Also collect output.weight."),
-    vocab_pre: str = typer.Option(None, "--vocab-pre", help="BPE pre-tokenizer name when the hash is unknown.",
-                                  show_default=False),
-    force: bool = typer.Option(False, "--force", help="Overwrite OUT."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary to stdout."),
+    ctx: Ctx = 512,
+    chunks: Chunks = 0,
+    process_output: Annotated[bool, flag("--process-output", help="Also collect output.weight.")] = False,
+    vocab_pre: VocabPre = None,
+    force: Force = False,
+    as_json: Json = False,
+    quiet: Quiet = False,
+    threads: Threads = None,
+    debug: Debug = False,
     layer_map: str = typer.Option(None, "--layer-map", help="Calibrate the replicated model (experimental): "
                                   "the same map as `convert --layer-map`.", show_default=False),
     repeat: str = typer.Option(None, "--repeat", help="Shorthand: repeat blocks A:B once, as `convert --repeat`.",
@@ -77,10 +81,11 @@ def calibrate(
     n_max = len(tokens) // ctx
     total = (min(chunks, n_max) if chunks > 0 else n_max) * ctx
     model = Model.from_stream(stream)
-    update, close = progress_bar(total, "calibrate")
+    update, close = progress_bar(total, "calibrate", enabled=False if quiet else None)
     try:
         im, stats = run(src, body, ctx=ctx, n_chunks=chunks or None, process_output=process_output,
-                        dataset=str(text), progress=update, model=model, tokenizer=tok, tokens=tokens)
+                        dataset=str(text), progress=update, model=model, tokenizer=tok, tokens=tokens,
+                        workers=threads)
     finally:
         close()
     imatrix.save(out, im)
@@ -89,6 +94,6 @@ def calibrate(
                "tokens_per_second": round(stats.tokens_per_second, 1)}
     if as_json:
         typer.echo(json.dumps(summary))
-    else:
+    elif not quiet:
         typer.echo(f"wrote {out}: {summary['entries']} entries, {stats.n_chunks} chunks of {ctx} tokens, "
                    f"{stats.tokens_per_second:.0f} tokens/s", err=True)

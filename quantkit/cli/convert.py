@@ -34,11 +34,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
 from . import app
+from .options import Debug, flag, Force, Json, Quiet, Threads, VocabPre
 
 
 def _tensor_types(values: list[str]) -> list[tuple[str, str]]:
@@ -59,23 +60,24 @@ def convert(
                               show_default=False),
     out: Optional[Path] = typer.Option(None, "-o", "--output", help="Output file (default: ./<model>-<TYPE>.gguf)."),
     type_: str = typer.Option("Q8_0", "--type", "-t", help="Output type as llama-quantize spells it (case-insensitive)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Kernel threads (default: all cores)."),
-    vocab_pre: Optional[str] = typer.Option(None, "--vocab-pre", help="BPE pre-tokenizer name when the hash is unknown."),
-    as_json: bool = typer.Option(False, "--json", help='Print the "quantkit.convert/1" JSON object on stdout.'),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, no summary."),
-    pure: bool = typer.Option(False, "--pure", help="Every quantized tensor gets the preset's base type."),
+    force: Force = False,
+    threads: Threads = None,
+    vocab_pre: VocabPre = None,
+    as_json: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+    pure: Annotated[bool, flag("--pure", help="Every quantized tensor gets the preset's base type.")] = False,
     output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type", help="Type of output.weight."),
     token_embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type", help="Type of token_embd.weight."),
     tensor_type: List[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE override (repeatable)."),
-    leave_output_tensor: bool = typer.Option(False, "--leave-output-tensor", help="Do not quantize output.weight."),
+    leave_output_tensor: Annotated[bool, flag("--leave-output-tensor", help="Do not quantize output.weight.")] = False,
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix file (llama.cpp GGUF or .dat)."),
     include_weights: List[str] = typer.Option([], "--include-weights", help="Use the imatrix only for these tensors."),
     exclude_weights: List[str] = typer.Option([], "--exclude-weights", help="Do not use the imatrix for these tensors."),
-    allow_requantize: bool = typer.Option(False, "--allow-requantize", help="Allow re-quantizing quantized GGUF input."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Plan only: print the per-tensor types, write nothing."),
+    allow_requantize: Annotated[bool, flag("--allow-requantize", help="Allow re-quantizing quantized GGUF input.")] = False,
+    dry_run: Annotated[bool, flag("--dry-run", help="Plan only: print the per-tensor types, write nothing.")] = False,
     calib_text: Optional[Path] = typer.Option(None, "--calib-text", help="Compute an importance matrix from this text (cached next to the output)."),
-    no_calib_cache: bool = typer.Option(False, "--no-calib-cache", help="With --calib-text: neither reuse nor keep the cached imatrix."),
+    no_calib_cache: Annotated[bool, flag("--no-calib-cache", help="With --calib-text: neither reuse nor keep the cached imatrix.")] = False,
     layer_map: Optional[str] = typer.Option(None, "--layer-map", help="Experimental: the new block sequence as half-open source ranges, e.g. 0:20,12:30 runs blocks 12-19 twice (stored again: file and KV cache grow). K-quant layer-position rules see the new indices. An imatrix must be collected on the mapped model (quantkit calibrate --layer-map)."),
     repeat: Optional[str] = typer.Option(None, "--repeat", help="Repeat layers A:B once (--layer-map 0:B,A:N)."),
     replica_type: Optional[str] = typer.Option(None, "--replica-type", help="Type for replicated layers' weights."),

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from . import app
+from .options import Debug, Force, Json, Quiet
 
 
 @app.command()
@@ -16,18 +17,21 @@ def demo(
                              show_default=False),
     out_dir: Path = typer.Option(None, "--out-dir", help="Where to write the GGUF (default: current directory).",
                                  show_default=False),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON result (with the inspect schema) on stdout."),
+    force: Force = False,
+    as_json: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
 ) -> None:
     """Convert SmolLM2-135M-Instruct (installed by the quantkit "demo" extra) and inspect the result."""
     from ..demo import run_demo
     from ..inspect import format_summary
 
     def log(msg: str) -> None:
-        print(f"quantkit demo: {msg}", file=sys.stderr, flush=True)
+        if not quiet:
+            print(f"quantkit demo: {msg}", file=sys.stderr, flush=True)
 
     res = run_demo(type=type, out_dir=out_dir, force=force, log=log)
-    for note in res.notes:
+    for note in res.notes if not quiet else ():
         print(f"note: {note}", file=sys.stderr)
     if as_json:
         typer.echo(json.dumps({

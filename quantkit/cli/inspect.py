@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from . import app
+from .options import Debug, Json, flag
 
 
 @app.command()
 def inspect(
     file: Path = typer.Argument(..., help="A GGUF file (model or imatrix).", show_default=False),
-    tensors: bool = typer.Option(False, "--tensors", help="Also list every tensor: name, type, shape, bytes, offset."),
-    as_json: bool = typer.Option(False, "--json", help='Print the "quantkit.inspect/1" JSON schema (see README).'),
+    tensors: Annotated[bool, flag("--tensors", help="Also list every tensor: name, type, shape, bytes, offset.")] = False,
+    as_json: Json = False,
+    debug: Debug = False,
 ) -> None:
     """Summarise a GGUF file: version, metadata, tensor count, size and bits per weight by type."""
     from ..inspect import format_summary, inspect_gguf

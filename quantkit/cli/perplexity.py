@@ -8,17 +8,22 @@ from pathlib import Path
 import typer
 
 from . import app
+from .options import Chunks, Ctx, Debug, Json, Quiet, Text, Threads, VocabPre
 
 
 @app.command()
 def perplexity(
     src: str = typer.Argument(..., help="HF checkpoint directory or GGUF file.", show_default=False),
-    text: Path = typer.Option(..., "--text", help="Evaluation text file (UTF-8).", show_default=False),
-    ctx: int = typer.Option(512, "--ctx", help="Tokens per chunk (llama-perplexity -c)."),
-    chunks: int = typer.Option(0, "--chunks", help="Use at most this many chunks (0 = all)."),
+    text: Text = ...,
+    ctx: Ctx = 512,
+    chunks: Chunks = 0,
     kld: str = typer.Option(None, "--kld", help="Base model: report KL divergence and top-token agreement vs it.",
                             show_default=False),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
+    as_json: Json = False,
+    quiet: Quiet = False,
+    threads: Threads = None,
+    vocab_pre: VocabPre = None,
+    debug: Debug = False,
 ) -> None:
     """Perplexity of SRC on a text, as llama-perplexity computes it."""
     from ..calib import open_stream
@@ -31,17 +36,17 @@ def perplexity(
     if ctx < 16 or ctx % 2:
         raise UsageError(f"--ctx {ctx}: must be an even number of at least 16")
     body = read_text(text)
-    stream = open_stream(src)
+    stream = open_stream(src, vocab_pre)
+    model = Model.from_stream(stream)  # refuses, before any work, a graph it does not compute
+    base = Model.from_stream(open_stream(kld, vocab_pre)) if kld else None
     tok = load_tokenizer(stream, src)
-    model = Model.from_stream(stream)
-    base = Model.from_stream(open_stream(kld)) if kld else None
     tokens = tok.encode(body)
     n_max = len(tokens) // ctx
     total = (min(chunks, n_max) if chunks > 0 else n_max) * ctx
-    update, close = progress_bar(total, "perplexity")
+    update, close = progress_bar(total, "perplexity", enabled=False if quiet else None)
     try:
         res = run(src, body, ctx=ctx, n_chunks=chunks or None, progress=update, model=model, tokenizer=tok,
-                  base_model=base, tokens=tokens)
+                  base_model=base, tokens=tokens, workers=threads)
     finally:
         close()
     res["src"] = src

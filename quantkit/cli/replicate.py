@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from . import app
+from .options import Chunks, Ctx, Debug, Json, Quiet, Text
 
 
 @app.command("replicate-search")
@@ -16,15 +17,14 @@ def replicate_search(
     src: str = typer.Argument(..., help="Unquantized source (HF checkpoint directory or F16/BF16/F32 GGUF); "
                                         "KL divergence is measured against it.", show_default=False),
     type_: str = typer.Option(..., "--type", "-t", help="Preset to search at, e.g. Q2_K.", show_default=False),
-    text: Path = typer.Option(..., "--text", help="Dev text (UTF-8) to choose ranges on; keep held-out text "
-                                                  "for the final measurement.", show_default=False),
+    text: Text = ...,
     budget_mb: float = typer.Option(None, "--budget-mb", help="File size budget in MB (default: the next "
                                                               "larger plain preset's size).", show_default=False),
     candidates: str = typer.Option(None, "--candidates", help="Candidate ranges to repeat, half-open, e.g. "
                                                               "'8:11,11:14' (default: windows of ~1/10 of the "
                                                               "depth over the inner blocks).", show_default=False),
-    chunks: int = typer.Option(4, "--chunks", help="Chunks of the dev text per measurement."),
-    ctx: int = typer.Option(256, "--ctx", help="Tokens per chunk."),
+    chunks: Chunks = 4,
+    ctx: Ctx = 256,
     presets: str = typer.Option(None, "--presets", help="Plain presets measured as reference points, comma-"
                                                         "separated (default: TYPE and the next two larger).",
                                 show_default=False),
@@ -40,7 +40,9 @@ def replicate_search(
                                         show_default=False),
     chart: Path = typer.Option(None, "--chart", help="Write a PNG chart of quality against file size.",
                                show_default=False),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
+    as_json: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
 ) -> None:
     """Greedy search for blocks worth repeating at TYPE, by KL divergence to SRC on dev text (experimental)."""
     from ..errors import OutputError, UsageError
@@ -58,7 +60,8 @@ def replicate_search(
     plist = [p.strip() for p in presets.split(",") if p.strip()] if presets else None
 
     def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
+        if not quiet:
+            print(msg, file=sys.stderr, flush=True)
 
     res = S.search(src, type_, body, budget_mb=budget_mb, candidates=candidates, ctx=ctx, chunks=chunks,
                    presets=plist, width=width, max_rounds=rounds, imatrix_text=im_body,
@@ -84,7 +87,7 @@ def replicate_search(
         typer.echo(f"best: {best.label} -> quantkit convert {src} --type {res.preset} --repeat {best.repeat}")
     else:
         typer.echo(f"best: plain {res.preset} (no repeat lowered the KL divergence within the budget)")
-    for n in res.notes:
+    for n in res.notes if not quiet else ():
         typer.echo(f"note: {n}", err=True)
-    if chart is not None:
+    if chart is not None and not quiet:
         typer.echo(f"chart: {chart}", err=True)
