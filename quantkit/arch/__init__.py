@@ -16,12 +16,26 @@ from typing import Any
 from ..errors import InputError, UnsupportedError
 from ..model import ModelStream
 from .common import TextFamily
+from .graph import BlockGraph
 from .llama import LlamaFamily, MistralFamily
 from .qwen import Qwen2Family, Qwen3Family
 
 FAMILIES: dict[str, type[TextFamily]] = {
     name: fam for fam in (LlamaFamily, MistralFamily, Qwen2Family, Qwen3Family) for name in fam.hf_architectures
 }
+
+
+# GGUF architecture -> the block graph llama.cpp builds for it (each family declares its own)
+GRAPHS: dict[str, BlockGraph] = {fam.graph.arch: fam.graph for fam in FAMILIES.values()}
+
+
+def graph_for(gguf_arch: str) -> BlockGraph:
+    """The block graph of a GGUF architecture, for the forward pass; refuses others."""
+    g = GRAPHS.get(gguf_arch)
+    if g is None:
+        raise UnsupportedError(
+            f"forward pass: architecture {gguf_arch!r} is not supported (supported: {', '.join(sorted(GRAPHS))})")
+    return g
 
 
 def supported_architectures() -> list[str]:
@@ -62,4 +76,4 @@ def to_stream(source: Any, vocab_pre: str | None = None) -> ModelStream:
     return ModelStream(arch=metadata["general.architecture"].value, name=name, metadata=metadata, tensors=tensors)
 
 
-__all__ = ["to_stream", "supported_architectures", "family_for", "FAMILIES"]
+__all__ = ["to_stream", "supported_architectures", "family_for", "graph_for", "FAMILIES", "GRAPHS"]

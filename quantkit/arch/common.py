@@ -29,6 +29,7 @@ from gguf.tensor_mapping import TensorNameMap
 from ..errors import InputError
 from ..model import KV
 from ..sources.base import TensorRef
+from .graph import BlockGraph
 
 # ---------------------------------------------------------------------------
 # hparams
@@ -366,6 +367,7 @@ class TextFamily:
     (data) and override the few hooks where the converter's classes differ."""
 
     arch: MODEL_ARCH
+    graph: "BlockGraph"  # what llama.cpp's graph for this arch computes (quantkit/arch/graph.py)
     hf_architectures: tuple[str, ...] = ()
     config_defaults: dict[str, Any] = {}  # transformers config-class defaults
     computed: tuple[str, ...] = ("num_key_value_heads",)

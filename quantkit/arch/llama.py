@@ -17,6 +17,7 @@ from ..errors import InputError, UnsupportedError
 from ..sources.base import TensorRef
 from . import vocab
 from .common import TextFamily, require_int, tensor_name
+from .graph import ROPE_NORM, BlockGraph, block
 
 # transformers 4.57.6 LlamaConfig / MistralConfig defaults for keys the converter reads
 LLAMA_DEFAULTS: dict[str, Any] = {
@@ -67,6 +68,11 @@ def llama3_rope_factors(rope: dict[str, Any], dim: int) -> np.ndarray:
 class LlamaFamily(TextFamily):
     arch = MODEL_ARCH.LLAMA
     hf_architectures = ("LlamaForCausalLM",)
+    # llama.cpp src/models/llama.cpp: interleaved rope, optional biases on every
+    # projection, llama3 rope_freqs; MoE (Mixtral) tensors are not in this graph
+    graph = BlockGraph("llama", ROPE_NORM, optional_block_tensors=block(
+        "attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias",
+        "ffn_gate.bias", "ffn_up.bias", "ffn_down.bias"))
     config_defaults = LLAMA_DEFAULTS
     computed = ("num_key_value_heads", "head_dim")
 

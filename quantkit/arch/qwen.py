@@ -11,6 +11,7 @@ from gguf import GGUFWriter, MODEL_ARCH, MODEL_TENSOR
 
 from . import vocab
 from .common import require_int, tensor_name
+from .graph import LLAMA_BLOCK, ROPE_NEOX, BlockGraph, block
 from .llama import LlamaFamily
 
 # transformers 4.57.6 Qwen2Config / Qwen3Config defaults for keys the converter reads
@@ -25,6 +26,9 @@ QWEN3_DEFAULTS: dict[str, Any] = {**QWEN2_DEFAULTS, "head_dim": 128, "attention_
 class Qwen2Family(LlamaFamily):
     arch = MODEL_ARCH.QWEN2
     hf_architectures = ("Qwen2ForCausalLM",)
+    # llama.cpp src/models/qwen2.cpp: rotate-half rope, q/k/v biases, optional output bias
+    graph = BlockGraph("qwen2", ROPE_NEOX, block_tensors=LLAMA_BLOCK + block("attn_q.bias", "attn_k.bias", "attn_v.bias"),
+                       optional_top_tensors=("output.weight", "output.bias"))
     config_defaults = QWEN2_DEFAULTS
     computed = ("num_key_value_heads",)
 
@@ -57,6 +61,10 @@ class Qwen2Family(LlamaFamily):
 class Qwen3Family(Qwen2Family):
     arch = MODEL_ARCH.QWEN3
     hf_architectures = ("Qwen3ForCausalLM",)
+    # llama.cpp src/models/qwen3.cpp: per-head q/k RMS norms; biases only with attention_bias
+    graph = BlockGraph("qwen3", ROPE_NEOX, block_tensors=LLAMA_BLOCK + block("attn_q_norm.weight", "attn_k_norm.weight"),
+                       optional_block_tensors=block("attn_q.bias", "attn_k.bias", "attn_v.bias"),
+                       optional_top_tensors=("output.weight",))
     config_defaults = QWEN3_DEFAULTS
 
     def __init__(self, source: Any, vocab_pre: str | None = None):

@@ -19,18 +19,10 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import InputError, UnsupportedError
+from ..arch import graph_for
+from ..arch.graph import ROPE_NEOX
+from ..errors import InputError
 from ..model import ModelStream
-
-# llama.cpp's rope type per architecture (src/llama-model.cpp llama_model_rope_type)
-ROPE_NORM, ROPE_NEOX = 0, 2
-ROPE_TYPE = {
-    "llama": ROPE_NORM,
-    "mistral": ROPE_NORM,
-    "granite": ROPE_NORM,
-    "qwen2": ROPE_NEOX,
-    "qwen3": ROPE_NEOX,
-}
 
 # weight matrices in a block, in graph order, and the input each one sees
 BLOCK_MATS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -62,10 +54,7 @@ class HParams:
     @classmethod
     def from_stream(cls, s: ModelStream, n_vocab: int) -> "HParams":
         a = s.arch
-        if a not in ROPE_TYPE:
-            raise UnsupportedError(
-                f"calibration forward pass: architecture {a!r} is not supported "
-                f"(supported: {', '.join(sorted(ROPE_TYPE))})")
+        graph = graph_for(a)
 
         def g(key, default=None):
             v = s.get(f"{a}.{key}", default)
@@ -101,7 +90,7 @@ class HParams:
             n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, head_dim_v=head_dim_v,
             n_rot=int(g("rope.dimension_count", head_dim)),
             eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
-            rope_type=ROPE_TYPE[a], rope_base=float(g("rope.freq_base", 10000.0)),
+            rope_type=graph.rope_type, rope_base=float(g("rope.freq_base", 10000.0)),
             freq_scale=freq_scale, ext_factor=ext_factor, attn_factor=attn_factor,
             beta_fast=float(s.get(f"{a}.rope.scaling.yarn_beta_fast", 32.0) or 32.0),
             beta_slow=float(s.get(f"{a}.rope.scaling.yarn_beta_slow", 1.0) or 1.0),
@@ -287,24 +276,21 @@ class Model:
         each weight's storage type (or for ``weight_type`` given for all, e.g.
         "F32" to follow an F32 GGUF of the same model), and keep K/V in F16
         (llama.cpp's default cache type)."""
+        graph = graph_for(stream.arch)  # refuses architectures, keys and tensors it does not compute
+        graph.check(stream.metadata, [t.name for t in stream.tensors])
         w: dict[str, np.ndarray] = {}
         dtypes: dict[str, str] = {}
-        for t in stream.tensors:
-            if t.name.startswith("blk.") or t.name in ("token_embd.weight", "output.weight",
-                                                          "output_norm.weight", "rope_freqs.weight"):
-                w[t.name] = t.load()
-                dtypes[t.name] = (weight_type or str(t.dtype)).upper()
-                if progress:
-                    progress(1)
+        for t in stream.tensors:  # (the check let through only tensors the graph reads)
+            w[t.name] = t.load()
+            dtypes[t.name] = (weight_type or str(t.dtype)).upper()
+            if progress:
+                progress(1)
         if "token_embd.weight" not in w:
             raise InputError("model has no token_embd.weight")
         hp = HParams.from_stream(stream, n_vocab=w["token_embd.weight"].shape[0])
-        if any(n.endswith("ffn_gate_inp.weight") for n in w):
-            raise UnsupportedError("calibration forward pass: mixture-of-experts models are not supported")
-        for i in range(hp.n_layer):
-            for m in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"):
-                if f"blk.{i}.{m}.weight" not in w:
-                    raise InputError(f"model lacks tensor blk.{i}.{m}.weight (unsupported layout for calibration)")
+        for name in graph.required(hp.n_layer):
+            if name not in w:
+                raise InputError(f"model lacks tensor {name} (needed by the {graph.arch} forward pass)")
         return cls(hp, w, dtypes, emulate)
 
     # -- pieces

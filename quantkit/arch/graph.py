@@ -1,0 +1,114 @@
+"""The block graph of one GGUF architecture, as llama.cpp builds it: the
+features quantkit's forward pass (quantkit/calib/forward.py) composes, the
+metadata keys that change that graph, and the tensors it reads.
+
+Each family module declares its ``BlockGraph``; the forward pass reads it and
+refuses, in one line, any file whose graph it would not compute exactly: an
+``{arch}.*`` key that is neither implemented (``keys``) nor known to leave the
+graph alone (``inert_keys``), a value of an implemented key it does not
+handle (``key_values``), or a tensor the graph does not read. A forward pass
+that silently ignored granite's multipliers computed another model.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import UnsupportedError
+
+ROPE_NORM, ROPE_NEOX = 0, 2  # llama.cpp's llama_rope_type (adjacent pairs / rotate-half)
+
+# {arch}.* keys the llama-style forward implements (their values change the graph).
+LLAMA_GRAPH_KEYS = frozenset({
+    "embedding_length", "block_count", "feed_forward_length",
+    "attention.head_count", "attention.head_count_kv", "attention.key_length", "attention.value_length",
+    "attention.layer_norm_rms_epsilon",
+    "rope.dimension_count", "rope.freq_base",
+    "rope.scaling.type", "rope.scaling.factor", "rope.scale_linear", "rope.scaling.original_context_length",
+    "rope.scaling.attn_factor", "rope.scaling.yarn_log_multiplier",
+    "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow",
+})
+# {arch}.* keys llama.cpp reads that leave the computed logits alone.
+INERT_KEYS = frozenset({
+    "context_length",          # training context: a limit, not a graph change
+    "vocab_size",              # the embedding's rows say it too
+    "rope.scaling.finetuned",  # informational
+})
+# Values of implemented keys the forward pass handles; anything else is refused.
+LLAMA_KEY_VALUES: dict[str, tuple[Any, ...]] = {
+    "rope.scaling.type": ("none", "linear", "yarn"),
+}
+
+# Tensors of the llama-style graph; "{b}" stands for the block index.
+LLAMA_TOP = ("token_embd.weight", "output_norm.weight")
+LLAMA_TOP_OPTIONAL = ("output.weight", "rope_freqs.weight")
+LLAMA_BLOCK = tuple(f"blk.{{b}}.{m}.weight" for m in (
+    "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"))
+
+
+def block(*names: str) -> tuple[str, ...]:
+    """Per-block tensor names from their ``blk.N.`` suffixes."""
+    return tuple(f"blk.{{b}}.{n}" for n in names)
+
+
+@dataclass(frozen=True)
+class BlockGraph:
+    arch: str                                   # GGUF general.architecture
+    rope_type: int                              # ROPE_NORM or ROPE_NEOX
+    block_tensors: tuple[str, ...] = LLAMA_BLOCK
+    optional_block_tensors: tuple[str, ...] = ()
+    top_tensors: tuple[str, ...] = LLAMA_TOP
+    optional_top_tensors: tuple[str, ...] = LLAMA_TOP_OPTIONAL
+    keys: frozenset[str] = LLAMA_GRAPH_KEYS
+    inert_keys: frozenset[str] = INERT_KEYS
+    key_values: dict[str, tuple[Any, ...]] = field(default_factory=lambda: dict(LLAMA_KEY_VALUES))
+
+    def check(self, metadata: dict[str, Any], tensor_names: list[str]) -> None:
+        """Refuse (UnsupportedError, exit 4) what this graph does not compute."""
+        pre = self.arch + "."
+        unknown, bad = [], []
+        for k, kv in metadata.items():
+            if not k.startswith(pre):
+                continue
+            sub = k[len(pre):]
+            if sub in self.inert_keys:
+                continue
+            if sub not in self.keys:
+                unknown.append(k)
+                continue
+            v = getattr(kv, "value", kv)
+            if isinstance(v, (list, tuple)) or hasattr(v, "shape") and getattr(v, "ndim", 0):
+                bad.append(f"{k} (per-layer array)")
+            elif sub in self.key_values and _norm(v) not in self.key_values[sub]:
+                bad.append(f"{k}={v!r}")
+        if unknown:
+            raise UnsupportedError(
+                f"forward pass: {self.arch} model with metadata that changes llama.cpp's graph and that quantkit "
+                f"does not implement: {', '.join(sorted(unknown))}")
+        if bad:
+            raise UnsupportedError(f"forward pass: unsupported value of {', '.join(bad)}")
+        allowed = self._tensor_pattern()
+        extra = [n for n in tensor_names if not allowed.fullmatch(n)]
+        if extra:
+            more = f" (+{len(extra) - 3} more)" if len(extra) > 3 else ""
+            raise UnsupportedError(
+                f"forward pass: tensor {', '.join(extra[:3])}{more} is not part of the {self.arch} graph "
+                "quantkit computes")
+
+    def _tensor_pattern(self) -> re.Pattern:
+        names = [re.escape(n) for n in self.top_tensors + self.optional_top_tensors]
+        names += [re.escape(n).replace(re.escape("{b}"), r"\d+")
+                  for n in self.block_tensors + self.optional_block_tensors]
+        return re.compile("|".join(names))
+
+    def required(self, n_layer: int) -> list[str]:
+        return list(self.top_tensors) + [n.format(b=i) for i in range(n_layer) for n in self.block_tensors]
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, (bytes, bytearray)):
+        v = v.decode("utf-8", "replace")
+    if isinstance(v, float) or hasattr(v, "dtype") and getattr(v.dtype, "kind", "") == "f":
+        return float(v)
+    return v
