@@ -14,7 +14,9 @@ from quantkit.errors import NonFiniteError
 
 from ggml_oracle import assert_same_floats, gguf_dequantize
 
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors" / "ggml_reference.npz"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
+VECTORS = SHARED / "ggml_reference.npz"
+LOWBIT = SHARED / "ggml_reference_lowbit.npz"  # IQ1-IQ3, MXFP4, NVFP4, Q1_0, Q2_0 (same cases)
 TYPES = sorted(quant.REGISTRY.values(), key=lambda t: t.name)
 IDS = [t.name for t in TYPES]
 
@@ -27,12 +29,29 @@ def vectors():
         return {k: z[k] for k in z.keys()}
 
 
+@pytest.fixture(scope="module")
+def lowbit():
+    if not LOWBIT.exists():
+        return {}
+    with np.load(LOWBIT) as z:
+        return {k: z[k] for k in z.keys()}
+
+
+@pytest.fixture
+def vectors_for(vectors, lowbit):
+    """The recorded file that holds a type's bytes (each file has its own inputs)."""
+    def get(t):
+        return lowbit if any(k.split("/")[1:2] == [t.name] for k in lowbit) else vectors
+    return get
+
+
 def _cases(vectors):
     return sorted({k.split("/")[0] for k in vectors})
 
 
 @pytest.mark.parametrize("t", TYPES, ids=IDS)
-def test_encoder_matches_ggml_reference(t, vectors):
+def test_encoder_matches_ggml_reference(t, vectors_for):
+    vectors = vectors_for(t)
     checked = 0
     for case in _cases(vectors):
         x = vectors[f"{case}/x"]
@@ -55,9 +74,10 @@ def test_encoder_matches_ggml_reference(t, vectors):
 
 
 @pytest.mark.parametrize("t", TYPES, ids=IDS)
-def test_imatrix_variants_recorded_where_ggml_takes_weights(t, vectors):
+def test_imatrix_variants_recorded_where_ggml_takes_weights(t, vectors_for):
     """takes_imatrix agrees with the vectors: an /imatrix variant exists
     exactly for the types whose ggml quantizer uses quant_weights."""
+    vectors = vectors_for(t)
     if t.qtype == GGMLQuantizationType.F32:
         assert not t.takes_imatrix
         return
@@ -66,7 +86,8 @@ def test_imatrix_variants_recorded_where_ggml_takes_weights(t, vectors):
 
 
 @pytest.mark.parametrize("t", TYPES, ids=IDS)
-def test_decoder_matches_gguf_py_on_ggml_bytes(t, vectors):
+def test_decoder_matches_gguf_py_on_ggml_bytes(t, vectors_for):
+    vectors = vectors_for(t)
     for case in _cases(vectors):
         for key in (f"{case}/{t.name}", f"{case}/{t.name}/imatrix"):
             if key not in vectors:

@@ -15,12 +15,20 @@ from .registry import REGISTRY, QuantType
 
 _jitcache.configure()  # before any @njit(cache=True): kernels cache outside the package
 
-# Importing the family modules registers their types.
-from . import floats  # noqa: F401,E402
-from . import legacy  # noqa: F401,E402
-from . import kquants  # noqa: F401,E402
-from . import iquants  # noqa: F401,E402
-from . import ternary  # noqa: F401,E402
+# Importing the family modules registers their types: every module of this
+# package not starting with "_" (a new type family = a new module). Kernels
+# compile on first call, not at import.
+def _import_families() -> None:
+    import importlib
+    import pkgutil
+
+    for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if not m.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{m.name}")
+
+
+_import_families()
+from . import floats  # noqa: F401,E402  (check_finite's kernel)
 
 # llama-quantize spellings of the types quantkit can write.
 def type_names() -> list[str]:
