@@ -1,0 +1,239 @@
+"""4-bit float types: MXFP4 (OCP microscaling, gpt-oss) and NVFP4. Every
+value is an E2M1 float, stored as ggml's doubled table kvalues_mxfp4 (the
+index's bit 3 is the sign)::
+
+    index  0  1  2  3  4  5  6  7  8  9 10 11 12 13 14 15
+    value  0  1  2  3  4  6  8 12 -0 -1 -2 -3 -4 -6 -8 -12     x = value * d
+
+No weighted path: ggml's quantize_mxfp4/quantize_nvfp4 ignore quant_weights.
+
+MXFP4 (17 B, 32 values) | e:E8M0 | qs[16] |
+    d = GGML_E8M0_TO_FP32_HALF(e) = 2^(e - 128)  (e < 2: the subnormals 2^-128, 2^-127)
+    e = (uint8_t)(floorf(log2f(amax)) - 2 + 127), 0 for an all-zero block; the
+    cast keeps the low byte of the int (amax < 2^-125 wraps to 232..255).
+
+NVFP4 (36 B, 64 values = 4 sub-blocks of 16) | d[4]:UE4M3 | qs[32] |
+    d[s] = ggml_fp32_to_ue4m3(amax_s / 6)  (unsigned, 4 exponent bits of bias 7,
+    3 mantissa bits; clamped at 448 = 0x7E; mantissa rounded half up)
+    scale of sub-block s = ggml_ue4m3_to_fp32(d[s]) = ue4m3 value / 2
+
+    qs byte j (MXFP4) / byte 8*s + j (NVFP4, j < 8):
+        7 6 5 4 | 3 2 1 0
+        q[j+h]  |  q[j]          h = 16 (MXFP4) / 8 (NVFP4), q within the (sub-)block
+
+best_index_mxfp4 is ggml's linear search: the first index of the least
+fabsf(kvalue*d - x). When every candidate's error is exact in float32 (the
+largest |x| of the block within 2^16 * d, all kvalue*d finite) it picks the
+nearest |kvalue| with ties to the smaller, so the fast path counts the
+midpoints (0.5 1.5 2.5 3.5 5 7 10) * d that |x| exceeds and adds the sign.
+Blocks outside that range (NVFP4 scales clamped at 448 under huge values,
+MXFP4 e >= 253 where 8*d or 12*d overflow) run ggml's search itself, whose
+rounded errors then tie and send the first index.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from gguf import GGMLQuantizationType
+from numba import njit, prange
+
+from .floats import INLINE, PJIT, cvt_i32
+from .registry import QuantType
+from .solvers import fp32_bits, fp32_from_bits
+
+F = np.float32
+_F0 = F(0.0)
+_F6 = F(6.0)
+_F448 = F(448.0)
+_F12 = F(12.0)
+_F512 = F(512.0)
+_HALF = F(0.5)
+_FAST_RATIO = F(65536.0)  # amax below this * d: every candidate error exact
+
+KVALUES_MXFP4 = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.int8)
+_KV_F = KVALUES_MXFP4.astype(np.float32)
+_MID = np.array([0.5, 1.5, 2.5, 3.5, 5.0, 7.0, 10.0], np.float32)
+
+
+def _ue4m3_table() -> np.ndarray:
+    """ggml_ue4m3_to_fp32 for every byte (bit 7 ignored, as ggml's decoder
+    does: exp = (x >> 3) & 0xF; 0 and 0x7F are zero)."""
+    t = np.empty(256, np.float32)
+    for x in range(256):
+        e, m = (x >> 3) & 0xF, x & 7
+        raw = np.ldexp(F(m), -9) if e == 0 else np.ldexp(F(1.0) + F(m) / F(8.0), e - 7)
+        t[x] = F(0.0) if x in (0, 0x7F) else F(F(raw) * F(0.5))
+    return t
+
+
+UE4M3_HALF = _ue4m3_table()
+
+
+# ------------------------------------------------------------ scalar helpers
+@njit(**INLINE)
+def e8m0_to_fp32_half(e):
+    """GGML_E8M0_TO_FP32_HALF: 2^(e - 128) as float32 bits."""
+    e = np.int64(e)
+    if e < 2:
+        return fp32_from_bits(0x00200000 << e)
+    return fp32_from_bits((e - 1) << 23)
+
+
+@njit(**INLINE)
+def mxfp4_e(amax):
+    """The E8M0 byte of ggml's quantize_row_mxfp4_ref for a block's amax."""
+    if amax > _F0:
+        return cvt_i32(F(math.floor(math.log2(amax))) - F(2.0) + F(127.0)) & 0xFF
+    return 0
+
+
+@njit(**INLINE)
+def fp32_to_ue4m3(x):
+    """ggml_fp32_to_ue4m3."""
+    if not (x > _F0):
+        return 0
+    if x > _F448:
+        x = _F448
+    bits = fp32_bits(x)
+    exp = ((bits >> 23) & 0xFF) - 127 + 7
+    man = (bits >> 20) & 0x7
+    if exp <= 0:
+        m = cvt_i32(x * _F512 + _HALF)
+        if m > 7:
+            m = 7
+        return 0 if m < 1 else m
+    if exp >= 15:
+        return 0x7E
+    man += (bits >> 19) & 1
+    if man > 7:
+        man = 0
+        exp += 1
+        if exp >= 15:
+            return 0x7E
+    return (exp << 3) | man
+
+
+@njit(**INLINE)
+def best_index_mxfp4(x, d):
+    """ggml's best_index_mxfp4: first index of the least |kvalue * d - x|."""
+    best = 0
+    best_err = abs(_KV_F[0] * d - x)
+    for i in range(1, 16):
+        err = abs(_KV_F[i] * d - x)
+        if err < best_err:
+            best = i
+            best_err = err
+    return best
+
+
+@njit(**INLINE)
+def _code(v, t):
+    """best_index_mxfp4 when errors are exact: midpoints t[0..6] (ascending)
+    passed by |v|, bit 3 the sign (a negative v nearest to 0 gives 0)."""
+    a = abs(v)
+    c = ((a > t[0]) + (a > t[1]) + (a > t[2]) + (a > t[3])
+         + (a > t[4]) + (a > t[5]) + (a > t[6]))
+    return c | (8 if (v < _F0 and c != 0) else 0)
+
+
+@njit(**INLINE)
+def _amax(x, o, n):
+    amax = _F0
+    for j in range(n):
+        a = abs(x[o + j])
+        amax = a if amax < a else amax
+    return amax
+
+
+@njit(**INLINE)
+def _pack(xr, o, half, y, b, d, amax, t):
+    """qs of one (sub-)block of 2*half values x[o:] at y[b:], scale d."""
+    if amax < _FAST_RATIO * d and not math.isinf(_F12 * d):
+        for i in range(7):
+            t[i] = _MID[i] * d
+        for j in range(half):
+            y[b + j] = _code(xr[o + j], t) | (_code(xr[o + half + j], t) << 4)
+    else:
+        for j in range(half):
+            y[b + j] = best_index_mxfp4(xr[o + j], d) | (best_index_mxfp4(xr[o + half + j], d) << 4)
+
+
+# --------------------------------------------------------------- row kernels
+@njit(**PJIT)
+def _mxfp4_ref(x, out):
+    nr, n = x.shape
+    for r in prange(nr):
+        xr = x[r]
+        y = out[r]
+        t = np.empty(7, np.float32)
+        for ib in range(n // 32):
+            o = ib * 32
+            b = ib * 17
+            amax = _amax(xr, o, 32)
+            e = mxfp4_e(amax)
+            y[b] = e
+            d = e8m0_to_fp32_half(e)
+            _pack(xr, o, 16, y, b + 1, d, amax, t)
+
+
+@njit(**PJIT)
+def _nvfp4_ref(x, out):
+    nr, n = x.shape
+    for r in prange(nr):
+        xr = x[r]
+        y = out[r]
+        t = np.empty(7, np.float32)
+        for ib in range(n // 64):
+            b = ib * 36
+            for s in range(4):
+                o = ib * 64 + s * 16
+                amax = _amax(xr, o, 16)
+                ue = fp32_to_ue4m3(amax / _F6)
+                y[b + s] = ue
+                d = UE4M3_HALF[ue]
+                if d == _F0:  # every error is |x|: index 0
+                    for j in range(8):
+                        y[b + 4 + 8 * s + j] = 0
+                else:
+                    _pack(xr, o, 8, y, b + 4 + 8 * s, d, amax, t)
+
+
+@njit(**PJIT)
+def _mxfp4_dec(q, out):
+    nr, n = out.shape
+    for r in prange(nr):
+        for ib in range(n // 32):
+            b = ib * 17
+            o = ib * 32
+            d = e8m0_to_fp32_half(q[r, b])
+            for j in range(16):
+                v = np.int64(q[r, b + 1 + j])
+                out[r, o + j] = _KV_F[v & 0x0F] * d
+                out[r, o + 16 + j] = _KV_F[v >> 4] * d
+
+
+@njit(**PJIT)
+def _nvfp4_dec(q, out):
+    nr, n = out.shape
+    for r in prange(nr):
+        for ib in range(n // 64):
+            b = ib * 36
+            for s in range(4):
+                d = UE4M3_HALF[q[r, b + s]]
+                o = ib * 64 + s * 16
+                for j in range(8):
+                    v = np.int64(q[r, b + 4 + 8 * s + j])
+                    out[r, o + j] = _KV_F[v & 0x0F] * d
+                    out[r, o + 8 + j] = _KV_F[v >> 4] * d
+
+
+class MXFP4(QuantType, qtype=GGMLQuantizationType.MXFP4, takes_imatrix=False):
+    _ref, _dec = staticmethod(_mxfp4_ref), staticmethod(_mxfp4_dec)
+
+
+class NVFP4(QuantType, qtype=GGMLQuantizationType.NVFP4, takes_imatrix=False):
+    _ref, _dec = staticmethod(_nvfp4_ref), staticmethod(_nvfp4_dec)
+
+
+assert MXFP4.type_size == 17 and NVFP4.type_size == 36
