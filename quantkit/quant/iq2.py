@@ -1,0 +1,533 @@
+"""2-bit grid types: IQ2_XXS, IQ2_XS and IQ2_S (super-blocks of 256).
+
+Each group of 8 magnitudes is one point of an E8-lattice-derived grid
+(ggml's kgrid_2bit_256 / _512 / _1024, coordinates 2*l+1 for levels l in
+0..2); signs are stored apart. The encoders follow ggml-quants.c's
+quantize_row_iq2_xxs_impl, quantize_row_iq2_xs_impl and
+quantize_row_iq2_s_impl as ggml_quantize_chunk reaches them: IQ2_XXS and
+IQ2_XS require importance weights (ggml asserts on NULL), IQ2_S takes them or
+not (quantize_row_iq2_s_ref = quantize_iq2_s(..., NULL)). The grid tables
+(kgrid_q2xs, kmap_q2xs, kneighbors_q2xs) are ggml's, from _iqgrids.
+
+Per group of 32 (XXS) or 16 (XS, S) values, a scan of scales; for each scale
+each 8-group's levels are rounded and, off the grid, replaced by the best of
+the code's precomputed neighbours (iq2_find_best_neighbour). The scan keeps
+the scale with the best weighted fit. Here the neighbour distance is summed
+from a per-group table of the 8 x 3 terms waux[i]*diff*diff (the same
+float32 values ggml computes, added in ggml's order), and the fit sums from
+per-value tables of w*x*q and w*q*q: the same floats, far fewer operations.
+
+Block layouts (bytes; fp16 and integers little-endian)::
+
+    IQ2_XXS (66 B)  | d:f16 | 8 x ( grid:u8[4] | aux:u32 ) |
+        32-value group ib at 2 + 8*ib: 4 grid indices (one per 8 values) into
+        iq2xxs_grid, then aux = signs_0 | signs_1 << 7 | signs_2 << 14 |
+        signs_3 << 21 | s << 28 (signs_k: 7 bits, the 8th = even parity via
+        ksigns_iq2xs; s: 4-bit scale)
+        x[8k+j] = d * (0.5 + s) * 0.25 * grid[j] * (-1 if sign bit j)
+
+    IQ2_XS (74 B)   | d:f16 | qs:u16[32] | scales:u8[8] |
+        qs[i] = grid index (9 bits, iq2xs_grid) | signs (7 bits, ksigns) << 9
+        16-value sub-block ib: s = scales[ib/2] >> 4*(ib%2) & 15
+
+    IQ2_S (82 B)    | d:f16 | qs:u8[32] | signs:u8[32] | qh:u8[8] | scales:u8[8] |
+        8-group i: grid index = qs[i] | (qh[i/4] >> 2*(i%4) & 3) << 8
+        (iq2s_grid, 10 bits), signs[i] all 8 sign bits; scales as IQ2_XS
+
+    scales/qh byte:   7 6 5 4 | 3 2 1 0        aux (u32):  31..28 | 27..21 | ... | 6..0
+                      ib odd  | ib even                      s    | signs_3     signs_0
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType
+from numba import njit, prange
+
+from ..errors import UnsupportedError
+from . import _iqgrids
+from .floats import INLINE, PJIT
+from .registry import QuantType
+from .solvers import GROUP_MAX_EPS, fp32_to_fp16, load_fp16, make_qp_quants, nearest_int, store_fp16
+
+F = np.float32
+_F0 = F(0.0)
+_F1 = F(1.0)
+_F2 = F(2.0)
+_F3 = F(3.0)
+_F5 = F(5.0)
+_F31 = F(31.0)
+_F256 = F(256.0)
+_HALF = F(0.5)
+_QUARTER = F(0.25)
+_F0_1 = F(0.1)
+_S_D = F(0.9875)
+_FLT_MAX = F(np.finfo(np.float32).max)
+GROUP_MAX_EPS_IQ2_S = F(1e-8)
+_Q = np.array([1.0, 3.0, 5.0], np.float32)  # grid coordinate of level l: 2*l + 1
+
+
+def _tables(kind):
+    """(kmap int32, neighbours int32, levels int32 (G*8): 3*i + level of
+    coordinate i of point g at [8*g + i]) for the encoders."""
+    t = _iqgrids.load(kind)
+    lev = (t.grid8.astype(np.int32) - 1) // 2
+    assert lev.max() <= 2  # the IQ2 grids use levels 0..2 only
+    off = (lev + 3 * np.arange(8, dtype=np.int32)).reshape(-1)
+    return (np.ascontiguousarray(t.map, np.int32), np.ascontiguousarray(t.neighbours, np.int32),
+            np.ascontiguousarray(off, np.int32))
+
+
+def _dgrid(kind):
+    t = _iqgrids.load(kind)
+    return np.ascontiguousarray(t.dgrid.view(np.uint8).reshape(-1, 8).astype(np.float32))
+
+
+KSIGNS = _iqgrids.load("iq2xxs").ksigns.astype(np.int64)
+
+
+# ----------------------------------------------------------------- helpers
+@njit(**INLINE)
+def _best_neighbour(nbrs, o, glo, xval, xo, waux, scale, L, tab):
+    """iq2_find_best_neighbour(kneighbors_q2xs + o, grid, xval + xo, waux + xo,
+    scale, L + xo): writes the winner's levels into L[xo:xo+8]; returns its
+    index. tab: float32[24] scratch (term of coordinate i at level l at 3*i+l)."""
+    for i in range(8):
+        xv = xval[xo + i]
+        wa = waux[xo + i]
+        for l in range(3):
+            diff = scale * _Q[l] - xv
+            tab[3 * i + l] = wa * diff * diff
+    n = nbrs[o]
+    best = _FLT_MAX
+    gi = -1
+    for j in range(1, n + 1):
+        g = nbrs[o + j]
+        b = 8 * g
+        d2 = _F0
+        d2 += tab[glo[b]]
+        d2 += tab[glo[b + 1]]
+        d2 += tab[glo[b + 2]]
+        d2 += tab[glo[b + 3]]
+        d2 += tab[glo[b + 4]]
+        d2 += tab[glo[b + 5]]
+        d2 += tab[glo[b + 6]]
+        d2 += tab[glo[b + 7]]
+        if d2 < best:
+            best = d2
+            gi = g
+    if gi < 0:  # only with NaN distances (ggml asserts); keep the first neighbour
+        gi = nbrs[o + 1]
+    b = 8 * gi
+    for i in range(8):
+        L[xo + i] = glo[b + i] - 3 * i
+    return gi
+
+
+@njit(**INLINE)
+def _round_group(id_, xval, xo, L):
+    """L[xo+i] = MAX(0, MIN(2, nearest_int(0.5f*(id*xval-1)))); returns the code u."""
+    u = 0
+    for i in range(8):
+        l = nearest_int(_HALF * (id_ * xval[xo + i] - _F1))
+        l = 2 if l > 2 else l
+        l = 0 if l < 0 else l
+        L[xo + i] = l
+        u |= l << (2 * i)
+    return u
+
+
+@njit(**INLINE)
+def _fit(n, L, wxq, wq2):
+    """sum w*x*q, sum w*q*q over n values (q = 2*L+1), in ggml's order, from
+    the per-value tables wxq[3*i+l] = w*x*q_l, wq2[3*i+l] = w*q_l*q_l."""
+    sumqx = _F0
+    sumq2 = _F0
+    for i in range(n):
+        k = 3 * i + L[i]
+        sumqx += wxq[k]
+        sumq2 += wq2[k]
+    return sumqx, sumq2
+
+
+@njit(**INLINE)
+def _signs(xb, o, n, weight, xval, block_signs, parity):
+    """xval = |x|; block_signs[k] = sign bits of 8-group k. parity (IQ2_XXS,
+    IQ2_XS): an odd count flips the sign of the value of least w*x*x back
+    (its xval becomes negative) so that 7 bits carry the signs."""
+    for k in range(n // 8):
+        s = 0
+        nflip = 0
+        for i in range(8):
+            v = xb[o + 8 * k + i]
+            if v >= _F0:
+                xval[8 * k + i] = v
+            else:
+                xval[8 * k + i] = -v
+                nflip += 1
+                s |= 1 << i
+        if parity:
+            if nflip % 2:
+                imin = 0
+                v = xb[o + 8 * k]
+                mn = weight[8 * k] * v * v
+                for i in range(1, 8):
+                    v = xb[o + 8 * k + i]
+                    ax = weight[8 * k + i] * v * v
+                    if ax < mn:
+                        mn = ax
+                        imin = i
+                xval[8 * k + imin] = -xval[8 * k + imin]
+                s ^= 1 << imin
+            block_signs[k] = s & 127
+        else:
+            block_signs[k] = s
+
+
+@njit(**INLINE)
+def _fit_tables(n, weight, xval, wxq, wq2):
+    for i in range(n):
+        w = weight[i]
+        wx = w * xval[i]
+        for l in range(3):
+            q = _Q[l]
+            wxq[3 * i + l] = wx * q
+            wq2[3 * i + l] = w * q * q
+
+
+# ----------------------------------------------------------------- IQ2_XXS
+@njit(**INLINE)
+def _xxs_superblock(x, o, qw, y, yo, kmap, nbrs, glo, S):
+    weight, waux, xval, wxq, wq2, tab, scales = S[0], S[1], S[2], S[3], S[4], S[5], S[6]
+    L = np.empty(32, np.int64)
+    Laux = np.empty(32, np.int64)
+    Lq = np.empty(32, np.uint8)
+    bsg = np.empty(4, np.int64)
+    q2 = np.zeros(16, np.int64)
+    store_fp16(y, yo, 0)
+    max_scale = _F0
+    sumx2 = _F0
+    for i in range(256):
+        sumx2 += x[o + i] * x[o + i]
+    sigma2 = sumx2 / _F256
+    for ib in range(8):
+        xo = o + 32 * ib
+        for i in range(32):
+            weight[i] = qw[xo + i] * np.sqrt(sigma2 + x[xo + i] * x[xo + i])
+        for i in range(32):
+            waux[i] = np.sqrt(weight[i])
+        _signs(x, xo, 32, weight, xval, bsg, True)
+        mx = xval[0]
+        for i in range(1, 32):
+            mx = mx if mx > xval[i] else xval[i]
+        if mx < GROUP_MAX_EPS:
+            scales[ib] = _F0
+            continue
+        scale = make_qp_quants(32, 4, xval, Lq, weight)
+        eff_max = scale * _F3
+        if eff_max <= _F0:
+            scales[ib] = _F0
+            continue
+        _fit_tables(32, weight, xval, wxq, wq2)
+        best = _F0
+        for is_ in range(-6, 7):
+            id_ = (_F5 + F(is_) * _F0_1) / eff_max
+            this_scale = _F1 / id_
+            for k in range(4):
+                u = _round_group(id_, xval, 8 * k, Laux)
+                if kmap[u] < 0:
+                    _best_neighbour(nbrs, -kmap[u] - 1, glo, xval, 8 * k, waux, this_scale, Laux, tab)
+            sumqx, sumq2 = _fit(32, Laux, wxq, wq2)
+            if sumq2 > _F0 and sumqx * sumqx > best * sumq2:
+                scale = sumqx / sumq2
+                best = scale * sumqx
+                for i in range(32):
+                    L[i] = Laux[i]
+        if scale > _F0:
+            id_ = _F1 / scale
+            for k in range(4):
+                u = _round_group(id_, xval, 8 * k, L)
+                if kmap[u] < 0:
+                    _best_neighbour(nbrs, -kmap[u] - 1, glo, xval, 8 * k, waux, scale, L, tab)
+            sumqx, sumq2 = _fit(32, L, wxq, wq2)
+            if sumq2 > _F0:
+                scale = sumqx / sumq2
+        if scale < _F0:
+            scale = -scale
+            for k in range(4):
+                bsg[k] = (~bsg[k]) & 127
+        for k in range(4):
+            u = 0
+            for i in range(8):
+                u |= L[8 * k + i] << (2 * i)
+            q2[2 * ib] |= np.int64(kmap[u]) << (8 * k)
+            q2[2 * ib + 1] |= bsg[k] << (7 * k)
+        scales[ib] = scale
+        max_scale = max_scale if max_scale > scale else scale
+    if not max_scale:
+        for i in range(64):
+            y[yo + 2 + i] = 0
+        return
+    d = max_scale / _F31
+    store_fp16(y, yo, fp32_to_fp16(d))
+    id_ = _F1 / d
+    for ib in range(8):
+        l = nearest_int(_HALF * (id_ * scales[ib] - _F1))
+        l = 15 if l > 15 else (0 if l < 0 else l)
+        q2[2 * ib + 1] |= l << 28
+    for i in range(16):
+        v = q2[i]
+        for b in range(4):
+            y[yo + 2 + 4 * i + b] = (v >> (8 * b)) & 0xFF
+
+
+@njit(**PJIT)
+def _xxs_rows(x, qw, out, kmap, nbrs, glo):
+    nr, n = x.shape
+    for r in prange(nr):
+        S = np.empty((7, 96), np.float32)
+        for ibl in range(n // 256):
+            _xxs_superblock(x[r], 256 * ibl, qw, out[r], 66 * ibl, kmap, nbrs, glo, S)
+
+
+# ---------------------------------------------------------- IQ2_XS, IQ2_S
+@njit(**INLINE)
+def _xs_s_superblock(x, o, qw, has_qw, is_s, y, yo, kmap, nbrs, glo, S):
+    """quantize_row_iq2_xs_impl (is_s False) / quantize_row_iq2_s_impl (True)
+    for the super-block x[o:o+256] into y[yo:]."""
+    weight, waux, xval, wxq, wq2, tab, scales = S[0], S[1], S[2], S[3], S[4], S[5], S[6]
+    L = np.empty(16, np.int64)
+    Laux = np.empty(16, np.int64)
+    bsg = np.empty(2, np.int64)
+    q2 = np.zeros(32, np.int64)
+    on = np.empty(2, np.bool_)
+    on_aux = np.empty(2, np.bool_)
+    tsize = 82 if is_s else 74
+    for i in range(tsize):
+        y[yo + i] = 0
+    max_scale = _F0
+    sumx2 = _F0
+    for i in range(256):
+        sumx2 += x[o + i] * x[o + i]
+    sigma2 = (_F2 * sumx2) / _F256 if is_s else sumx2 / _F256
+    eps = GROUP_MAX_EPS_IQ2_S if is_s else GROUP_MAX_EPS
+    for ib in range(16):
+        xo = o + 16 * ib
+        if has_qw:
+            for i in range(16):
+                weight[i] = qw[xo + i] * np.sqrt(sigma2 + x[xo + i] * x[xo + i])
+        else:
+            for i in range(16):
+                weight[i] = _QUARTER * sigma2 + x[xo + i] * x[xo + i]
+        for i in range(16):
+            waux[i] = np.sqrt(weight[i])
+        _signs(x, xo, 16, weight, xval, bsg, not is_s)
+        mx = xval[0]
+        for i in range(1, 16):
+            mx = mx if mx > xval[i] else xval[i]
+        for i in range(16):
+            L[i] = 0
+        if mx < eps:
+            scales[ib] = _F0
+            continue
+        _fit_tables(16, weight, xval, wxq, wq2)
+        best = _F0
+        scale = mx / _F5
+        on[0] = True
+        on[1] = True
+        for is_ in range(-9, 10):
+            id_ = (_F5 + F(is_) * _F0_1) / mx
+            this_scale = _F1 / id_
+            for k in range(2):
+                u = _round_group(id_, xval, 8 * k, Laux)
+                on_aux[k] = True
+                if kmap[u] < 0:
+                    on_aux[k] = False
+                    _best_neighbour(nbrs, -kmap[u] - 1, glo, xval, 8 * k, waux, this_scale, Laux, tab)
+            sumqx, sumq2 = _fit(16, Laux, wxq, wq2)
+            if sumq2 > _F0 and sumqx * sumqx > best * sumq2:
+                scale = sumqx / sumq2
+                best = scale * sumqx
+                for i in range(16):
+                    L[i] = Laux[i]
+                on[0] = on_aux[0]
+                on[1] = on_aux[1]
+        if (not on[0] or not on[1]) and scale > _F0:
+            id_ = _F1 / scale
+            for k in range(2):
+                if on[k]:
+                    continue
+                u = _round_group(id_, xval, 8 * k, L)
+                if kmap[u] < 0:
+                    _best_neighbour(nbrs, -kmap[u] - 1, glo, xval, 8 * k, waux, scale, L, tab)
+            sumqx, sumq2 = _fit(16, L, wxq, wq2)
+            if sumq2 > _F0:
+                scale = sumqx / sumq2
+        if scale < _F0:
+            scale = -scale
+            m = 255 if is_s else 127
+            for k in range(2):
+                bsg[k] = (~bsg[k]) & m
+        for k in range(2):
+            u = 0
+            for i in range(8):
+                u |= L[8 * k + i] << (2 * i)
+            gi = np.int64(kmap[u])
+            if is_s:
+                i8 = 2 * ib + k
+                y[yo + 2 + i8] = gi & 255
+                y[yo + 66 + i8 // 4] |= (gi >> 8) << (2 * (i8 % 4))
+                y[yo + 34 + i8] = bsg[k]
+            else:
+                q2[2 * ib + k] = gi | (bsg[k] << 9)
+        scales[ib] = scale
+        max_scale = max_scale if max_scale > scale else scale
+    if not max_scale:
+        return
+    d = max_scale / _F31
+    store_fp16(y, yo, fp32_to_fp16(d * _S_D if is_s else d))
+    id_ = _F1 / d
+    so = yo + (74 if is_s else 66)
+    for ib in range(16):
+        l = nearest_int(_HALF * (id_ * scales[ib] - _F1))
+        l = 15 if l > 15 else (0 if l < 0 else l)
+        if ib % 2 == 0:
+            y[so + ib // 2] = l
+        else:
+            y[so + ib // 2] |= l << 4
+    if not is_s:
+        for i in range(32):
+            y[yo + 2 + 2 * i] = q2[i] & 0xFF
+            y[yo + 3 + 2 * i] = (q2[i] >> 8) & 0xFF
+
+
+@njit(**PJIT)
+def _xs_s_rows(x, qw, has_qw, is_s, out, kmap, nbrs, glo):
+    nr, n = x.shape
+    tsize = 82 if is_s else 74
+    for r in prange(nr):
+        S = np.empty((7, 48), np.float32)
+        for ibl in range(n // 256):
+            _xs_s_superblock(x[r], 256 * ibl, qw, has_qw, is_s,
+                             out[r], tsize * ibl, kmap, nbrs, glo, S)
+
+
+# ----------------------------------------------------------------- decoders
+_G_XXS = _dgrid("iq2xxs")
+_G_XS = _dgrid("iq2xs")
+_G_S = _dgrid("iq2s")
+
+
+@njit(**INLINE)
+def _put8(out, o, db, grid, g, signs):
+    for j in range(8):
+        v = db * grid[g, j]
+        out[o + j] = -v if (signs >> j) & 1 else v
+
+
+@njit(**PJIT)
+def _xxs_dec(q, out):
+    nr, n = out.shape
+    for r in prange(nr):
+        qr = q[r]
+        for ibl in range(n // 256):
+            b = 66 * ibl
+            d = load_fp16(qr, b)
+            for ib in range(8):
+                p = b + 2 + 8 * ib
+                aux = (np.int64(qr[p + 4]) | (np.int64(qr[p + 5]) << 8) | (np.int64(qr[p + 6]) << 16)
+                       | (np.int64(qr[p + 7]) << 24))
+                db = d * (_HALF + F(aux >> 28)) * _QUARTER
+                for k in range(4):
+                    _put8(out[r], 256 * ibl + 32 * ib + 8 * k, db, _G_XXS, np.int64(qr[p + k]),
+                          KSIGNS[(aux >> (7 * k)) & 127])
+
+
+@njit(**PJIT)
+def _xs_dec(q, out):
+    nr, n = out.shape
+    for r in prange(nr):
+        qr = q[r]
+        for ibl in range(n // 256):
+            b = 74 * ibl
+            d = load_fp16(qr, b)
+            for ib in range(8):
+                sc = np.int64(qr[b + 66 + ib])
+                for k in range(4):
+                    i = 4 * ib + k
+                    v = np.int64(qr[b + 2 + 2 * i]) | (np.int64(qr[b + 3 + 2 * i]) << 8)
+                    s = (sc >> (4 * (k // 2))) & 15
+                    db = d * (_HALF + F(s)) * _QUARTER
+                    _put8(out[r], 256 * ibl + 8 * i, db, _G_XS, v & 511, KSIGNS[v >> 9])
+
+
+@njit(**PJIT)
+def _s_dec(q, out):
+    nr, n = out.shape
+    for r in prange(nr):
+        qr = q[r]
+        for ibl in range(n // 256):
+            b = 82 * ibl
+            d = load_fp16(qr, b)
+            for ib in range(8):
+                sc = np.int64(qr[b + 74 + ib])
+                qh = np.int64(qr[b + 66 + ib])
+                for k in range(4):
+                    i = 4 * ib + k
+                    g = np.int64(qr[b + 2 + i]) | (((qh >> (2 * k)) & 3) << 8)
+                    s = (sc >> (4 * (k // 2))) & 15
+                    db = d * (_HALF + F(s)) * _QUARTER
+                    _put8(out[r], 256 * ibl + 8 * i, db, _G_S, g, np.int64(qr[b + 34 + i]))
+
+
+# ----------------------------------------------------------------- types
+_T_XXS = _tables("iq2xxs")
+_T_XS = _tables("iq2xs")
+_T_S = _tables("iq2s")
+_NOQW = np.zeros(1, np.float32)
+
+
+def _needs_imatrix(name):
+    raise UnsupportedError(f"{name} requires an importance matrix (ggml quantizes it only with importance weights)")
+
+
+class IQ2_XXS(QuantType, qtype=GGMLQuantizationType.IQ2_XXS, takes_imatrix=True):
+    requires_imatrix = True
+    _dec = staticmethod(_xxs_dec)
+
+    @staticmethod
+    def quantize_rows(x, imatrix):
+        if imatrix is None:
+            _needs_imatrix("IQ2_XXS")
+        out = np.empty((x.shape[0], x.shape[1] // 256 * 66), np.uint8)
+        _xxs_rows(x, imatrix, out, *_T_XXS)
+        return out
+
+
+class IQ2_XS(QuantType, qtype=GGMLQuantizationType.IQ2_XS, takes_imatrix=True):
+    requires_imatrix = True
+    _dec = staticmethod(_xs_dec)
+
+    @staticmethod
+    def quantize_rows(x, imatrix):
+        if imatrix is None:
+            _needs_imatrix("IQ2_XS")
+        out = np.empty((x.shape[0], x.shape[1] // 256 * 74), np.uint8)
+        _xs_s_rows(x, imatrix, True, False, out, *_T_XS)
+        return out
+
+
+class IQ2_S(QuantType, qtype=GGMLQuantizationType.IQ2_S, takes_imatrix=True):
+    requires_imatrix = False
+    _dec = staticmethod(_s_dec)
+
+    @staticmethod
+    def quantize_rows(x, imatrix):
+        out = np.empty((x.shape[0], x.shape[1] // 256 * 82), np.uint8)
+        if imatrix is None:
+            _xs_s_rows(x, _NOQW, False, True, out, *_T_S)
+        else:
+            _xs_s_rows(x, imatrix, True, True, out, *_T_S)
+        return out
+
+
+assert IQ2_XXS.type_size == 66 and IQ2_XS.type_size == 74 and IQ2_S.type_size == 82
