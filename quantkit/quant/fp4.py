@@ -11,6 +11,8 @@ MXFP4 (17 B, 32 values) | e:E8M0 | qs[16] |
     d = GGML_E8M0_TO_FP32_HALF(e) = 2^(e - 128)  (e < 2: the subnormals 2^-128, 2^-127)
     e = (uint8_t)(floorf(log2f(amax)) - 2 + 127), 0 for an all-zero block; the
     cast keeps the low byte of the int (amax < 2^-125 wraps to 232..255).
+    floorf(log2f(amax)) is amax's exponent field unless amax lies within
+    1024 ulps below a power of two or is subnormal: only there is log2f called.
 
 NVFP4 (36 B, 64 values = 4 sub-blocks of 16) | d[4]:UE4M3 | qs[32] |
     d[s] = ggml_fp32_to_ue4m3(amax_s / 6)  (unsigned, 4 exponent bits of bias 7,
@@ -81,11 +83,18 @@ def e8m0_to_fp32_half(e):
 
 
 @njit(**INLINE)
-def mxfp4_e(amax):
-    """The E8M0 byte of ggml's quantize_row_mxfp4_ref for a block's amax."""
-    if amax > _F0:
-        return cvt_i32(F(math.floor(math.log2(amax))) - F(2.0) + F(127.0)) & 0xFF
-    return 0
+def mxfp4_e(m):
+    """The E8M0 byte of ggml's quantize_row_mxfp4_ref for a block's amax,
+    given as its float32 bits m: (uint8_t)(floorf(log2f(amax)) - 2 + 127).
+    floorf(log2f) is amax's exponent except where log2f rounds up to the
+    next integer, within a few hundred ulps below a power of two (and for
+    the subnormals): log2f itself runs there."""
+    if m == 0:
+        return 0
+    if m >= 0x00800000 and (m & 0x7FFFFF) < 0x7FFC00:
+        return ((m >> 23) - 2) & 0xFF
+    amax = fp32_from_bits(m)
+    return cvt_i32(F(math.floor(math.log2(amax))) - F(2.0) + F(127.0)) & 0xFF
 
 
 @njit(**INLINE)
@@ -128,32 +137,42 @@ def best_index_mxfp4(x, d):
 
 
 @njit(**INLINE)
-def _code(v, t):
-    """best_index_mxfp4 when errors are exact: midpoints t[0..6] (ascending)
-    passed by |v|, bit 3 the sign (a negative v nearest to 0 gives 0)."""
+def _code(v, t0, t1, t2, t3, t4, t5, t6):
+    """best_index_mxfp4 when errors are exact: the midpoints t0 < ... < t6
+    that |v| exceeds, bit 3 the sign (a negative v nearest to 0 gives 0)."""
     a = abs(v)
-    c = ((a > t[0]) + (a > t[1]) + (a > t[2]) + (a > t[3])
-         + (a > t[4]) + (a > t[5]) + (a > t[6]))
-    return c | (8 if (v < _F0 and c != 0) else 0)
+    c = (np.int32(a > t0) + np.int32(a > t1) + np.int32(a > t2) + np.int32(a > t3)
+         + np.int32(a > t4) + np.int32(a > t5) + np.int32(a > t6))
+    return c | (np.int32(8) if (v < _F0 and c != np.int32(0)) else np.int32(0))
 
 
 @njit(**INLINE)
-def _amax(x, o, n):
-    amax = _F0
+def _amax_bits(u, o, n):
+    """Bits of max |x[o:o+n]| (u: the float32 bits): for finite values the
+    largest magnitude's bits are the largest integer, and an integer max
+    vectorizes where ggml's float compare chain cannot."""
+    m = np.uint32(0)
     for j in range(n):
-        a = abs(x[o + j])
-        amax = a if amax < a else amax
-    return amax
+        v = u[o + j] & np.uint32(0x7FFFFFFF)
+        m = v if v > m else m
+    return np.int64(m)
 
 
 @njit(**INLINE)
-def _pack(xr, o, half, y, b, d, amax, t):
+def _pack(xr, o, half, y, b, d, amax):
     """qs of one (sub-)block of 2*half values x[o:] at y[b:], scale d."""
     if amax < _FAST_RATIO * d and not math.isinf(_F12 * d):
-        for i in range(7):
-            t[i] = _MID[i] * d
+        t0 = _MID[0] * d
+        t1 = _MID[1] * d
+        t2 = _MID[2] * d
+        t3 = _MID[3] * d
+        t4 = _MID[4] * d
+        t5 = _MID[5] * d
+        t6 = _MID[6] * d
         for j in range(half):
-            y[b + j] = _code(xr[o + j], t) | (_code(xr[o + half + j], t) << 4)
+            c0 = _code(xr[o + j], t0, t1, t2, t3, t4, t5, t6)
+            c1 = _code(xr[o + half + j], t0, t1, t2, t3, t4, t5, t6)
+            y[b + j] = c0 | (c1 << np.int32(4))
     else:
         for j in range(half):
             y[b + j] = best_index_mxfp4(xr[o + j], d) | (best_index_mxfp4(xr[o + half + j], d) << 4)
@@ -161,34 +180,33 @@ def _pack(xr, o, half, y, b, d, amax, t):
 
 # --------------------------------------------------------------- row kernels
 @njit(**PJIT)
-def _mxfp4_ref(x, out):
+def _mxfp4_rows(x, u, out):
     nr, n = x.shape
     for r in prange(nr):
         xr = x[r]
+        ur = u[r]
         y = out[r]
-        t = np.empty(7, np.float32)
         for ib in range(n // 32):
             o = ib * 32
             b = ib * 17
-            amax = _amax(xr, o, 32)
-            e = mxfp4_e(amax)
+            m = _amax_bits(ur, o, 32)
+            e = mxfp4_e(m)
             y[b] = e
-            d = e8m0_to_fp32_half(e)
-            _pack(xr, o, 16, y, b + 1, d, amax, t)
+            _pack(xr, o, 16, y, b + 1, e8m0_to_fp32_half(e), fp32_from_bits(m))
 
 
 @njit(**PJIT)
-def _nvfp4_ref(x, out):
+def _nvfp4_rows(x, u, out):
     nr, n = x.shape
     for r in prange(nr):
         xr = x[r]
+        ur = u[r]
         y = out[r]
-        t = np.empty(7, np.float32)
         for ib in range(n // 64):
             b = ib * 36
             for s in range(4):
                 o = ib * 64 + s * 16
-                amax = _amax(xr, o, 16)
+                amax = fp32_from_bits(_amax_bits(ur, o, 16))
                 ue = fp32_to_ue4m3(amax / _F6)
                 y[b + s] = ue
                 d = UE4M3_HALF[ue]
@@ -196,7 +214,15 @@ def _nvfp4_ref(x, out):
                     for j in range(8):
                         y[b + 4 + 8 * s + j] = 0
                 else:
-                    _pack(xr, o, 8, y, b + 4 + 8 * s, d, amax, t)
+                    _pack(xr, o, 8, y, b + 4 + 8 * s, d, amax)
+
+
+def _mxfp4_ref(x, out):
+    _mxfp4_rows(x, x.view(np.uint32), out)
+
+
+def _nvfp4_ref(x, out):
+    _nvfp4_rows(x, x.view(np.uint32), out)
 
 
 @njit(**PJIT)
