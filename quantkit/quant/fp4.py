@@ -48,9 +48,12 @@ F = np.float32
 _F0 = F(0.0)
 _F6 = F(6.0)
 _F448 = F(448.0)
+_F8 = F(8.0)
 _F12 = F(12.0)
+_F16 = F(16.0)
 _F512 = F(512.0)
 _HALF = F(0.5)
+ALWAYS = dict(INLINE, inline="always")  # tiny helpers of the inner loops: inlined in numba's IR
 _FAST_RATIO = F(65536.0)  # amax below this * d: every candidate error exact
 
 KVALUES_MXFP4 = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.int8)
@@ -138,83 +141,89 @@ def best_index_mxfp4(x, d):
 
 @njit(**INLINE)
 def _code(v, t0, t1, t2, t3, t4, t5, t6):
-    """best_index_mxfp4 when errors are exact: the midpoints t0 < ... < t6
-    that |v| exceeds, bit 3 the sign (a negative v nearest to 0 gives 0)."""
+    """best_index_mxfp4 when errors are exact, as a float32: the midpoints
+    t0 < ... < t6 that |v| exceeds, plus 8 (the sign) when v < -t0 (a
+    negative v nearest to 0 gives 0). Floats, not ints: numba widens int
+    sums to int64, which quarters the vector lanes."""
     a = abs(v)
-    c = (np.int32(a > t0) + np.int32(a > t1) + np.int32(a > t2) + np.int32(a > t3)
-         + np.int32(a > t4) + np.int32(a > t5) + np.int32(a > t6))
-    return c | (np.int32(8) if (v < _F0 and c != np.int32(0)) else np.int32(0))
+    return (F(a > t0) + F(a > t1) + F(a > t2) + F(a > t3) + F(a > t4) + F(a > t5) + F(a > t6)
+            + _F8 * F(v < -t0))
 
 
-@njit(**INLINE)
-def _amax_bits(u, o, n):
-    """Bits of max |x[o:o+n]| (u: the float32 bits): for finite values the
+@njit(**ALWAYS)
+def _amax_bits(u, r, o, n):
+    """Bits of max |x[r, o:o+n]| (u: the float32 bits): for finite values the
     largest magnitude's bits are the largest integer, and an integer max
     vectorizes where ggml's float compare chain cannot."""
     m = np.uint32(0)
     for j in range(n):
-        v = u[o + j] & np.uint32(0x7FFFFFFF)
+        v = u[r, o + j] & np.uint32(0x7FFFFFFF)
         m = v if v > m else m
     return np.int64(m)
 
 
 @njit(**INLINE)
-def _pack(xr, o, half, y, b, d, amax):
-    """qs of one (sub-)block of 2*half values x[o:] at y[b:], scale d."""
-    if amax < _FAST_RATIO * d and not math.isinf(_F12 * d):
-        t0 = _MID[0] * d
-        t1 = _MID[1] * d
-        t2 = _MID[2] * d
-        t3 = _MID[3] * d
-        t4 = _MID[4] * d
-        t5 = _MID[5] * d
-        t6 = _MID[6] * d
-        for j in range(half):
-            c0 = _code(xr[o + j], t0, t1, t2, t3, t4, t5, t6)
-            c1 = _code(xr[o + half + j], t0, t1, t2, t3, t4, t5, t6)
-            y[b + j] = c0 | (c1 << np.int32(4))
-    else:
-        for j in range(half):
-            y[b + j] = best_index_mxfp4(xr[o + j], d) | (best_index_mxfp4(xr[o + half + j], d) << 4)
+def _fast(d, amax):
+    """Every candidate error of the block is exact: the midpoint count is ggml's index."""
+    return amax < _FAST_RATIO * d and not math.isinf(_F12 * d)
+
+
+@njit(**INLINE)
+def _pack_search(x, r, o, half, out, b, d):
+    """qs of one (sub-)block of 2*half values x[r, o:] at out[r, b:] by ggml's search."""
+    for j in range(half):
+        out[r, b + j] = best_index_mxfp4(x[r, o + j], d) | (best_index_mxfp4(x[r, o + half + j], d) << 4)
 
 
 # --------------------------------------------------------------- row kernels
+# 2-D indexing (x[r, i], not a row view) and literal trip counts: both let
+# LLVM vectorize the inner loops.
 @njit(**PJIT)
 def _mxfp4_rows(x, u, out):
     nr, n = x.shape
     for r in prange(nr):
-        xr = x[r]
-        ur = u[r]
-        y = out[r]
         for ib in range(n // 32):
             o = ib * 32
             b = ib * 17
-            m = _amax_bits(ur, o, 32)
+            m = _amax_bits(u, r, o, 32)
             e = mxfp4_e(m)
-            y[b] = e
-            _pack(xr, o, 16, y, b + 1, e8m0_to_fp32_half(e), fp32_from_bits(m))
+            out[r, b] = e
+            d = e8m0_to_fp32_half(e)
+            if _fast(d, fp32_from_bits(m)):
+                t0, t1, t2, t3 = _MID[0] * d, _MID[1] * d, _MID[2] * d, _MID[3] * d
+                t4, t5, t6 = _MID[4] * d, _MID[5] * d, _MID[6] * d
+                for j in range(16):
+                    c0 = _code(x[r, o + j], t0, t1, t2, t3, t4, t5, t6)
+                    c1 = _code(x[r, o + 16 + j], t0, t1, t2, t3, t4, t5, t6)
+                    out[r, b + 1 + j] = np.uint8(c0 + _F16 * c1)
+            else:
+                _pack_search(x, r, o, 16, out, b + 1, d)
 
 
 @njit(**PJIT)
 def _nvfp4_rows(x, u, out):
     nr, n = x.shape
     for r in prange(nr):
-        xr = x[r]
-        ur = u[r]
-        y = out[r]
         for ib in range(n // 64):
-            b = ib * 36
             for s in range(4):
                 o = ib * 64 + s * 16
-                amax = fp32_from_bits(_amax_bits(ur, o, 16))
+                b = ib * 36 + 4 + 8 * s
+                amax = fp32_from_bits(_amax_bits(u, r, o, 16))
                 ue = fp32_to_ue4m3(amax / _F6)
-                y[b + s] = ue
+                out[r, ib * 36 + s] = ue
                 d = UE4M3_HALF[ue]
                 if d == _F0:  # every error is |x|: index 0
                     for j in range(8):
-                        y[b + 4 + 8 * s + j] = 0
+                        out[r, b + j] = 0
+                elif _fast(d, amax):
+                    t0, t1, t2, t3 = _MID[0] * d, _MID[1] * d, _MID[2] * d, _MID[3] * d
+                    t4, t5, t6 = _MID[4] * d, _MID[5] * d, _MID[6] * d
+                    for j in range(8):
+                        c0 = _code(x[r, o + j], t0, t1, t2, t3, t4, t5, t6)
+                        c1 = _code(x[r, o + 8 + j], t0, t1, t2, t3, t4, t5, t6)
+                        out[r, b + j] = np.uint8(c0 + _F16 * c1)
                 else:
-                    _pack(xr, o, 8, y, b + 4 + 8 * s, d, amax)
+                    _pack_search(x, r, o, 8, out, b, d)
 
 
 def _mxfp4_ref(x, out):
