@@ -20,7 +20,7 @@ from numba import njit, prange
 
 from .floats import INLINE, PJIT
 from .registry import QuantType
-from .solvers import fp32_to_fp16, load_fp16, store_fp16
+from .solvers import fp32_to_fp16, load_fp16
 
 F = np.float32
 _F0 = F(0.0)
@@ -30,22 +30,24 @@ TYPE_SIZE = 18
 
 
 @njit(**INLINE)
-def _signs(xr, o, y, b):
-    """qs of the block x[o:o+128] at y[b:b+16]."""
+def _signs(u, r, o, out, b):
+    """qs of the block x[r, o:o+128] at out[r, b:b+16]: bit i of byte k is
+    x[8k+i] >= 0, i.e. the float32 sign bit clear (finite x; -0.0 reads as
+    >= 0 in C and has its sign bit set, so it is tested apart)."""
     for k in range(16):
-        q = 0
+        q = np.uint32(0)
         for i in range(8):
-            q |= (1 if xr[o + 8 * k + i] >= _F0 else 0) << i
-        y[b + k] = q
+            w = u[r, o + 8 * k + i]
+            pos = np.uint32((w >> np.uint32(31)) ^ np.uint32(1)) | np.uint32(w == np.uint32(0x80000000))
+            q |= pos << np.uint32(i)
+        out[r, b + k] = q
 
 
 @njit(**PJIT)
-def _q1_0_ref(x, out):
+def _q1_0_rows(x, u, out):
     nr, n = x.shape
     nb = n // QK1_0
     for r in prange(nr):
-        xr = x[r]
-        y = out[r]
         ib = 0
         while ib + 4 <= nb:  # four independent sums: one add chain each, interleaved
             o = ib * QK1_0
@@ -54,27 +56,38 @@ def _q1_0_ref(x, out):
             s2 = _F0
             s3 = _F0
             for j in range(QK1_0):
-                s0 += abs(xr[o + j])
-                s1 += abs(xr[o + QK1_0 + j])
-                s2 += abs(xr[o + 2 * QK1_0 + j])
-                s3 += abs(xr[o + 3 * QK1_0 + j])
+                s0 += abs(x[r, o + j])
+                s1 += abs(x[r, o + QK1_0 + j])
+                s2 += abs(x[r, o + 2 * QK1_0 + j])
+                s3 += abs(x[r, o + 3 * QK1_0 + j])
             b = ib * TYPE_SIZE
-            store_fp16(y, b, fp32_to_fp16(s0 / _F128))
-            store_fp16(y, b + TYPE_SIZE, fp32_to_fp16(s1 / _F128))
-            store_fp16(y, b + 2 * TYPE_SIZE, fp32_to_fp16(s2 / _F128))
-            store_fp16(y, b + 3 * TYPE_SIZE, fp32_to_fp16(s3 / _F128))
+            _store_d(out, r, b, s0)
+            _store_d(out, r, b + TYPE_SIZE, s1)
+            _store_d(out, r, b + 2 * TYPE_SIZE, s2)
+            _store_d(out, r, b + 3 * TYPE_SIZE, s3)
             for k in range(4):
-                _signs(xr, o + k * QK1_0, y, b + k * TYPE_SIZE + 2)
+                _signs(u, r, o + k * QK1_0, out, b + k * TYPE_SIZE + 2)
             ib += 4
         while ib < nb:
             o = ib * QK1_0
             s = _F0
             for j in range(QK1_0):
-                s += abs(xr[o + j])
+                s += abs(x[r, o + j])
             b = ib * TYPE_SIZE
-            store_fp16(y, b, fp32_to_fp16(s / _F128))
-            _signs(xr, o, y, b + 2)
+            _store_d(out, r, b, s)
+            _signs(u, r, o, out, b + 2)
             ib += 1
+
+
+@njit(**INLINE)
+def _store_d(out, r, b, s):
+    h = fp32_to_fp16(s / _F128)
+    out[r, b] = h & 0xFF
+    out[r, b + 1] = (h >> 8) & 0xFF
+
+
+def _q1_0_ref(x, out):
+    _q1_0_rows(x, x.view(np.uint32), out)
 
 
 @njit(**PJIT)
