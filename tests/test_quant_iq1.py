@@ -159,15 +159,15 @@ def test_stable_order_is_glibc_qsort_order():
     @njit(cache=False)
     def order(x, n):
         idx = np.empty(n, np.int64)
-        _stable_order(x, 0, n, idx)
+        _stable_order(x, 0, n, idx, np.empty(n, np.int64))
         return idx
 
     rng = np.random.default_rng(3)
     for n in (16, 32):
         for _ in range(200):
-            x = rng.choice(np.array([-1.0, -0.0, 0.0, 0.5, 1.0, 1e-30], np.float32), n)
+            x = rng.choice(np.array([-1.0, -0.0, 0.0, 0.5, 1.0, 1e-30, -1e-45, 1e-45, 3e38, -3e38], np.float32), n)
             if rng.random() < 0.5:
-                x = rng.standard_normal(n).astype(np.float32)
+                x = (rng.standard_normal(n) * 10.0 ** rng.uniform(-40, 38)).astype(np.float32)
             assert np.array_equal(order(x, n), np.argsort(x, kind="stable"))
 
 

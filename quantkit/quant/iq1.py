@@ -53,7 +53,8 @@ against the current best (a block where no candidate beats it is skipped: it
 could not have changed the best in ggml's scan either), and only a block with
 a winner is replayed candidate by candidate. The neighbour search precomputes
 the 3 possible terms w*diff*diff of each of the 8 positions and sums them per
-neighbour (same values, same order). The sort is a stable rank count.
+neighbour (same values, same order). The sort is a branch-free rank count on
+unique integer keys (float order, then index: stable).
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ from numba import njit, prange
 from ..errors import UnsupportedError
 from .floats import INLINE, PJIT
 from .registry import QuantType
-from .solvers import fp16_to_fp32, fp32_to_fp16, load_fp16, nearest_int, store_fp16
+from .solvers import f32_as_i32, fp16_to_fp32, fp32_to_fp16, load_fp16, nearest_int, store_fp16
 
 F = np.float32
 _F0 = F(0.0)
@@ -108,20 +109,24 @@ _CHUNKM = 8
 
 
 @njit(**INLINE)
-def _stable_order(x, o, n, idx):
+def _stable_order(x, o, n, idx, key):
     """idx[0:n] = indices of x[o:o+n] sorted ascending, ties in index order
     (glibc qsort with iq1_sort_helper: a stable merge sort; -0.0 == 0.0).
-    An insertion sort: stable, and the fastest for 16 or 32 values."""
+    Each value becomes an int64 key, its float bits made order-preserving
+    with the index in the low bits (so all keys differ); a value's rank is
+    the number of smaller keys, counted branch-free. key: n int64 scratch."""
     for j in range(n):
-        idx[j] = j
-    for j in range(1, n):
-        v = idx[j]
-        xv = x[o + v]
-        k = j - 1
-        while k >= 0 and x[o + idx[k]] > xv:
-            idx[k + 1] = idx[k]
-            k -= 1
-        idx[k + 1] = v
+        v = x[o + j]
+        b = np.int64(f32_as_i32(v))
+        b = b ^ ((b >> 31) & 0x7FFFFFFF)
+        b = 0 if v == _F0 else b
+        key[j] = (b << 6) | j
+    for j in range(n):
+        kj = key[j]
+        r = 0
+        for k in range(n):
+            r -= (key[k] - kj) >> 63
+        idx[r] = j
 
 
 @njit(**INLINE)
@@ -245,7 +250,7 @@ def _iq1s_split(sumx, sumw, qxp, q2p, qxm, q2m):
 
 
 @njit(**INLINE)
-def _iq1s_superblock(x, xo, qw, y, b, GL, kmap, nbr, xf, xbase, wgt, idx, sumx, sumw, qxp, q2p, qxm, q2m,
+def _iq1s_superblock(x, xo, qw, y, b, GL, kmap, nbr, xf, xbase, wgt, idx, key, sumx, sumw, qxp, q2p, qxm, q2m,
                      L, index, scales, shifts, e):
     """quantize_row_iq1_s_impl for the 256 values x[xo:], block at y[b:b+50]."""
     for t in range(50):
@@ -267,7 +272,7 @@ def _iq1s_superblock(x, xo, qw, y, b, GL, kmap, nbr, xf, xbase, wgt, idx, sumx, 
         shifts[ib] = 1
         if mx < _EPS_S:
             continue
-        _stable_order(x, o, 32, idx)
+        _stable_order(x, o, 32, idx, key)
         sumx[0] = _F0
         sumw[0] = _F0
         for j in range(32):
@@ -332,6 +337,7 @@ def _iq1s_rows(x, qw, GL, kmap, nbr, out):
     for r in prange(nr):
         wgt = np.empty(32, np.float32)
         idx = np.empty(32, np.int64)
+        key = np.empty(32, np.int64)
         sumx = np.zeros(_SS, np.float32)
         sumw = np.zeros(_SS, np.float32)
         qxp = np.empty(33 * _SS, np.float32)
@@ -346,7 +352,7 @@ def _iq1s_rows(x, qw, GL, kmap, nbr, out):
         xr = x[r]
         y = out[r]
         for ibl in range(n // 256):
-            _iq1s_superblock(xr, 256 * ibl, qw, y, 50 * ibl, GL, kmap, nbr, xf, r * n, wgt, idx, sumx, sumw,
+            _iq1s_superblock(xr, 256 * ibl, qw, y, 50 * ibl, GL, kmap, nbr, xf, r * n, wgt, idx, key, sumx, sumw,
                              qxp, q2p, qxm, q2m, L, index, scales, shifts, e)
 
 
@@ -451,7 +457,7 @@ def _iq1m_split(px0, px1, pw0, pw1, sqx, sq2):
 
 
 @njit(**INLINE)
-def _iq1m_superblock(x, xo, qw, has_qw, y, b, GL, kmap, nbr, xf, xbase, wgt, idx, px0, px1, pw0, pw1, sqx, sq2,
+def _iq1m_superblock(x, xo, qw, has_qw, y, b, GL, kmap, nbr, xf, xbase, wgt, idx, key, px0, px1, pw0, pw1, sqx, sq2,
                      L, index, scales, shifts, e):
     """quantize_row_iq1_m_impl for the 256 values x[xo:], block at y[b:b+56].
     wgt: 256 floats (the weights, kept for the final scale fit)."""
@@ -481,7 +487,7 @@ def _iq1m_superblock(x, xo, qw, has_qw, y, b, GL, kmap, nbr, xf, xbase, wgt, idx
             mx = mx if mx > a else a
         if mx < _EPS_M:
             continue
-        _stable_order(x, o, 16, idx)
+        _stable_order(x, o, 16, idx, key)
         px0[0] = _F0
         px1[0] = _F0
         pw0[0] = _F0
@@ -604,6 +610,7 @@ def _iq1m_rows(x, qw, has_qw, GL, kmap, nbr, out):
     for r in prange(nr):
         wgt = np.empty(256, np.float32)
         idx = np.empty(16, np.int64)
+        key = np.empty(16, np.int64)
         px0 = np.zeros(_SM, np.float32)
         px1 = np.zeros(_SM, np.float32)
         pw0 = np.zeros(_SM, np.float32)
@@ -618,7 +625,7 @@ def _iq1m_rows(x, qw, has_qw, GL, kmap, nbr, out):
         xr = x[r]
         y = out[r]
         for ibl in range(n // 256):
-            _iq1m_superblock(xr, 256 * ibl, qw, has_qw, y, 56 * ibl, GL, kmap, nbr, xf, r * n, wgt, idx,
+            _iq1m_superblock(xr, 256 * ibl, qw, has_qw, y, 56 * ibl, GL, kmap, nbr, xf, r * n, wgt, idx, key,
                              px0, px1, pw0, pw1, sqx, sq2, L, index, scales, shifts, e)
 
 
