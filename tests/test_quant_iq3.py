@@ -199,24 +199,26 @@ def test_refuses_where_ggml_aborts(name, tmp_path):
             _check(name, x, None, f"scale {scale:g}")
 
 
-def test_tables_padded_lists_hold_ggml_neighbours():
-    """The kernels' padded neighbour lists are ggml's kneighbours lists, in
-    ggml's order, padding after them."""
+def test_kernel_tables_hold_ggml_neighbour_lists():
+    """The kernels' structure-of-arrays neighbour lists are ggml's
+    kneighbours lists, in ggml's order, with the grid's coordinates."""
     from quantkit.quant import _iqgrids
     from quantkit.quant.iq3 import _tables
 
     for kind in ("iq3xxs", "iq3s"):
         t = _iqgrids.load(kind)
-        gq, kmap, offs, cnts, NP, NI, dgrid, _ = _tables(kind)
-        assert np.array_equal(kmap, t.map)
+        gq, kmap, offs, cnts, NP, NI, dgrid, ksigns = _tables(kind)
+        assert np.array_equal(kmap, t.map) and np.array_equal(gq, t.grid8.astype(np.float32))
+        assert (cnts[t.map >= 0] == 0).all()
         for u in np.flatnonzero(t.map < 0):
             o = -int(t.map[u]) - 1
             n = int(t.neighbours[o])
-            lst = NI[offs[u]:offs[u] + cnts[u]]
-            assert np.array_equal(lst[:n], t.neighbours[o + 1:o + 1 + n])
-            assert (lst[n:] == -1).all() and np.isnan(NP[:, offs[u] + n:offs[u] + cnts[u]]).all()
-            assert np.array_equal(NP[:, offs[u]:offs[u] + n].T, t.grid8[lst[:n]].astype(np.float32))
+            assert cnts[u] == n
+            lst = NI[offs[u]:offs[u] + n]
+            assert np.array_equal(lst, t.neighbours[o + 1:o + 1 + n])
+            assert np.array_equal(NP[:, offs[u]:offs[u] + n].T, t.grid8[lst].astype(np.float32))
         assert np.array_equal(dgrid.reshape(-1).view(np.uint32), t.dgrid)
+        assert np.array_equal(ksigns, t.ksigns)
 
 
 @pytest.mark.parametrize("name", TYPES)

@@ -71,15 +71,15 @@ _FLT_MAX = F(3.4028234663852886e38)
 _FUDGE_XXS = F(1.0125)
 _FUDGE_S = F(1.033)
 NT = 32  # trial lanes (31 or 19 used)
-PAD = 8  # neighbour lists padded to a multiple of PAD entries
 
 
 @lru_cache(maxsize=None)
 def _tables(kind: str):
     """ggml's tables for the kernels: grid coordinates as float32 (n, 4),
-    kmap, and every neighbour list as a padded structure of arrays:
-    u's list is NP[:, off[u]:off[u]+cnt[u]] (coordinates) / NI[...] (grid
-    indices), cnt a multiple of PAD, the padding NaN (never nearest) / -1."""
+    kmap, and the neighbour lists as a structure of arrays: u's list is
+    NI[off[u]:off[u]+cnt[u]] (grid indices, ggml's order), NP[:, same]
+    their coordinates (cnt = 0 for u on the grid); the decode grid as
+    bytes (n, 4) and ksigns_iq2xs."""
     t = _iqgrids.load(kind)
     gq = np.ascontiguousarray(t.grid8, dtype=np.float32)
     kmap = np.ascontiguousarray(t.map, dtype=np.int32)
@@ -87,41 +87,35 @@ def _tables(kind: str):
     off_u = np.flatnonzero(kmap < 0)
     o = -kmap[off_u].astype(np.int64) - 1
     n = nb[o]
-    m = -(-n // PAD) * PAD
     offs = np.zeros(kmap.size, np.int32)
     cnts = np.zeros(kmap.size, np.int32)
-    start = np.concatenate([[0], np.cumsum(m)[:-1]])
-    offs[off_u] = start
-    cnts[off_u] = m
-    NI = np.full(int(m.sum()), -1, np.int32)
-    for s, oo, nn in zip(start, o, n):
-        NI[s:s + nn] = nb[oo + 1:oo + 1 + nn]
-    NP = np.full((4, NI.size), np.nan, np.float32)
-    ok = NI >= 0
-    NP[:, ok] = gq[NI[ok]].T
+    offs[off_u] = np.concatenate([[0], np.cumsum(n)[:-1]])
+    cnts[off_u] = n
+    # kneighbours without the counts
+    NI = np.ascontiguousarray(np.delete(nb, o), dtype=np.int32)
+    NP = np.ascontiguousarray(gq[NI].T)
     dgrid = np.ascontiguousarray(t.dgrid).view(np.uint8).reshape(-1, 4)
     return gq, kmap, offs, cnts, NP, NI, dgrid, np.ascontiguousarray(t.ksigns)
 
 
 @njit(**INLINE)
-def _best_neighbour(off, cnt, NP, NI, x0, x1, x2, x3, w0, w1, w2, w3, s, dd):
+def _best_neighbour(off, cnt, NP, NI, x0, x1, x2, x3, w0, w1, w2, w3, s):
     """iq3_find_best_neighbour: the first of u's neighbours with the smallest
     sum w_i*(s*q_i - x_i)^2 (C's float order), -1 when none is below FLT_MAX
-    (ggml asserts)."""
-    for j in range(cnt):
-        d0 = s * NP[0, off + j] - x0
-        d1 = s * NP[1, off + j] - x1
-        d2 = s * NP[2, off + j] - x2
-        d3 = s * NP[3, off + j] - x3
-        dd[j] = w0 * d0 * d0 + w1 * d1 * d1 + w2 * d2 * d2 + w3 * d3 * d3
+    (ggml asserts). Selects, not branches: which neighbour wins is data,
+    a branch on it mispredicts."""
     best = _FLT_MAX
-    gi = -1
-    for j in range(cnt):
-        v = dd[j]
-        if v < best:
-            best = v
-            gi = NI[off + j]
-    return gi
+    jb = -1
+    for j in range(off, off + cnt):
+        d0 = s * NP[0, j] - x0
+        d1 = s * NP[1, j] - x1
+        d2 = s * NP[2, j] - x2
+        d3 = s * NP[3, j] - x3
+        v = w0 * d0 * d0 + w1 * d1 * d1 + w2 * d2 * d2 + w3 * d3 * d3
+        b = v < best
+        best = v if b else best
+        jb = j if b else jb
+    return NI[jb] if jb >= 0 else -1
 
 
 @njit(**INLINE)
@@ -139,12 +133,12 @@ def _code(id_, x0, x1, x2, x3):
 
 
 @njit(**INLINE)
-def _sub_block(xxs, x, xo, qw, has_qw, sigma2, gq, kmap, offs, cnts, NP, NI, S, G, Q, U, dd, bsig, gidx):
+def _sub_block(xxs, x, xo, qw, has_qw, sigma2, gq, kmap, offs, cnts, NP, NI, S, G, Q, U, bsig, gidx):
     """One sub-block of 32 at x[xo:]: ggml's loop body for ib. Returns
     0 (done: S[7, 0] = scale, gidx = the 8 grid indices, bsig = signs),
     1 (max too small: ggml leaves the sub-block at zero) or 2 (ggml aborts).
     S: (8, NT) float32 scratch, G: (NT, 8) int32, Q: (32, NT) float32,
-    U: NT int32, dd: >= 48 float32."""
+    U: NT int32."""
     weight = S[0]
     waux = S[1]
     xval = S[2]
@@ -218,7 +212,7 @@ def _sub_block(xxs, x, xo, qw, has_qw, sigma2, gq, kmap, offs, cnts, NP, NI, S, 
             u = U[t]
             gi = kmap[u]
             if gi < 0:
-                gi = _best_neighbour(offs[u], cnts[u], NP, NI, x0, x1, x2, x3, w0, w1, w2, w3, sc[t], dd)
+                gi = _best_neighbour(offs[u], cnts[u], NP, NI, x0, x1, x2, x3, w0, w1, w2, w3, sc[t])
                 if gi < 0:
                     return 2
                 G[t, k] = -1 - gi
@@ -276,7 +270,7 @@ def _sub_block(xxs, x, xo, qw, has_qw, sigma2, gq, kmap, offs, cnts, NP, NI, S, 
             gi = kmap[u]
             if gi < 0:
                 gi = _best_neighbour(offs[u], cnts[u], NP, NI, x0, x1, x2, x3,
-                                     waux[4 * k], waux[4 * k + 1], waux[4 * k + 2], waux[4 * k + 3], scale, dd)
+                                     waux[4 * k], waux[4 * k + 1], waux[4 * k + 2], waux[4 * k + 3], scale)
                 if gi < 0:
                     return 2
             gidx[k] = gi
@@ -310,7 +304,6 @@ def _iq3_rows(xxs, x, qw, has_qw, gq, kmap, offs, cnts, NP, NI, out, err):
         G = np.zeros((NT, 8), np.int32)
         Q = np.zeros((32, NT), np.float32)  # lanes past the last trial stay 0
         U = np.zeros(NT, np.int32)
-        dd = np.zeros(48, np.float32)
         bsig = np.zeros(4, np.int64)
         gidx = np.zeros(8, np.int64)
         scales = np.zeros(8, np.float32)
@@ -329,7 +322,7 @@ def _iq3_rows(xxs, x, qw, has_qw, gq, kmap, offs, cnts, NP, NI, out, err):
             sub = 0  # IQ3_S: ggml's qs/signs pointers move only past quantized sub-blocks
             for ib in range(8):
                 st = _sub_block(xxs, xr, xo + 32 * ib, qw, has_qw, sigma2, gq, kmap, offs, cnts, NP, NI,
-                                S, G, Q, U, dd, bsig, gidx)
+                                S, G, Q, U, bsig, gidx)
                 if st != 0:
                     if st == 2:
                         err[r] = 1
