@@ -30,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, TokenType
 
+from . import arch as _arch_specs
 from .errors import InputError, OutputError, QuantkitError, UnsupportedError
 from .sources.gguf_header import GGUFHeader, TensorInfo, read_header
 from .writer import check_output_dir
@@ -38,11 +39,10 @@ from .writer import check_output_dir
 # checkpoints (quantkit demo, fixtures/smollm2.py) are rebuilt.
 EXPORT_FORMAT = 2
 
-# GGUF architecture -> (HF architectures[0], model_type, undo Q/K permutation)
+# GGUF architecture -> (HF architectures[0], model_type, undo Q/K permutation):
+# each family's inverse map (quantkit/arch, ``Family.export``)
 ARCHS: dict[str, tuple[str, str, bool]] = {
-    "llama": ("LlamaForCausalLM", "llama", True),
-    "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
-    "qwen3": ("Qwen3ForCausalLM", "qwen3", False),
+    a: (f.export.hf_architecture, f.export.model_type, f.export.undo_permute) for a, f in _arch_specs.EXPORTS.items()
 }
 
 # GGUF tensor name -> HF name (the inverse of gguf-py's TensorNameMap for these archs).
@@ -298,8 +298,8 @@ def build_config(hdr: GGUFHeader, dtype: str) -> dict:
         v = _num(hdr, f"tokenizer.ggml.{key}", "int")
         if v is not None:
             cfg[f"{typ}_token_id"] = v
-    if arch == "qwen2":
-        cfg.setdefault("use_sliding_window", False)
+    for k, v in _arch_specs.EXPORTS[arch].export.config_extra.items():
+        cfg.setdefault(k, v)
     cfg["torch_dtype"] = DTYPES[dtype][2]
     return cfg
 

@@ -3,9 +3,11 @@ llama.cpp's convert_hf_to_gguf.py writes them.
 
     stream = to_stream(source, vocab_pre=None)   # quantkit.model.ModelStream
 
-Dispatch is on config.json's ``architectures[0]`` through ``FAMILIES`` (data).
-No tensor is loaded here: the stream's tensors are lazy, in the converter's
-order, under GGUF names, with llama's Q/K row permutation applied on load.
+One module per family declares it as data (``spec.Family``, composed from
+``features``); dispatch is on config.json's ``architectures[0]`` through
+``FAMILIES``. No tensor is loaded here: the stream's tensors are lazy, in the
+converter's order, under GGUF names, with the family's tensor rules (llama's
+Q/K row permutation, Gemma's norm offset, ...) applied on load.
 ``general.file_type`` is recorded where the converter writes it, as ALL_F32;
 the convert pipeline sets it to the plan's file type.
 """
@@ -15,26 +17,32 @@ from typing import Any
 
 from ..errors import InputError, UnsupportedError
 from ..model import ModelStream
-from .common import TextFamily
+from . import llama, qwen
 from .graph import BlockGraph
-from .llama import LlamaFamily, MistralFamily
-from .qwen import Qwen2Family, Qwen3Family
+from .spec import Family
 
-FAMILIES: dict[str, type[TextFamily]] = {
-    name: fam for fam in (LlamaFamily, MistralFamily, Qwen2Family, Qwen3Family) for name in fam.hf_architectures
-}
+# every family, in the order docs/families.md lists them
+SPECS: tuple[Family, ...] = (*llama.FAMILIES, *qwen.FAMILIES)
 
+# HF architecture name -> its family (callable: FAMILIES[name](source, vocab_pre) -> spec.Model)
+FAMILIES: dict[str, Family] = {name: fam for fam in SPECS for name in fam.hf_architectures}
 
 # GGUF architecture -> the block graph llama.cpp builds for it (each family declares its own)
-GRAPHS: dict[str, BlockGraph] = {fam.graph.arch: fam.graph for fam in FAMILIES.values()}
+DECLARED_GRAPHS: dict[str, BlockGraph] = {fam.graph.arch: fam.graph for fam in SPECS}
+# ... and those quantkit's forward pass (calib/forward.py) computes
+GRAPHS: dict[str, BlockGraph] = {a: g for a, g in DECLARED_GRAPHS.items() if g.forward}
+
+# GGUF architecture -> the family whose inverse map export uses
+EXPORTS: dict[str, Family] = {fam.arch_name: fam for fam in SPECS if fam.export is not None}
 
 
 def graph_for(gguf_arch: str) -> BlockGraph:
     """The block graph of a GGUF architecture, for the forward pass; refuses others."""
     g = GRAPHS.get(gguf_arch)
     if g is None:
+        why = " (converts, but its forward pass is not implemented yet)" if gguf_arch in DECLARED_GRAPHS else ""
         raise UnsupportedError(
-            f"forward pass: architecture {gguf_arch!r} is not supported (supported: {', '.join(sorted(GRAPHS))})")
+            f"forward pass: architecture {gguf_arch!r} is not supported{why} (supported: {', '.join(sorted(GRAPHS))})")
     return g
 
 
@@ -55,7 +63,7 @@ def hf_architecture(config: Any) -> str:
     return arches[0]
 
 
-def family_for(config: Any) -> type[TextFamily]:
+def family_for(config: Any) -> Family:
     arch = hf_architecture(config)
     fam = FAMILIES.get(arch)
     if fam is None:
@@ -70,10 +78,11 @@ def to_stream(source: Any, vocab_pre: str | None = None) -> ModelStream:
     config = getattr(source, "config", None)
     if config is None:
         raise InputError(f"{getattr(source, 'path', 'model')}: no config.json")
-    fam = family_for(config)(source, vocab_pre)
-    tensors = fam.tensors()
-    metadata, name = fam.metadata(tensors)
+    model = family_for(config)(source, vocab_pre)
+    tensors = model.tensors()
+    metadata, name = model.metadata(tensors)
     return ModelStream(arch=metadata["general.architecture"].value, name=name, metadata=metadata, tensors=tensors)
 
 
-__all__ = ["to_stream", "supported_architectures", "family_for", "graph_for", "FAMILIES", "GRAPHS"]
+__all__ = ["to_stream", "supported_architectures", "family_for", "graph_for", "FAMILIES", "GRAPHS",
+           "DECLARED_GRAPHS", "EXPORTS", "SPECS"]

@@ -29,7 +29,6 @@ from gguf.tensor_mapping import TensorNameMap
 from ..errors import InputError
 from ..model import KV
 from ..sources.base import TensorRef
-from .graph import BlockGraph
 
 # ---------------------------------------------------------------------------
 # hparams
@@ -356,99 +355,3 @@ def check_tensors(tensors: Sequence[TensorRef], expected: dict[str, tuple[int, .
             raise InputError(
                 f"tensor {name!r} has shape {list(t.shape)}, the config implies {list(shape)}"
             )
-
-
-# ---------------------------------------------------------------------------
-# the flow every text family shares (the converter's TextModel)
-
-
-class TextFamily:
-    """One HF architecture family -> GGUF. Subclasses set the class attributes
-    (data) and override the few hooks where the converter's classes differ."""
-
-    arch: MODEL_ARCH
-    graph: "BlockGraph"  # what llama.cpp's graph for this arch computes (quantkit/arch/graph.py)
-    hf_architectures: tuple[str, ...] = ()
-    config_defaults: dict[str, Any] = {}  # transformers config-class defaults
-    computed: tuple[str, ...] = ("num_key_value_heads",)
-
-    def __init__(self, source: Any, vocab_pre: str | None = None):
-        self.source = source
-        self.vocab_pre = vocab_pre
-        self.model_dir: Path | None = Path(source.path) if getattr(source, "path", None) is not None else None
-        config = getattr(source, "config", None)
-        if config is None:
-            raise InputError(f"{source.path}: no config.json")
-        self.hp = effective_hparams(config, self.config_defaults, self.computed)
-        self.block_count = require_int(self.hp, "num_hidden_layers")
-        self.tmap = name_map(self.arch, self.block_count)
-        self.rope = rope_parameters(self.hp)
-
-    # -- hooks -------------------------------------------------------------
-    def transform(self, hf_name: str) -> Callable[[np.ndarray], np.ndarray] | None:
-        return None
-
-    def extra_tensors(self) -> list[TensorRef]:
-        return []
-
-    def expected(self) -> tuple[dict[str, tuple[int, ...]], set[str]]:
-        """GGUF name -> shape (numpy order) the config implies; and which may be absent."""
-        raise NotImplementedError
-
-    def add_parameters(self, w: GGUFWriter) -> None:
-        add_text_parameters(w, self.hp, self.block_count, self.rope, gguf.LlamaFileType.ALL_F32)
-
-    def add_vocab(self, w: GGUFWriter) -> None:
-        raise NotImplementedError
-
-    # -- the flow ----------------------------------------------------------
-    def tensors(self) -> list[TensorRef]:
-        out = list(self.extra_tensors())
-        seen: dict[str, str] = {}
-        for ref in self.source.tensors():
-            if skip_hf_tensor(ref.name):
-                continue
-            hf = hf_name_filter(ref.name)
-            new = self.tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
-            if new is None:
-                raise InputError(f"tensor {ref.name!r} is not part of a {gguf.MODEL_ARCH_NAMES[self.arch]} model")
-            if new in seen:
-                raise InputError(f"tensors {seen[new]!r} and {ref.name!r} both map to {new!r}")
-            seen[new] = ref.name
-            out.append(mapped(ref, new, self.transform(hf)))
-        exp, optional = self.expected()
-        have = {t.name: (t, seen.get(t.name, t.name)) for t in out}
-        for name, shape in exp.items():
-            if name not in have:
-                if name in optional:
-                    continue
-                raise InputError(f"tensor {name!r}{self._hf_hint(name)} is missing from the checkpoint "
-                                 f"(config {self._cfg_hint()})")
-            t, hf = have[name]
-            if tuple(t.shape) != tuple(shape):
-                raise InputError(f"tensor {hf!r} has shape {list(t.shape)}, the config implies {list(shape)}")
-        return out
-
-    def _hf_hint(self, gguf_name: str) -> str:
-        base, _, suffix = gguf_name.rpartition(".")
-        for key, (_, tname) in self.tmap.mapping.items():
-            if tname == base and key.startswith(("model.", "lm_head")):
-                return f" (HF {key}.{suffix})"
-        return ""
-
-    def _cfg_hint(self) -> str:
-        return f"num_hidden_layers={self.block_count}"
-
-    def metadata(self, tensors: Sequence[TensorRef]) -> tuple[dict[str, KV], str]:
-        w = new_recorder(self.arch)
-        counts = param_counts((t.name, tuple(t.shape)) for t in tensors)
-        fallback = getattr(self.source, "name", None) or (self.model_dir.name if self.model_dir else "model")
-        # a hub snapshot's directory is a commit hash: name it after the repo instead
-        in_hub_cache = self.model_dir is not None and self.model_dir.parent.name == "snapshots"
-        with quiet_gguf_logs():
-            add_general_metadata(w, self.model_dir, fallback, counts, name=fallback if in_hub_cache else None)
-            self.add_parameters(w)
-            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            self.add_vocab(w)
-        # the stream's name (default output file names) is the checkpoint's: directory or repo name
-        return recorded(w), fallback

@@ -63,6 +63,23 @@ class BlockGraph:
     keys: frozenset[str] = LLAMA_GRAPH_KEYS
     inert_keys: frozenset[str] = INERT_KEYS
     key_values: dict[str, tuple[Any, ...]] = field(default_factory=lambda: dict(LLAMA_KEY_VALUES))
+    # -- what llama.cpp's src/models/<arch>.cpp computes, as features (data) --
+    # False: declared for the family, but quantkit/calib/forward.py does not compute it yet
+    # (graph_for refuses the arch; convert and export do not need the forward pass)
+    forward: bool = True
+    norm: str = "pre"                 # pre: x + f(norm(x)); sandwich: x + post_norm(f(norm(x))); post: x + post_norm(f(x))
+    activation: str = "silu"          # FFN gate: silu (SwiGLU) | gelu_tanh (GeGLU)
+    fused_qkv: bool = False           # one attn_qkv matrix (phi3)
+    fused_gate_up: bool = False       # ffn_up holds gate and up halves (phi3)
+    qk_norm: str | None = None        # RMSNorm of q and k: "head" (per head) | "full" (over all heads, olmo2)
+    embed_scale: str | None = None    # "sqrt_n_embd" (gemma) | an {arch}.* key (granite: embedding_scale)
+    attn_scale: str | None = None     # None: 1/sqrt(head_dim); else the {arch}.* key that replaces it
+    residual_scale: str | None = None  # {arch}.* key scaling each block's output before the residual add
+    logit_scale: str | None = None     # {arch}.* key dividing the logits
+    softcap: tuple[str, ...] = ()      # {arch}.* keys of tanh soft-capping (attention scores, final logits)
+    sliding_window: str | None = None  # None | "alternate" (even layers, gemma2) | "every_6th_full" (gemma3) | "pattern" ({arch}.attention.sliding_window_pattern)
+    nope_every: int = 0                # every n-th layer skips RoPE (smollm3: 4); 0 = RoPE everywhere
+    rope_factors: str | None = None    # "llama3" (rope_freqs.weight) | "longrope" (rope_factors_long/short)
 
     def check(self, metadata: dict[str, Any], tensor_names: list[str]) -> None:
         """Refuse (UnsupportedError, exit 4) what this graph does not compute."""

@@ -1,0 +1,224 @@
+"""A model family as data: ``Family`` declares everything about one HF
+architecture family, ``Model`` runs the converter's flow (TextModel) from it.
+
+A family module builds one ``Family`` per GGUF arch out of shared features
+(quantkit/arch/features.py): the HF architecture names, the GGUF arch, the
+config defaults of transformers' config class, the config keys it needs, the
+tensors a config implies (shape groups), the tensor rules the converter
+applies on load (each with its reason), generated tensors, the metadata
+writers in the converter's order, the vocabulary writer, the block graph the
+forward pass reads, and the inverse map for export. Nothing is inherited and
+undone: a family that differs composes a different tuple.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import gguf
+import numpy as np
+from gguf import GGUFWriter, MODEL_ARCH
+
+from ..errors import InputError
+from ..model import KV
+from ..sources.base import TensorRef
+from .common import (add_general_metadata, converter_keeps_f32, effective_hparams, hf_name_filter, name_map,
+                     new_recorder, param_counts, quiet_gguf_logs, recorded, require_int, rope_parameters,
+                     skip_hf_tensor)
+from .graph import BlockGraph
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes a config implies (the converter's hparams, as ints)."""
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    n_vocab: int
+    head_dim: int
+
+
+# (model, block) -> {GGUF name: numpy shape}; block None = the top-level tensors
+ShapeGroup = Callable[["Model", "int | None"], dict[str, tuple[int, ...]]]
+# (model) -> GGUF names of that group which may be absent (tied output, optional biases)
+Optional_ = Callable[["Model"], set[str]]
+Writer = Callable[["Model", GGUFWriter], None]
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """A change the converter's modify_tensors makes to an HF tensor on load.
+    ``make(model, ref)`` returns ``(new_shape, fn)`` or None when the rule does
+    not apply to this tensor; ``fn`` maps the float32 array loaded from the
+    checkpoint to the converter's values (in the converter's precision)."""
+    pattern: str                     # regex searched in the HF tensor name (after the converter's renames)
+    make: Callable[["Model", TensorRef], "tuple[tuple[int, ...], Callable[[np.ndarray], np.ndarray]] | None"]
+    reason: str
+
+
+@dataclass(frozen=True)
+class Export:
+    """The way back (quantkit export): config.json's architecture and model_type,
+    whether the Q/K row permutation is undone, and keys config.json gets as is."""
+    hf_architecture: str
+    model_type: str
+    undo_permute: bool
+    config_extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str                                   # what docs/families.md calls it
+    hf_architectures: tuple[str, ...]
+    arch: MODEL_ARCH
+    graph: BlockGraph
+    config_defaults: dict[str, Any]             # transformers 4.57.6 config class defaults
+    vocab: Writer                               # the converter's set_vocab
+    params: tuple[Writer, ...]                  # the converter's set_gguf_parameters, in its order
+    shapes: tuple[ShapeGroup, ...]              # tensors the config implies
+    optional: tuple[Optional_, ...] = ()
+    computed: tuple[str, ...] = ("num_key_value_heads",)   # keys the config class derives when null
+    required: tuple[str, ...] = ("hidden_size", "num_attention_heads", "num_key_value_heads",
+                                 "intermediate_size", "vocab_size")
+    dims: Callable[[dict[str, Any]], Dims] | None = None    # default: llama_dims
+    dropped_config_keys: tuple[str, ...] = ()   # keys the converter ignores (granite: head_dim)
+    dropped_tensors: tuple[str, ...] = ()       # HF tensor names the converter skips
+    rules: tuple[TensorRule, ...] = ()
+    generated: tuple[Callable[["Model", GGUFWriter], list[TensorRef]], ...] = ()  # generate_extra_tensors
+    export: Export | None = None
+
+    def __call__(self, source: Any, vocab_pre: str | None = None) -> "Model":
+        return Model(self, source, vocab_pre)
+
+    @property
+    def arch_name(self) -> str:
+        return gguf.MODEL_ARCH_NAMES[self.arch]
+
+
+def llama_dims(hp: dict[str, Any]) -> Dims:
+    n_embd, n_head = hp["hidden_size"], hp["num_attention_heads"]
+    n_kv = hp["num_key_value_heads"]
+    if n_head % n_kv:
+        raise InputError(f"config.json: num_attention_heads {n_head} is not a multiple of num_key_value_heads {n_kv}")
+    hd = hp.get("head_dim")
+    return Dims(n_embd, n_head, n_kv, hp["intermediate_size"], hp["vocab_size"],
+                hd if isinstance(hd, int) and not isinstance(hd, bool) and hd > 0 else n_embd // n_head)
+
+
+class Model:
+    """One checkpoint being converted by its ``Family``: the converter's flow."""
+
+    def __init__(self, spec: Family, source: Any, vocab_pre: str | None = None):
+        self.spec = spec
+        self.source = source
+        self.vocab_pre = vocab_pre
+        self.model_dir: Path | None = Path(source.path) if getattr(source, "path", None) is not None else None
+        config = getattr(source, "config", None)
+        if config is None:
+            raise InputError(f"{source.path}: no config.json")
+        hp = effective_hparams(config, spec.config_defaults, spec.computed)
+        for k in spec.dropped_config_keys:
+            hp.pop(k, None)
+        self.hp = hp
+        self.block_count = require_int(hp, "num_hidden_layers")
+        for k in spec.required:
+            if hp.get(k) is None:
+                raise InputError(f"config.json: {k} is not set; {spec.name} models need it")
+            require_int(hp, k)
+        self.dims = (spec.dims or llama_dims)(hp)
+        self.tmap = name_map(spec.arch, self.block_count)
+        self.rope = rope_parameters(hp)
+        self.writer = new_recorder(spec.arch)  # the converter's GGUFWriter: tensor prep may record keys first
+
+    @property
+    def arch(self) -> MODEL_ARCH:
+        return self.spec.arch
+
+    # -- tensors -------------------------------------------------------------
+    def expected(self) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+        exp: dict[str, tuple[int, ...]] = {}
+        for g in self.spec.shapes:
+            exp.update(g(self, None))
+        for b in range(self.block_count):
+            for g in self.spec.shapes:
+                exp.update(g(self, b))
+        opt: set[str] = set()
+        for o in self.spec.optional:
+            opt |= o(self)
+        return exp, opt
+
+    def _mapped(self, ref: TensorRef, hf: str, new: str) -> TensorRef:
+        shape, fns = tuple(ref.shape), []
+        for rule in self.spec.rules:
+            if re.search(rule.pattern, hf):
+                got = rule.make(self, TensorRef(hf, shape, ref.dtype, ref.loader))
+                if got is not None:
+                    shape, fn = got
+                    fns.append(fn)
+        dtype = "F32" if converter_keeps_f32(new, shape) else ref.dtype
+        if not fns:
+            return TensorRef(new, shape, dtype, ref.loader)
+
+        def load(ref=ref, fns=tuple(fns)):
+            x = ref.load()
+            for f in fns:
+                x = f(x)
+            return x
+
+        return TensorRef(new, shape, dtype, load)
+
+    def tensors(self) -> list[TensorRef]:
+        with quiet_gguf_logs():
+            out = [t for g in self.spec.generated for t in g(self, self.writer)]
+        seen: dict[str, str] = {}
+        for ref in self.source.tensors():
+            if skip_hf_tensor(ref.name):
+                continue
+            hf = hf_name_filter(ref.name)
+            if hf in self.spec.dropped_tensors:
+                continue
+            new = self.tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
+            if new is None:
+                raise InputError(f"tensor {ref.name!r} is not part of a {self.spec.arch_name} model")
+            if new in seen:
+                raise InputError(f"tensors {seen[new]!r} and {ref.name!r} both map to {new!r}")
+            seen[new] = ref.name
+            out.append(self._mapped(ref, hf, new))
+        exp, optional = self.expected()
+        have = {t.name: (t, seen.get(t.name, t.name)) for t in out}
+        for name, shape in exp.items():
+            if name not in have:
+                if name in optional:
+                    continue
+                raise InputError(f"tensor {name!r}{self._hf_hint(name)} is missing from the checkpoint "
+                                 f"(config num_hidden_layers={self.block_count})")
+            t, hf = have[name]
+            if tuple(t.shape) != tuple(shape):
+                raise InputError(f"tensor {hf!r} has shape {list(t.shape)}, the config implies {list(shape)}")
+        return out
+
+    def _hf_hint(self, gguf_name: str) -> str:
+        base, _, suffix = gguf_name.rpartition(".")
+        for key, (_, tname) in self.tmap.mapping.items():
+            if tname == base and key.startswith(("model.", "lm_head")):
+                return f" (HF {key}.{suffix})"
+        return ""
+
+    # -- metadata ------------------------------------------------------------
+    def metadata(self, tensors: Sequence[TensorRef]) -> tuple[dict[str, KV], str]:
+        w = self.writer
+        counts = param_counts((t.name, tuple(t.shape)) for t in tensors)
+        fallback = getattr(self.source, "name", None) or (self.model_dir.name if self.model_dir else "model")
+        # a hub snapshot's directory is a commit hash: name it after the repo instead
+        in_hub_cache = self.model_dir is not None and self.model_dir.parent.name == "snapshots"
+        with quiet_gguf_logs():
+            add_general_metadata(w, self.model_dir, fallback, counts, name=fallback if in_hub_cache else None)
+            for p in self.spec.params:
+                p(self, w)
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            self.spec.vocab(self, w)
+        # the stream's name (default output file names) is the checkpoint's: directory or repo name
+        return recorded(w), fallback
