@@ -39,6 +39,8 @@ Block layouts (bytes; fp16 and integers little-endian)::
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
@@ -47,7 +49,7 @@ from ..errors import UnsupportedError
 from . import _iqgrids
 from .floats import INLINE, PJIT
 from .registry import QuantType
-from .solvers import GROUP_MAX_EPS, fp32_to_fp16, load_fp16, make_qp_quants, nearest_int, store_fp16
+from .solvers import GROUP_MAX_EPS, f32_as_i32, fp32_to_fp16, load_fp16, make_qp_quants, nearest_int, store_fp16
 
 F = np.float32
 _F0 = F(0.0)
@@ -61,66 +63,124 @@ _HALF = F(0.5)
 _QUARTER = F(0.25)
 _F0_1 = F(0.1)
 _S_D = F(0.9875)
+_FLT_MAX_BITS = np.int32(0x7F7FFFFF)  # FLT_MAX
 _FLT_MAX = F(np.finfo(np.float32).max)
+_SCRATCH = 296  # scratch row: the longest padded neighbour list (iq2xs: 292 -> 296)
 GROUP_MAX_EPS_IQ2_S = F(1e-8)
 _Q = np.array([1.0, 3.0, 5.0], np.float32)  # grid coordinate of level l: 2*l + 1
 
 
 def _tables(kind):
-    """(kmap int32, neighbours int32, levels int32 (G*8): 3*i + level of
-    coordinate i of point g at [8*g + i]) for the encoders."""
+    """(kmap, nb), int32, the encoders' form of ggml's tables: kmap[u] >= 0 is
+    ggml's (the grid index of code u); otherwise -(kmap[u]+1) is the offset in
+    nb of u's neighbour list: a count n (a multiple of 8), then n entries
+    kgrid[g] | g << 16 (the point's 8 levels, 2 bits each, and its index),
+    ggml's list in ggml's order, padded with copies of its last entry (a
+    repeat never wins ggml's strict "d2 < best" scan, so the result stays
+    ggml's; whole blocks of 8 keep the distance pass vectorized)."""
     t = _iqgrids.load(kind)
-    lev = (t.grid8.astype(np.int32) - 1) // 2
-    assert lev.max() <= 2  # the IQ2 grids use levels 0..2 only
-    off = (lev + 3 * np.arange(8, dtype=np.int32)).reshape(-1)
-    return (np.ascontiguousarray(t.map, np.int32), np.ascontiguousarray(t.neighbours, np.int32),
-            np.ascontiguousarray(off, np.int32))
+    assert ((t.grid8 - 1) // 2).max() <= 2  # the IQ2 grids use levels 0..2 only
+    kmap = t.map.astype(np.int64)
+    off = -(kmap[kmap < 0] + 1)  # ggml's list offsets, in increasing u
+    n = t.neighbours[off].astype(np.int64)
+    npad = (n + 7) // 8 * 8
+    start = np.concatenate([[0], np.cumsum(1 + npad)[:-1]])
+    nb = np.empty(int((1 + npad).sum()), np.int64)
+    nb[start] = npad
+    r = np.repeat(np.arange(n.shape[0]), npad)
+    j = np.arange(r.shape[0]) - np.repeat(np.cumsum(npad) - npad, npad)
+    g = t.neighbours[off[r] + 1 + np.minimum(j, n[r] - 1)].astype(np.int64)
+    nb[start[r] + 1 + j] = t.kgrid.astype(np.int64)[g] | (g << 16)
+    kmap[kmap < 0] = -(start + 1)
+    return kmap.astype(np.int32), nb.astype(np.int32)
 
 
-def _dgrid(kind):
+@lru_cache(maxsize=None)
+def _enc(kind):
+    """The encoder tables of kind, built on first use."""
+    kmap, nb = _tables(kind)
+    assert nb[-(kmap[kmap < 0].astype(np.int64) + 1)].max() <= _SCRATCH
+    return kmap, nb
+
+
+@lru_cache(maxsize=None)
+def _dec(kind):
+    """(ggml-common.h's grid as float32 (G, 8) coordinates, ksigns_iq2xs), for the decoders."""
     t = _iqgrids.load(kind)
-    return np.ascontiguousarray(t.dgrid.view(np.uint8).reshape(-1, 8).astype(np.float32))
-
-
-KSIGNS = _iqgrids.load("iq2xxs").ksigns.astype(np.int64)
+    return (np.ascontiguousarray(t.dgrid.view(np.uint8).reshape(-1, 8).astype(np.float32)),
+            t.ksigns.astype(np.int64))
 
 
 # ----------------------------------------------------------------- helpers
 @njit(**INLINE)
-def _best_neighbour(nbrs, o, glo, xval, xo, waux, scale, L, tab):
+def _best_neighbour(nb, o, xval, xo, waux, scale, tab, d2):
     """iq2_find_best_neighbour(kneighbors_q2xs + o, grid, xval + xo, waux + xo,
-    scale, L + xo): writes the winner's levels into L[xo:xo+8]; returns its
-    index. tab: float32[24] scratch (term of coordinate i at level l at 3*i+l)."""
+    scale, L): returns the winner as kgrid[g] | g << 16 (its levels, 2 bits
+    each, and its index). tab: float32[32] scratch, d2: float32 scratch of at
+    least the count.
+
+    A candidate's distance is ggml's sum of waux[i]*diff*diff, i = 0..7 in
+    order, its terms taken from a table of the 24 (coordinate, level) values
+    ggml computes (tab[4*i + l]): all distances in one pass without
+    dependencies between candidates (LLVM vectorizes it, selects instead of
+    loads; lists come in blocks of 8), then the first strict minimum below
+    FLT_MAX, as ggml's scan finds it (distances are +0 or more, or NaN: their
+    bits order as integers, NaN above FLT_MAX)."""
     for i in range(8):
         xv = xval[xo + i]
         wa = waux[xo + i]
         for l in range(3):
             diff = scale * _Q[l] - xv
-            tab[3 * i + l] = wa * diff * diff
-    n = nbrs[o]
-    best = _FLT_MAX
-    gi = -1
-    for j in range(1, n + 1):
-        g = nbrs[o + j]
-        b = 8 * g
-        d2 = _F0
-        d2 += tab[glo[b]]
-        d2 += tab[glo[b + 1]]
-        d2 += tab[glo[b + 2]]
-        d2 += tab[glo[b + 3]]
-        d2 += tab[glo[b + 4]]
-        d2 += tab[glo[b + 5]]
-        d2 += tab[glo[b + 6]]
-        d2 += tab[glo[b + 7]]
-        if d2 < best:
-            best = d2
-            gi = g
-    if gi < 0:  # only with NaN distances (ggml asserts); keep the first neighbour
-        gi = nbrs[o + 1]
-    b = 8 * gi
+            tab[4 * i + l] = wa * diff * diff
+    n = nb[o]
+    o1 = np.uint64(o + 1)
+    t00 = tab[0]; t01 = tab[1]; t02 = tab[2]      # noqa: E702
+    t10 = tab[4]; t11 = tab[5]; t12 = tab[6]      # noqa: E702
+    t20 = tab[8]; t21 = tab[9]; t22 = tab[10]     # noqa: E702
+    t30 = tab[12]; t31 = tab[13]; t32 = tab[14]   # noqa: E702
+    t40 = tab[16]; t41 = tab[17]; t42 = tab[18]   # noqa: E702
+    t50 = tab[20]; t51 = tab[21]; t52 = tab[22]   # noqa: E702
+    t60 = tab[24]; t61 = tab[25]; t62 = tab[26]   # noqa: E702
+    t70 = tab[28]; t71 = tab[29]; t72 = tab[30]   # noqa: E702
+    for j in range(n):
+        cj = nb[o1 + np.uint64(j)]
+        a = _F0
+        l = cj & 3
+        a += t00 if l == 0 else (t01 if l == 1 else t02)
+        l = (cj >> 2) & 3
+        a += t10 if l == 0 else (t11 if l == 1 else t12)
+        l = (cj >> 4) & 3
+        a += t20 if l == 0 else (t21 if l == 1 else t22)
+        l = (cj >> 6) & 3
+        a += t30 if l == 0 else (t31 if l == 1 else t32)
+        l = (cj >> 8) & 3
+        a += t40 if l == 0 else (t41 if l == 1 else t42)
+        l = (cj >> 10) & 3
+        a += t50 if l == 0 else (t51 if l == 1 else t52)
+        l = (cj >> 12) & 3
+        a += t60 if l == 0 else (t61 if l == 1 else t62)
+        l = (cj >> 14) & 3
+        a += t70 if l == 0 else (t71 if l == 1 else t72)
+        d2[np.uint64(j)] = a
+    mb = _FLT_MAX_BITS
+    for j in range(n):
+        b = f32_as_i32(d2[np.uint64(j)])
+        mb = b if b < mb else mb
+    jb = 0
+    if mb < _FLT_MAX_BITS:
+        for j in range(n):
+            if f32_as_i32(d2[np.uint64(j)]) == mb:
+                jb = j
+                break
+    return nb[o1 + np.uint64(jb)]
+
+
+@njit(**INLINE)
+def _neighbour_into(nb, o, xval, xo, waux, scale, L, tab, d2):
+    """_best_neighbour, its levels written to L[xo:xo+8]."""
+    cj = _best_neighbour(nb, o, xval, xo, waux, scale, tab, d2)
     for i in range(8):
-        L[xo + i] = glo[b + i] - 3 * i
-    return gi
+        L[xo + i] = (cj >> (2 * i)) & 3
 
 
 @njit(**INLINE)
@@ -147,6 +207,57 @@ def _fit(n, L, wxq, wq2):
         sumqx += wxq[k]
         sumq2 += wq2[k]
     return sumqx, sumq2
+
+
+@njit(**INLINE)
+def _scan(nv, ntr, den, is0, xval, waux, wxq, wq2, kmap, nb, tab, d2, T, Lt, ut, ont):
+    """The scale scan of ggml's quantizers for one group of nv values: trial t
+    (t < ntr) uses id = (5 + (is0+t)*0.1f)/den and this_scale = 1/id, rounds
+    each 8-group to levels, replaces an off-grid code by its best neighbour,
+    and sums w*x*q and w*q*q. Trials are independent: here each step runs for
+    all trials at once (NT lanes; lanes past ntr repeat the last trial), every
+    trial's floats computed as ggml computes them. Results: Lt[i, t] levels,
+    ont[t, k] whether group k was on the grid, T[1, t] sumqx, T[2, t] sumq2."""
+    NT = T.shape[1]
+    ids = T[0]
+    sx = T[1]
+    s2 = T[2]
+    for t in range(NT):
+        tt = t if t < ntr else ntr - 1
+        ids[t] = (_F5 + F(is0 + tt) * _F0_1) / den
+    for i in range(nv):
+        xv = xval[i]
+        for t in range(NT):
+            l = nearest_int(_HALF * (ids[t] * xv - _F1))
+            l = 2 if l > 2 else l
+            Lt[i, t] = 0 if l < 0 else l
+    for k in range(nv // 8):
+        for t in range(NT):
+            ut[t] = 0
+        for i in range(8):
+            for t in range(NT):
+                ut[t] |= Lt[8 * k + i, t] << (2 * i)
+        for t in range(ntr):
+            m = kmap[ut[t]]
+            ont[t, k] = m >= 0
+            if m < 0:
+                cj = _best_neighbour(nb, -m - 1, xval, 8 * k, waux, _F1 / ids[t], tab, d2)
+                for i in range(8):
+                    Lt[8 * k + i, t] = (cj >> (2 * i)) & 3
+    for t in range(NT):
+        sx[t] = _F0
+        s2[t] = _F0
+    for i in range(nv):
+        a0 = wxq[3 * i]
+        a1 = wxq[3 * i + 1]
+        a2 = wxq[3 * i + 2]
+        b0 = wq2[3 * i]
+        b1 = wq2[3 * i + 1]
+        b2 = wq2[3 * i + 2]
+        for t in range(NT):
+            l = Lt[i, t]
+            sx[t] += a0 if l == 0 else (a1 if l == 1 else a2)
+            s2[t] += b0 if l == 0 else (b1 if l == 1 else b2)
 
 
 @njit(**INLINE)
@@ -196,10 +307,9 @@ def _fit_tables(n, weight, xval, wxq, wq2):
 
 # ----------------------------------------------------------------- IQ2_XXS
 @njit(**INLINE)
-def _xxs_superblock(x, o, qw, y, yo, kmap, nbrs, glo, S):
-    weight, waux, xval, wxq, wq2, tab, scales = S[0], S[1], S[2], S[3], S[4], S[5], S[6]
+def _xxs_superblock(x, o, qw, y, yo, kmap, nb, S, T, Lt, ut, ont):
+    weight, waux, xval, wxq, wq2, tab, scales, d2 = S[0], S[1], S[2], S[3], S[4], S[5], S[6], S[7]
     L = np.empty(32, np.int64)
-    Laux = np.empty(32, np.int64)
     Lq = np.empty(32, np.uint8)
     bsg = np.empty(4, np.int64)
     q2 = np.zeros(16, np.int64)
@@ -228,26 +338,25 @@ def _xxs_superblock(x, o, qw, y, yo, kmap, nbrs, glo, S):
             scales[ib] = _F0
             continue
         _fit_tables(32, weight, xval, wxq, wq2)
+        _scan(32, 13, eff_max, -6, xval, waux, wxq, wq2, kmap, nb, tab, d2, T, Lt, ut, ont)
         best = _F0
-        for is_ in range(-6, 7):
-            id_ = (_F5 + F(is_) * _F0_1) / eff_max
-            this_scale = _F1 / id_
-            for k in range(4):
-                u = _round_group(id_, xval, 8 * k, Laux)
-                if kmap[u] < 0:
-                    _best_neighbour(nbrs, -kmap[u] - 1, glo, xval, 8 * k, waux, this_scale, Laux, tab)
-            sumqx, sumq2 = _fit(32, Laux, wxq, wq2)
+        bt = -1
+        for t in range(13):
+            sumqx = T[1, t]
+            sumq2 = T[2, t]
             if sumq2 > _F0 and sumqx * sumqx > best * sumq2:
                 scale = sumqx / sumq2
                 best = scale * sumqx
-                for i in range(32):
-                    L[i] = Laux[i]
+                bt = t
+        if bt >= 0:
+            for i in range(32):
+                L[i] = Lt[i, bt]
         if scale > _F0:
             id_ = _F1 / scale
             for k in range(4):
                 u = _round_group(id_, xval, 8 * k, L)
                 if kmap[u] < 0:
-                    _best_neighbour(nbrs, -kmap[u] - 1, glo, xval, 8 * k, waux, scale, L, tab)
+                    _neighbour_into(nb, -kmap[u] - 1, xval, 8 * k, waux, scale, L, tab, d2)
             sumqx, sumq2 = _fit(32, L, wxq, wq2)
             if sumq2 > _F0:
                 scale = sumqx / sumq2
@@ -281,26 +390,28 @@ def _xxs_superblock(x, o, qw, y, yo, kmap, nbrs, glo, S):
 
 
 @njit(**PJIT)
-def _xxs_rows(x, qw, out, kmap, nbrs, glo):
+def _xxs_rows(x, qw, out, kmap, nb):
     nr, n = x.shape
     for r in prange(nr):
-        S = np.empty((7, 96), np.float32)
+        S = np.empty((8, _SCRATCH), np.float32)
+        T = np.empty((3, 16), np.float32)  # 13 trials in 16 lanes
+        Lt = np.empty((32, 16), np.int32)
+        ut = np.empty(16, np.int32)
+        ont = np.empty((16, 4), np.bool_)
         for ibl in range(n // 256):
-            _xxs_superblock(x[r], 256 * ibl, qw, out[r], 66 * ibl, kmap, nbrs, glo, S)
+            _xxs_superblock(x[r], 256 * ibl, qw, out[r], 66 * ibl, kmap, nb, S, T, Lt, ut, ont)
 
 
 # ---------------------------------------------------------- IQ2_XS, IQ2_S
 @njit(**INLINE)
-def _xs_s_superblock(x, o, qw, has_qw, is_s, y, yo, kmap, nbrs, glo, S):
+def _xs_s_superblock(x, o, qw, has_qw, is_s, y, yo, kmap, nb, S, T, Lt, ut, ont):
     """quantize_row_iq2_xs_impl (is_s False) / quantize_row_iq2_s_impl (True)
     for the super-block x[o:o+256] into y[yo:]."""
-    weight, waux, xval, wxq, wq2, tab, scales = S[0], S[1], S[2], S[3], S[4], S[5], S[6]
+    weight, waux, xval, wxq, wq2, tab, scales, d2 = S[0], S[1], S[2], S[3], S[4], S[5], S[6], S[7]
     L = np.empty(16, np.int64)
-    Laux = np.empty(16, np.int64)
     bsg = np.empty(2, np.int64)
     q2 = np.zeros(32, np.int64)
     on = np.empty(2, np.bool_)
-    on_aux = np.empty(2, np.bool_)
     tsize = 82 if is_s else 74
     for i in range(tsize):
         y[yo + i] = 0
@@ -330,27 +441,24 @@ def _xs_s_superblock(x, o, qw, has_qw, is_s, y, yo, kmap, nbrs, glo, S):
             scales[ib] = _F0
             continue
         _fit_tables(16, weight, xval, wxq, wq2)
+        _scan(16, 19, mx, -9, xval, waux, wxq, wq2, kmap, nb, tab, d2, T, Lt, ut, ont)
         best = _F0
         scale = mx / _F5
-        on[0] = True
-        on[1] = True
-        for is_ in range(-9, 10):
-            id_ = (_F5 + F(is_) * _F0_1) / mx
-            this_scale = _F1 / id_
-            for k in range(2):
-                u = _round_group(id_, xval, 8 * k, Laux)
-                on_aux[k] = True
-                if kmap[u] < 0:
-                    on_aux[k] = False
-                    _best_neighbour(nbrs, -kmap[u] - 1, glo, xval, 8 * k, waux, this_scale, Laux, tab)
-            sumqx, sumq2 = _fit(16, Laux, wxq, wq2)
+        bt = -1
+        for t in range(19):
+            sumqx = T[1, t]
+            sumq2 = T[2, t]
             if sumq2 > _F0 and sumqx * sumqx > best * sumq2:
                 scale = sumqx / sumq2
                 best = scale * sumqx
-                for i in range(16):
-                    L[i] = Laux[i]
-                on[0] = on_aux[0]
-                on[1] = on_aux[1]
+                bt = t
+        on[0] = True
+        on[1] = True
+        if bt >= 0:
+            for i in range(16):
+                L[i] = Lt[i, bt]
+            on[0] = ont[bt, 0]
+            on[1] = ont[bt, 1]
         if (not on[0] or not on[1]) and scale > _F0:
             id_ = _F1 / scale
             for k in range(2):
@@ -358,7 +466,7 @@ def _xs_s_superblock(x, o, qw, has_qw, is_s, y, yo, kmap, nbrs, glo, S):
                     continue
                 u = _round_group(id_, xval, 8 * k, L)
                 if kmap[u] < 0:
-                    _best_neighbour(nbrs, -kmap[u] - 1, glo, xval, 8 * k, waux, scale, L, tab)
+                    _neighbour_into(nb, -kmap[u] - 1, xval, 8 * k, waux, scale, L, tab, d2)
             sumqx, sumq2 = _fit(16, L, wxq, wq2)
             if sumq2 > _F0:
                 scale = sumqx / sumq2
@@ -401,20 +509,20 @@ def _xs_s_superblock(x, o, qw, has_qw, is_s, y, yo, kmap, nbrs, glo, S):
 
 
 @njit(**PJIT)
-def _xs_s_rows(x, qw, has_qw, is_s, out, kmap, nbrs, glo):
+def _xs_s_rows(x, qw, has_qw, is_s, out, kmap, nb):
     nr, n = x.shape
     tsize = 82 if is_s else 74
     for r in prange(nr):
-        S = np.empty((7, 48), np.float32)
+        S = np.empty((8, _SCRATCH), np.float32)
+        T = np.empty((3, 24), np.float32)  # 19 trials in 24 lanes
+        Lt = np.empty((16, 24), np.int32)
+        ut = np.empty(24, np.int32)
+        ont = np.empty((24, 2), np.bool_)
         for ibl in range(n // 256):
-            _xs_s_superblock(x[r], 256 * ibl, qw, has_qw, is_s,
-                             out[r], tsize * ibl, kmap, nbrs, glo, S)
+            _xs_s_superblock(x[r], 256 * ibl, qw, has_qw, is_s, out[r], tsize * ibl, kmap, nb, S, T, Lt, ut, ont)
 
 
 # ----------------------------------------------------------------- decoders
-_G_XXS = _dgrid("iq2xxs")
-_G_XS = _dgrid("iq2xs")
-_G_S = _dgrid("iq2s")
 
 
 @njit(**INLINE)
@@ -425,7 +533,7 @@ def _put8(out, o, db, grid, g, signs):
 
 
 @njit(**PJIT)
-def _xxs_dec(q, out):
+def _xxs_dec(q, out, grid, ksigns):
     nr, n = out.shape
     for r in prange(nr):
         qr = q[r]
@@ -438,12 +546,12 @@ def _xxs_dec(q, out):
                        | (np.int64(qr[p + 7]) << 24))
                 db = d * (_HALF + F(aux >> 28)) * _QUARTER
                 for k in range(4):
-                    _put8(out[r], 256 * ibl + 32 * ib + 8 * k, db, _G_XXS, np.int64(qr[p + k]),
-                          KSIGNS[(aux >> (7 * k)) & 127])
+                    _put8(out[r], 256 * ibl + 32 * ib + 8 * k, db, grid, np.int64(qr[p + k]),
+                          ksigns[(aux >> (7 * k)) & 127])
 
 
 @njit(**PJIT)
-def _xs_dec(q, out):
+def _xs_dec(q, out, grid, ksigns):
     nr, n = out.shape
     for r in prange(nr):
         qr = q[r]
@@ -457,11 +565,11 @@ def _xs_dec(q, out):
                     v = np.int64(qr[b + 2 + 2 * i]) | (np.int64(qr[b + 3 + 2 * i]) << 8)
                     s = (sc >> (4 * (k // 2))) & 15
                     db = d * (_HALF + F(s)) * _QUARTER
-                    _put8(out[r], 256 * ibl + 8 * i, db, _G_XS, v & 511, KSIGNS[v >> 9])
+                    _put8(out[r], 256 * ibl + 8 * i, db, grid, v & 511, ksigns[v >> 9])
 
 
 @njit(**PJIT)
-def _s_dec(q, out):
+def _s_dec(q, out, grid):
     nr, n = out.shape
     for r in prange(nr):
         qr = q[r]
@@ -476,13 +584,10 @@ def _s_dec(q, out):
                     g = np.int64(qr[b + 2 + i]) | (((qh >> (2 * k)) & 3) << 8)
                     s = (sc >> (4 * (k // 2))) & 15
                     db = d * (_HALF + F(s)) * _QUARTER
-                    _put8(out[r], 256 * ibl + 8 * i, db, _G_S, g, np.int64(qr[b + 34 + i]))
+                    _put8(out[r], 256 * ibl + 8 * i, db, grid, g, np.int64(qr[b + 34 + i]))
 
 
 # ----------------------------------------------------------------- types
-_T_XXS = _tables("iq2xxs")
-_T_XS = _tables("iq2xs")
-_T_S = _tables("iq2s")
 _NOQW = np.zeros(1, np.float32)
 
 
@@ -492,41 +597,62 @@ def _needs_imatrix(name):
 
 class IQ2_XXS(QuantType, qtype=GGMLQuantizationType.IQ2_XXS, takes_imatrix=True):
     requires_imatrix = True
-    _dec = staticmethod(_xxs_dec)
+
+    @classmethod
+    def dequantize_rows(cls, data, n_per_row):
+        q = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, cls.row_bytes(n_per_row))
+        out = np.empty((q.shape[0], n_per_row), np.float32)
+        grid, ksigns = _dec("iq2xxs")
+        _xxs_dec(q, out, grid, ksigns)
+        return out
 
     @staticmethod
     def quantize_rows(x, imatrix):
         if imatrix is None:
             _needs_imatrix("IQ2_XXS")
         out = np.empty((x.shape[0], x.shape[1] // 256 * 66), np.uint8)
-        _xxs_rows(x, imatrix, out, *_T_XXS)
+        _xxs_rows(x, imatrix, out, *_enc("iq2xxs"))
         return out
 
 
 class IQ2_XS(QuantType, qtype=GGMLQuantizationType.IQ2_XS, takes_imatrix=True):
     requires_imatrix = True
-    _dec = staticmethod(_xs_dec)
+
+    @classmethod
+    def dequantize_rows(cls, data, n_per_row):
+        q = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, cls.row_bytes(n_per_row))
+        out = np.empty((q.shape[0], n_per_row), np.float32)
+        grid, ksigns = _dec("iq2xs")
+        _xs_dec(q, out, grid, ksigns)
+        return out
 
     @staticmethod
     def quantize_rows(x, imatrix):
         if imatrix is None:
             _needs_imatrix("IQ2_XS")
         out = np.empty((x.shape[0], x.shape[1] // 256 * 74), np.uint8)
-        _xs_s_rows(x, imatrix, True, False, out, *_T_XS)
+        _xs_s_rows(x, imatrix, True, False, out, *_enc("iq2xs"))
         return out
 
 
 class IQ2_S(QuantType, qtype=GGMLQuantizationType.IQ2_S, takes_imatrix=True):
     requires_imatrix = False
-    _dec = staticmethod(_s_dec)
+
+    @classmethod
+    def dequantize_rows(cls, data, n_per_row):
+        q = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, cls.row_bytes(n_per_row))
+        out = np.empty((q.shape[0], n_per_row), np.float32)
+        grid, ksigns = _dec("iq2s")
+        _s_dec(q, out, grid)
+        return out
 
     @staticmethod
     def quantize_rows(x, imatrix):
         out = np.empty((x.shape[0], x.shape[1] // 256 * 82), np.uint8)
         if imatrix is None:
-            _xs_s_rows(x, _NOQW, False, True, out, *_T_S)
+            _xs_s_rows(x, _NOQW, False, True, out, *_enc("iq2s"))
         else:
-            _xs_s_rows(x, imatrix, True, True, out, *_T_S)
+            _xs_s_rows(x, imatrix, True, True, out, *_enc("iq2s"))
         return out
 
 
