@@ -85,6 +85,7 @@ class Family:
                                  "intermediate_size", "vocab_size")
     dims: Callable[[dict[str, Any]], Dims] | None = None    # default: llama_dims
     dropped_config_keys: tuple[str, ...] = ()   # keys the converter ignores (granite: head_dim)
+    adjust: Callable[[dict[str, Any]], None] | None = None  # the config class's own rewrites (phi3: rope type)
     dropped_tensors: tuple[str, ...] = ()       # HF tensor names the converter skips
     rules: tuple[TensorRule, ...] = ()
     generated: tuple[Callable[["Model", GGUFWriter], list[TensorRef]], ...] = ()  # generate_extra_tensors
@@ -122,6 +123,8 @@ class Model:
         hp = effective_hparams(config, spec.config_defaults, spec.computed)
         for k in spec.dropped_config_keys:
             hp.pop(k, None)
+        if spec.adjust is not None:
+            spec.adjust(hp)
         self.hp = hp
         self.block_count = require_int(hp, "num_hidden_layers")
         for k in spec.required:

@@ -1,0 +1,56 @@
+"""Olmo2ForCausalLM -> GGUF ``olmo2``, as llama.cpp's conversion/olmo.py
+(Olmo2Model, a TextModel): no Q/K permutation (NEOX rope), the common
+hyperparameters, byte-level BPE; norms after attention and FFN only, q/k
+RMS norms over all heads. A config with ``sliding_window`` (Olmo 3 style)
+also gets the window and its per-layer pattern.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from gguf import GGUFWriter, MODEL_ARCH
+
+from . import features as F
+from .graph import ROPE_NEOX, BlockGraph, block
+from .spec import Family, Model
+
+# transformers 4.57.6 Olmo2Config defaults for keys the converter reads
+OLMO2_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 50304, "max_position_embeddings": 2048, "hidden_size": 4096, "intermediate_size": 11008,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": None, "rms_norm_eps": 1e-05,
+    "rope_theta": 10000.0, "rope_scaling": None, "attention_bias": False, "tie_word_embeddings": False,
+}
+
+
+def olmo2_params(m: Model, w: GGUFWriter) -> None:
+    """Olmo2Model.set_gguf_parameters' addition."""
+    hp = m.hp
+    if "sliding_window" in hp:
+        w.add_sliding_window(hp["sliding_window"])
+        if "layer_types" in hp:
+            pattern = [t == "sliding_attention" for t in hp["layer_types"]]
+        else:  # Olmo3's default: every 4th layer global
+            pattern = [(i + 1) % 4 != 0 for i in range(hp["num_hidden_layers"])]
+        w.add_sliding_window_pattern(pattern)
+
+
+OLMO2 = Family(
+    name="OLMo 2",
+    hf_architectures=("Olmo2ForCausalLM",),
+    arch=MODEL_ARCH.OLMO2,
+    # llama.cpp src/models/olmo2.cpp: x + post_norm(attn(x)), x + post_norm(ffn(x)) (no pre-norms),
+    # q/k RMSNorm over the whole projection before rope, SwiGLU
+    graph=BlockGraph("olmo2", ROPE_NEOX,
+                     block_tensors=block("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+                                         "attn_q_norm.weight", "attn_k_norm.weight", "post_attention_norm.weight",
+                                         "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight", "post_ffw_norm.weight"),
+                     forward=False, norm="post", qk_norm="full", sliding_window="pattern"),
+    config_defaults=OLMO2_DEFAULTS,
+    shapes=(F.top, F.attention, F.full_qk_norm, F.post_norms, F.gated_ffn),
+    optional=(F.tied_output,),
+    params=(F.text_params, olmo2_params),
+    vocab=F.gpt2_vocab,
+    export=None,
+)
+
+FAMILIES = (OLMO2,)
