@@ -307,12 +307,11 @@ def _fit_tables(n, weight, xval, wxq, wq2):
 
 # ----------------------------------------------------------------- IQ2_XXS
 @njit(**INLINE)
-def _xxs_superblock(x, o, qw, y, yo, kmap, nb, S, T, Lt, ut, ont):
+def _xxs_superblock(x, o, qw, y, yo, kmap, nb, S, T, Lt, ut, ont, I, Lq8):
     weight, waux, xval, wxq, wq2, tab, scales, d2 = S[0], S[1], S[2], S[3], S[4], S[5], S[6], S[7]
-    L = np.empty(32, np.int64)
-    Lq = np.empty(32, np.uint8)
-    bsg = np.empty(4, np.int64)
-    q2 = np.zeros(16, np.int64)
+    L, Lq, bsg, q2 = I[0], Lq8, I[1], I[2]
+    for i in range(16):
+        q2[i] = 0
     store_fp16(y, yo, 0)
     max_scale = _F0
     sumx2 = _F0
@@ -398,20 +397,21 @@ def _xxs_rows(x, qw, out, kmap, nb):
         Lt = np.empty((32, 16), np.int32)
         ut = np.empty(16, np.int32)
         ont = np.empty((16, 4), np.bool_)
+        I = np.empty((3, 32), np.int64)
+        Lq8 = np.empty(32, np.uint8)
         for ibl in range(n // 256):
-            _xxs_superblock(x[r], 256 * ibl, qw, out[r], 66 * ibl, kmap, nb, S, T, Lt, ut, ont)
+            _xxs_superblock(x[r], 256 * ibl, qw, out[r], 66 * ibl, kmap, nb, S, T, Lt, ut, ont, I, Lq8)
 
 
 # ---------------------------------------------------------- IQ2_XS, IQ2_S
 @njit(**INLINE)
-def _xs_s_superblock(x, o, qw, has_qw, is_s, y, yo, kmap, nb, S, T, Lt, ut, ont):
+def _xs_s_superblock(x, o, qw, has_qw, is_s, y, yo, kmap, nb, S, T, Lt, ut, ont, I):
     """quantize_row_iq2_xs_impl (is_s False) / quantize_row_iq2_s_impl (True)
     for the super-block x[o:o+256] into y[yo:]."""
     weight, waux, xval, wxq, wq2, tab, scales, d2 = S[0], S[1], S[2], S[3], S[4], S[5], S[6], S[7]
-    L = np.empty(16, np.int64)
-    bsg = np.empty(2, np.int64)
-    q2 = np.zeros(32, np.int64)
-    on = np.empty(2, np.bool_)
+    L, bsg, q2, on = I[0], I[1], I[2], I[3]
+    for i in range(32):
+        q2[i] = 0
     tsize = 82 if is_s else 74
     for i in range(tsize):
         y[yo + i] = 0
@@ -518,8 +518,9 @@ def _xs_s_rows(x, qw, has_qw, is_s, out, kmap, nb):
         Lt = np.empty((16, 24), np.int32)
         ut = np.empty(24, np.int32)
         ont = np.empty((24, 2), np.bool_)
+        I = np.empty((4, 32), np.int64)
         for ibl in range(n // 256):
-            _xs_s_superblock(x[r], 256 * ibl, qw, has_qw, is_s, out[r], tsize * ibl, kmap, nb, S, T, Lt, ut, ont)
+            _xs_s_superblock(x[r], 256 * ibl, qw, has_qw, is_s, out[r], tsize * ibl, kmap, nb, S, T, Lt, ut, ont, I)
 
 
 # ----------------------------------------------------------------- decoders
