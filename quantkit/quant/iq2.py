@@ -121,27 +121,27 @@ def _best_neighbour(nb, o, xval, xo, waux, scale, tab, d2):
 
     A candidate's distance is ggml's sum of waux[i]*diff*diff, i = 0..7 in
     order, its terms taken from a table of the 24 (coordinate, level) values
-    ggml computes (tab[4*i + l]): all distances in one pass without
+    ggml computes (tab[8*l + i]): all distances in one pass without
     dependencies between candidates (LLVM vectorizes it, selects instead of
     loads; lists come in blocks of 8), then the first strict minimum below
     FLT_MAX, as ggml's scan finds it (distances are +0 or more, or NaN: their
     bits order as integers, NaN above FLT_MAX)."""
-    for i in range(8):
-        xv = xval[xo + i]
-        wa = waux[xo + i]
-        for l in range(3):
-            diff = scale * _Q[l] - xv
-            tab[4 * i + l] = wa * diff * diff
+    ux = np.uint64(xo)
+    for l in range(3):
+        sq = scale * _Q[l]
+        for i in range(8):
+            diff = sq - xval[ux + np.uint64(i)]
+            tab[np.uint64(8 * l + i)] = waux[ux + np.uint64(i)] * diff * diff
     n = nb[o]
     o1 = np.uint64(o + 1)
-    t00 = tab[0]; t01 = tab[1]; t02 = tab[2]      # noqa: E702
-    t10 = tab[4]; t11 = tab[5]; t12 = tab[6]      # noqa: E702
-    t20 = tab[8]; t21 = tab[9]; t22 = tab[10]     # noqa: E702
-    t30 = tab[12]; t31 = tab[13]; t32 = tab[14]   # noqa: E702
-    t40 = tab[16]; t41 = tab[17]; t42 = tab[18]   # noqa: E702
-    t50 = tab[20]; t51 = tab[21]; t52 = tab[22]   # noqa: E702
-    t60 = tab[24]; t61 = tab[25]; t62 = tab[26]   # noqa: E702
-    t70 = tab[28]; t71 = tab[29]; t72 = tab[30]   # noqa: E702
+    t00 = tab[0]; t01 = tab[8]; t02 = tab[16]  # noqa: E702
+    t10 = tab[1]; t11 = tab[9]; t12 = tab[17]  # noqa: E702
+    t20 = tab[2]; t21 = tab[10]; t22 = tab[18]  # noqa: E702
+    t30 = tab[3]; t31 = tab[11]; t32 = tab[19]  # noqa: E702
+    t40 = tab[4]; t41 = tab[12]; t42 = tab[20]  # noqa: E702
+    t50 = tab[5]; t51 = tab[13]; t52 = tab[21]  # noqa: E702
+    t60 = tab[6]; t61 = tab[14]; t62 = tab[22]  # noqa: E702
+    t70 = tab[7]; t71 = tab[15]; t72 = tab[23]  # noqa: E702
     for j in range(n):
         cj = nb[o1 + np.uint64(j)]
         a = _F0
