@@ -27,6 +27,15 @@ def smollm2_checkpoint() -> Path:
     from fixtures.smollm2 import build
 
     return build()
+
+
+@pytest.fixture(scope="session")
+def smollm2_padded_checkpoint() -> Path:
+    """SmolLM2-135M zero-padded to hidden 768 / 12 query heads (every row a
+    multiple of 256, same function: docs/padded-smollm2.md), bf16, cached."""
+    from fixtures.smollm2_padded import build
+
+    return build()
 # ---- end SmolLM2 ----
 
 
