@@ -128,14 +128,27 @@ def _producer(source, ref, tp, imatrix: dict | None, raw_name: str | None = None
         if x.ndim == 0:
             x = x.reshape(1)
         im = imatrix.get(tp.name) if imatrix else None
+        parts = _matrices(x, im)
         if x.nbytes <= CHUNK_BYTES:
-            return quant.quantize(x, tp.qtype, imatrix=im, name=tp.name)
+            if len(parts) == 1:
+                return quant.quantize(x, tp.qtype, imatrix=im, name=tp.name)
+            return np.concatenate([quant.quantize(xe, tp.qtype, imatrix=ie, name=tp.name) for xe, ie in parts])
         # a big tensor: encode it in row chunks, each written as soon as it is made,
         # so the encoded copy never exists whole (rows are independent in every format)
         quant.check_finite(x, tp.name)
-        return _chunks(quant, x.reshape(-1, x.shape[-1]), tp, im)
+        return (c for xe, ie in parts for c in _chunks(quant, xe, tp, ie))
 
     return produce
+
+
+def _matrices(x: np.ndarray, im: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(rows, importance vector) per matrix: an expert tensor's (3-D) imatrix entry
+    holds one vector per expert (ne[0] * ne[2] values), as llama-quantize reads it."""
+    n = x.shape[-1] if x.ndim else 1
+    if im is None or x.ndim < 3 or im.size == n:
+        return [(x.reshape(-1, n), im)]
+    x3 = x.reshape(-1, x.shape[-2], n)
+    return [(x3[e], im[e * n:(e + 1) * n]) for e in range(x3.shape[0])]
 
 
 # Tensors larger than this (float32 bytes) are encoded and written in row chunks.
