@@ -23,10 +23,11 @@ from gguf import GGMLQuantizationType
 
 from .errors import InputError, UnsupportedError, UsageError
 from .mixrules import (
-    ALIASES, ATTN_OUTPUT, ATTN_OUTPUT_8_EXPERTS, ATTN_OUTPUT_FALCON, ATTN_K_8_EXPERTS, ATTN_V,
-    ATTN_V_70B_BUMP, ATTN_V_8_EXPERTS, ATTN_V_LIKE, FALLBACK, FFN_DOWN, IS_70B, REQUIRES_IMATRIX,
-    TOKEN_EMBD, WRITABLE_TYPES, Cat, Ctx, Preset, allows_quantization, block_size, category,
-    is_quantized, n_dims, output_rule,
+    ALIASES, ATTN_K, ATTN_OUTPUT, ATTN_OUTPUT_8_EXPERTS, ATTN_OUTPUT_FALCON, ATTN_K_8_EXPERTS, ATTN_Q, ATTN_V,
+    ATTN_V_70B_BUMP, ATTN_V_8_EXPERTS, ATTN_V_LIKE, EXPERT_CATS_BY_ARCH, EXPERT_SPLIT, FALLBACK, FFN_DOWN,
+    FFN_GATE, FFN_UP, IQ_LOW, IQ_LOW_ATTN_K_8_EXPERTS, IQ_LOW_ATTN_OUTPUT, IQ_LOW_ATTN_OUTPUT_8_EXPERTS,
+    IQ_LOW_ATTN_V, IQ_LOW_FFN_DOWN, IS_70B, TOKEN_EMBD, Cat, Ctx, Preset, allows_quantization, block_size,
+    category, is_quantized, n_dims, output_rule, requires_imatrix, writable_types,
 )
 from .model import ModelStream
 
@@ -116,8 +117,9 @@ def parse_type(name: str, option: str) -> GGMLQuantizationType:
         t = T[str(name).strip().upper()]
     except KeyError:
         t = None
-    if t is None or t not in WRITABLE_TYPES:
-        ok = ", ".join(sorted(x.name for x in WRITABLE_TYPES))
+    ok_types = writable_types()
+    if t is None or t not in ok_types:
+        ok = ", ".join(sorted(x.name for x in ok_types))
         raise UsageError(f"{option}: invalid tensor type {name!r}; choose one of: {ok}")
     return t
 
@@ -320,17 +322,26 @@ class _Chooser:
         return t, None, reason
 
     def _rules(self, name: str, shape: tuple[int, ...], cat: Cat, t: T) -> tuple[T, str]:
-        """llama_tensor_get_type_impl for the presets quantkit writes."""
+        """llama_tensor_get_type_impl: the tables of mixrules, in llama.cpp's order."""
         p, m = self.p, self.m
         if cat == Cat.OUTPUT or (self.tied and cat == Cat.TOKEN_EMBD):
             what = "output" if cat == Cat.OUTPUT else "tied token_embd"
             if self.out_t is not None:
                 return self.out_t, f"{what}: --output-tensor-type"
-            return output_rule(t, int(shape[-1]), self.falcon), f"{what} rule"
+            nt, why = output_rule(p, int(shape[-1]), self.falcon)
+            return nt, f"{what} rule ({why})"
+        if p in EXPERT_SPLIT:
+            experts, rest = EXPERT_SPLIT[p]
+            cats = EXPERT_CATS_BY_ARCH.get(m.arch)
+            if len(shape) >= 3 and shape[-3] > 1 and (cats is None or cat in cats):
+                return experts, f"{p.name}: expert tensor"
+            return rest, f"{p.name}: not an expert tensor"
         if cat == Cat.TOKEN_EMBD:
             rule = TOKEN_EMBD.get(p)
             nt = rule(self._ctx(0, 0)) if rule else None
             return (nt, "token_embd rule") if nt else (t, "default")
+        if p in IQ_LOW:
+            return self._iq_low_rules(name, cat, t)
         if cat in ATTN_V_LIKE:
             c = self._ctx(self.i_attn_v, self.n_attn_v)
             self.i_attn_v += 1
@@ -343,7 +354,11 @@ class _Chooser:
                 nt, why = ATTN_V_8_EXPERTS, "attn_v rule (8 experts)"
             return nt, why
         if cat == Cat.ATTN_K:
-            return (ATTN_K_8_EXPERTS, "attn_k rule (8 experts)") if m.n_expert == 8 else (t, "default")
+            if m.n_expert == 8:
+                return ATTN_K_8_EXPERTS, "attn_k rule (8 experts)"
+            return (ATTN_K[p], "attn_k rule") if p in ATTN_K else (t, "default")
+        if cat == Cat.ATTN_Q:
+            return (ATTN_Q[p], "attn_q rule") if p in ATTN_Q else (t, "default")
         if cat == Cat.FFN_DOWN:
             i, n = self._layer(self.i_ffn_down, name)
             self.i_ffn_down += 1
@@ -354,12 +369,39 @@ class _Chooser:
             table = ATTN_OUTPUT_FALCON if self.falcon else ATTN_OUTPUT_8_EXPERTS if m.n_expert == 8 else ATTN_OUTPUT
             nt = table.get(p)
             return (nt, "attn_output rule") if nt else (t, "default")
-        if cat == Cat.FFN_GATE:  # counters kept for parity; no rule for these presets
-            self._layer(self.i_ffn_gate, name)
-            self.i_ffn_gate += 1
-        elif cat == Cat.FFN_UP:
-            self._layer(self.i_ffn_up, name)
-            self.i_ffn_up += 1
+        if cat in (Cat.FFN_GATE, Cat.FFN_UP):
+            gate = cat == Cat.FFN_GATE
+            i, n = self._layer(self.i_ffn_gate if gate else self.i_ffn_up, name)
+            if gate:
+                self.i_ffn_gate += 1
+            else:
+                self.i_ffn_up += 1
+            rule = (FFN_GATE if gate else FFN_UP).get(p)
+            nt = rule(self._ctx(i, n)) if rule else None
+            return (nt, f"{cat.value} rule (layer {i}/{n})") if nt else (t, "default")
+        return t, "default"
+
+    def _iq_low_rules(self, name: str, cat: Cat, t: T) -> tuple[T, str]:
+        """llama.cpp's branch for IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ2_M."""
+        p, m = self.p, self.m
+        if cat in ATTN_V_LIKE:
+            c = self._ctx(self.i_attn_v, self.n_attn_v)
+            self.i_attn_v += 1
+            nt = IQ_LOW_ATTN_V[p](c)
+            why = "GQA >= 4 or >= 4 experts" if nt == T.Q4_K else "guard"
+            return nt, f"attn_v rule (IQ1/IQ2, {why})"
+        if cat == Cat.ATTN_K and m.n_expert == 8:
+            return IQ_LOW_ATTN_K_8_EXPERTS, "attn_k rule (IQ1/IQ2, 8 experts)"
+        if cat == Cat.FFN_DOWN:
+            c = self._ctx(self.i_ffn_down, m.n_layer)
+            self.i_ffn_down += 1
+            nt = IQ_LOW_FFN_DOWN[p](c)
+            return (nt, f"ffn_down rule (IQ1/IQ2, {c.i}/{c.n})") if nt else (t, "default")
+        if cat == Cat.ATTN_OUTPUT:
+            if m.n_expert == 8:
+                return IQ_LOW_ATTN_OUTPUT_8_EXPERTS, "attn_output rule (IQ1/IQ2, 8 experts)"
+            nt = IQ_LOW_ATTN_OUTPUT.get(p)
+            return (nt, "attn_output rule (IQ1/IQ2)") if nt else (t, "default")
         return t, "default"
 
 
@@ -367,6 +409,30 @@ def _n_per_expert_cols(shape: tuple[int, ...]) -> int:
     """ne[0] * ne[2]: the imatrix length llama.cpp expects for a tensor."""
     ne = list(reversed(shape)) + [1, 1, 1]
     return int(ne[0]) * int(ne[2])
+
+
+def _imatrix_refusal(p: Preset, ordered: list[TensorPlan], has_imatrix: bool, used: dict, arch: str,
+                     opts: MixOptions) -> str | None:
+    """llama-quantize's refusal to write very low-bit types without importance data
+    (mixrules.requires_imatrix), as one line naming the tensors; None if it would
+    not refuse. Without an imatrix it refuses for every tensor it would quantize
+    (allows_quantization) to such a type; with one, for each such tensor that
+    changes type and has no (usable) entry."""
+    if has_imatrix:
+        need = [tp for tp in ordered if not tp.copy and tp.name not in used
+                and requires_imatrix(p, tp.qtype, tp.name)]
+    else:
+        need = [tp for tp in ordered if requires_imatrix(p, tp.qtype, tp.name)
+                and allows_quantization(tp.name, tp.shape, arch, opts.leave_output_tensor) is None]
+    if not need:
+        return None
+    types = "/".join(sorted({tp.qtype.name for tp in need}))
+    shown = ", ".join(repr(tp.name) for tp in need[:4]) + (f" and {len(need) - 4} more" if len(need) > 4 else "")
+    if not has_imatrix:
+        return (f"{p.name} needs an importance matrix (--imatrix FILE or --calib-text FILE): llama-quantize "
+                f"writes {types} only with one; {len(need)} tensor(s) would be {types}: {shown}")
+    return (f"{p.name} needs an importance matrix entry for every {types} tensor; the imatrix has none for "
+            f"{len(need)} tensor(s): {shown}")
 
 
 def make_plan(stream: ModelStream, preset: str, opts: MixOptions | None = None) -> Plan:
@@ -423,13 +489,8 @@ def make_plan(stream: ModelStream, preset: str, opts: MixOptions | None = None) 
                 raise InputError(f"importance matrix entry for {tp.name!r} has {v.size} values, "
                                  f"the tensor needs {_n_per_expert_cols(tp.shape)}")
             used[tp.name] = v
-    need = REQUIRES_IMATRIX.get(p, frozenset())
-    missing = [tp.name for tp in llama_order(tensors)
-               if tp.qtype in need and category(tp.name) not in (Cat.OUTPUT, Cat.TOKEN_EMBD)
-               and not tp.copy and (used is None or tp.name not in used)]
-    if missing:
-        msg = (f"{p.name} needs an importance matrix (--imatrix) for {missing[0]!r}"
-               + (f" and {len(missing) - 1} more tensor(s)" if len(missing) > 1 else ""))
+    msg = _imatrix_refusal(p, llama_order(tensors), imat is not None, used or {}, stream.arch, opts)
+    if msg:
         if not opts.dry_run:
             raise UsageError(msg)
         notes.append(f"warning: {msg}; the real conversion will fail without one")

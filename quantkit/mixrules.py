@@ -11,11 +11,17 @@ llama.cpp's order:
     --token-embedding-type / --output-tensor-type
     --tensor-type REGEX=TYPE (first match) -> that type, no rule
     --pure                                 -> the default type, no rule
-    OUTPUT_RULE (output, tied token_embd), TOKEN_EMBD, ATTN_V, ATTN_K,
-    FFN_DOWN, ATTN_OUTPUT                  -> by preset and layer
+    OUTPUT_FIRST / OUTPUT (output, tied token_embd)
+    EXPERT_SPLIT (MXFP4_MOE)               -> expert tensors vs the rest
+    TOKEN_EMBD
+    IQ_LOW_* (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ2_M: their own branch)
+    ATTN_V, ATTN_K, ATTN_Q, FFN_DOWN, ATTN_OUTPUT, FFN_GATE, FFN_UP
+                                           -> by preset and layer
     FALLBACK                               -> when the row does not fit the block
+    REQUIRES_IMATRIX*                      -> types written only with importance data
 
-Only the presets quantkit writes are listed (no IQ1/IQ2/IQ3 mixes, no MXFP4).
+Every preset llama-quantize 0.5.0 offers is listed except Q2_0 and COPY
+(NVFP4 is a type, not a llama-quantize preset).
 """
 from __future__ import annotations
 
@@ -141,6 +147,20 @@ class Preset(enum.Enum):
     IQ4_XS = (F.MOSTLY_IQ4_XS, T.IQ4_XS)
     TQ1_0 = (F.MOSTLY_TQ1_0, T.TQ1_0)
     TQ2_0 = (F.MOSTLY_TQ2_0, T.TQ2_0)
+    # below Q2_K (llama_ftype_get_default_type: IQ2_S's base type is IQ2_XS,
+    # IQ2_M's IQ2_S, IQ3_XS's and IQ3_M's IQ3_S)
+    IQ1_S = (F.MOSTLY_IQ1_S, T.IQ1_S)
+    IQ1_M = (F.MOSTLY_IQ1_M, T.IQ1_M)
+    IQ2_XXS = (F.MOSTLY_IQ2_XXS, T.IQ2_XXS)
+    IQ2_XS = (F.MOSTLY_IQ2_XS, T.IQ2_XS)
+    IQ2_S = (F.MOSTLY_IQ2_S, T.IQ2_XS)
+    IQ2_M = (F.MOSTLY_IQ2_M, T.IQ2_S)
+    IQ3_XXS = (F.MOSTLY_IQ3_XXS, T.IQ3_XXS)
+    IQ3_XS = (F.MOSTLY_IQ3_XS, T.IQ3_S)
+    IQ3_S = (F.MOSTLY_IQ3_S, T.IQ3_S)
+    IQ3_M = (F.MOSTLY_IQ3_M, T.IQ3_S)
+    MXFP4_MOE = (F.MOSTLY_MXFP4_MOE, T.MXFP4)
+    Q1_0 = (F.MOSTLY_Q1_0, T.Q1_0)
     F16 = (F.MOSTLY_F16, T.F16)
     BF16 = (F.MOSTLY_BF16, T.BF16)
     F32 = (F.ALL_F32, T.F32)
@@ -157,9 +177,14 @@ class Preset(enum.Enum):
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 
 FLOAT_TYPES = frozenset({T.F32, T.F16, T.BF16})
-# Types a --tensor-type / --output-tensor-type / --token-embedding-type may name.
-WRITABLE_TYPES = frozenset({T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K,
-                            T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS, T.TQ1_0, T.TQ2_0})
+
+
+def writable_types() -> frozenset[T]:
+    """Types a --tensor-type / --output-tensor-type / --token-embedding-type may
+    name: every type quantkit.quant has an encoder for (its registry)."""
+    from .quant import REGISTRY
+
+    return frozenset(REGISTRY)
 
 
 def is_quantized(t: T) -> bool:
@@ -167,7 +192,12 @@ def is_quantized(t: T) -> bool:
 
 
 def block_size(t: T) -> int:
-    return GGML_QUANT_SIZES[t][0]
+    """Elements per block, from quantkit.quant's registry (gguf-py's table for
+    a type quantkit has no encoder for, e.g. a stored I32)."""
+    from .quant import REGISTRY
+
+    qt = REGISTRY.get(t)
+    return qt.block_size if qt is not None else GGML_QUANT_SIZES[t][0]
 
 
 def row_bytes(t: T, n_per_row: int) -> int:
@@ -196,26 +226,94 @@ def use_more_bits(i: int, n: int) -> bool:
 
 
 P = Preset
+_IQ_LOW_2 = (P.IQ2_S, P.IQ2_M)  # the IQ1/IQ2 presets whose guard type is IQ3_S (else Q2_K)
 
-# output.weight (and token_embd.weight when tied): Q8_0 for Falcon or when
-# the row does not fit the default type's block, the preset's Q8_0 kept,
-# else Q6_K. No per-preset entries for the presets quantkit writes.
-def output_rule(default: T, nx: int, falcon: bool) -> T:
-    if falcon or nx % block_size(default) != 0:
-        return T.Q8_0
-    return T.Q8_0 if default == T.Q8_0 else T.Q6_K
+# --- output.weight (and token_embd.weight when tied) -------------------------
+# In llama.cpp's order: OUTPUT_FIRST by preset; Q8_0 for Falcon or when the
+# row does not fit the preset's base type; OUTPUT by preset; the preset's
+# Q8_0 kept; else Q6_K.
+OUTPUT_FIRST: dict[Preset, T] = {
+    P.MXFP4_MOE: T.Q8_0,  # MXFP4 is for the experts; everything else Q8_0
+}
+OUTPUT: dict[Preset, T] = {  # the very low-bit IQ presets keep the output at 5.5 bpw
+    p: T.Q5_K for p in (P.IQ2_XXS, P.IQ2_XS, P.IQ3_XXS, P.IQ1_S, P.IQ2_S, P.IQ2_M, P.IQ1_M)
+}
 
 
-# token_embd.weight when not tied to the output
+def output_rule(preset: Preset, nx: int, falcon: bool) -> tuple[T, str]:
+    """-> (type, why) for output.weight / tied token_embd without --output-tensor-type."""
+    default = preset.default
+    if preset in OUTPUT_FIRST:
+        return OUTPUT_FIRST[preset], f"{preset.name} output"
+    if falcon:
+        return T.Q8_0, "Falcon"
+    if nx % block_size(default) != 0:
+        return T.Q8_0, f"row {nx} does not fit {default.name}"
+    if preset in OUTPUT:
+        return OUTPUT[preset], f"{preset.name} output"
+    return (T.Q8_0, "Q8_0 kept") if default == T.Q8_0 else (T.Q6_K, "Q6_K")
+
+
+# --- MXFP4_MOE: expert tensors one type, every other quantized tensor another -
+# Applied right after the output rule, so it covers token_embd too. An expert
+# tensor is a 3-D one (ne[2] > 1); for the archs listed in EXPERT_CATS_BY_ARCH
+# only those categories count (bailingmoe3's MLA projections are 3-D too).
+EXPERT_SPLIT: dict[Preset, tuple[T, T]] = {P.MXFP4_MOE: (T.MXFP4, T.Q8_0)}  # (experts, the rest)
+EXPERT_CATS_BY_ARCH: dict[str, frozenset[Cat]] = {
+    "bailingmoe3": frozenset({Cat.FFN_UP, Cat.FFN_GATE, Cat.FFN_DOWN}),
+}
+
+# --- token_embd.weight when not tied to the output ----------------------------
 TOKEN_EMBD: dict[Preset, Rule] = {
     P.TQ1_0: lambda c: T.Q4_K,
     P.TQ2_0: lambda c: T.Q4_K,
+    # the embedding is a lookup, not a matmul: no IQ grid below 2 bits for it
+    P.IQ2_XXS: lambda c: T.Q2_K,
+    P.IQ2_XS: lambda c: T.Q2_K,
+    P.IQ1_S: lambda c: T.Q2_K,
+    P.IQ1_M: lambda c: T.Q2_K,
+    P.IQ2_S: lambda c: T.IQ3_S,
+    P.IQ2_M: lambda c: T.IQ3_S,
+    P.IQ3_XXS: lambda c: T.IQ3_S,
 }
 
-# attn_v / attn_qkv / attn_kv_b; c.i counts these tensors, c.n is their number
+# --- the very low-bit IQ branch -----------------------------------------------
+# llama.cpp handles IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S and IQ2_M in one branch
+# ahead of the per-category rules below: attn_v, attn_k, ffn_down and
+# attn_output get these rules instead; attn_q, ffn_gate, ffn_up keep the base
+# type; the 70B and 8-expert attn_v bumps do not apply; and ffn_down's c.i is
+# its position among ffn_down tensors (c.n the layer count) even in MoE models,
+# where the other rules parse the layer from the name.
+IQ_LOW = frozenset({P.IQ1_S, P.IQ1_M, P.IQ2_XXS, P.IQ2_XS, P.IQ2_S, P.IQ2_M})
+
+
+def _iq_low_guard(p: Preset) -> T:
+    return T.IQ3_S if p in _IQ_LOW_2 else T.Q2_K
+
+
+# attn_v-like: Q4_K when several query heads (GQA >= 4) or experts (>= 4) share it, else the guard type
+IQ_LOW_ATTN_V: dict[Preset, Rule] = {
+    p: (lambda c, g=_iq_low_guard(p): T.Q4_K if c.gqa >= 4 or c.n_expert >= 4 else g) for p in IQ_LOW
+}
+IQ_LOW_ATTN_K_8_EXPERTS = T.Q4_K  # n_expert == 8
+# the first eighth of ffn_down (by count) gets the guard type
+IQ_LOW_FFN_DOWN: dict[Preset, Rule] = {
+    p: (lambda c, g=_iq_low_guard(p): g if c.i < c.n // 8 else None) for p in IQ_LOW
+}
+IQ_LOW_ATTN_OUTPUT_8_EXPERTS = T.Q5_K  # n_expert == 8
+IQ_LOW_ATTN_OUTPUT: dict[Preset, T] = {
+    P.IQ1_S: T.IQ2_XXS, P.IQ1_M: T.IQ2_XXS, P.IQ2_S: T.IQ3_S, P.IQ2_M: T.IQ3_S,
+}
+
+# --- attn_v / attn_qkv / attn_kv_b; c.i counts these tensors, c.n is their number
 ATTN_V: dict[Preset, Rule] = {
     P.Q2_K: lambda c: T.Q4_K if c.gqa >= 4 else T.Q3_K,
     P.Q2_K_S: lambda c: T.Q4_K if c.gqa >= 4 else None,
+    # IQ3_XXS without an imatrix (a --dry-run) plans IQ3_S, the imatrix-free type
+    P.IQ3_XXS: lambda c: T.Q4_K if c.gqa >= 4 else T.IQ3_S if not c.imatrix else T.IQ3_XXS,
+    P.IQ3_XS: lambda c: T.Q4_K if c.gqa >= 4 else None,
+    P.IQ3_S: lambda c: T.Q4_K if c.gqa >= 4 else None,
+    P.IQ3_M: lambda c: T.Q4_K,
     P.Q3_K_M: lambda c: T.Q5_K if c.i < 2 else T.Q4_K,
     P.Q3_K_L: lambda c: T.Q5_K,
     P.IQ4_NL: lambda c: T.Q5_K if c.gqa >= 4 else None,
@@ -228,13 +326,20 @@ ATTN_V: dict[Preset, Rule] = {
 ATTN_V_70B_BUMP = {T.Q3_K: T.Q5_K, T.Q4_K: T.Q5_K}  # 70B models: 8 heads share attn_v
 ATTN_V_8_EXPERTS = T.Q8_0  # n_expert == 8
 
-ATTN_K_8_EXPERTS = T.Q8_0  # n_expert == 8; no per-preset attn_k rule for our presets
+# attn_k: 8 experts -> Q8_0 first, then by preset
+ATTN_K_8_EXPERTS = T.Q8_0
+ATTN_K: dict[Preset, T] = {P.IQ3_XS: T.IQ3_XXS, P.IQ3_XXS: T.IQ2_S}  # one grid below the base type
+ATTN_Q: dict[Preset, T] = {P.IQ3_XS: T.IQ3_XXS, P.IQ3_XXS: T.IQ2_S}
 
 FFN_DOWN: dict[Preset, Rule] = {
     P.Q2_K: lambda c: T.Q3_K,
     P.Q2_K_S: lambda c: T.Q4_K if c.i < c.n // 8 else None,
+    # without an imatrix (a --dry-run) IQ3_XXS plans K-quants for ffn_down
+    P.IQ3_XXS: lambda c: (T.Q4_K if c.i < c.n // 8 else T.Q3_K) if not c.imatrix else None,
     P.Q3_K_M: lambda c: (T.Q5_K if c.i < c.n // 16
                          else T.Q4_K if not c.falcon or use_more_bits(c.i, c.n) else T.Q3_K),
+    P.IQ3_M: lambda c: (T.Q4_K if c.i < c.n // 8 or (c.n_expert == 8 and use_more_bits(c.i, c.n))
+                        else None),
     P.Q3_K_L: lambda c: T.Q4_K if c.falcon else T.Q5_K,
     P.Q4_K_M: lambda c: ((T.Q6_K if c.i < c.n // 16 else T.Q5_K if use_more_bits(c.i, c.n) else T.Q4_K)
                          if c.falcon else (T.Q6_K if use_more_bits(c.i, c.n) else None)),
@@ -248,11 +353,18 @@ FFN_DOWN: dict[Preset, Rule] = {
 }
 
 # attn_output, three tables by model kind
-ATTN_OUTPUT_8_EXPERTS = {p: T.Q5_K for p in (P.Q2_K, P.Q3_K_S, P.Q3_K_M, P.IQ4_NL, P.Q4_K_S, P.Q4_K_M, P.IQ4_XS)}
-ATTN_OUTPUT = {P.Q2_K: T.Q3_K, P.Q3_K_M: T.Q4_K, P.Q3_K_L: T.Q5_K}
+ATTN_OUTPUT_8_EXPERTS = {p: T.Q5_K for p in (P.Q2_K, P.IQ3_XS, P.IQ3_XXS, P.Q3_K_S, P.Q3_K_M, P.IQ4_NL,
+                                             P.Q4_K_S, P.Q4_K_M, P.IQ3_S, P.IQ3_M, P.IQ4_XS)}
+ATTN_OUTPUT = {P.Q2_K: T.Q3_K, P.IQ3_XXS: T.IQ3_S, P.Q3_K_M: T.Q4_K, P.Q3_K_L: T.Q5_K, P.IQ3_M: T.Q4_K}
 ATTN_OUTPUT_FALCON = {P.Q3_K_L: T.Q4_K}
 
-# Row length not a multiple of the block: the type to try next (then F16).
+# ffn_gate / ffn_up: IQ3_XS takes IQ3_XXS in the middle three quarters of the layers
+FFN_GATE: dict[Preset, Rule] = {P.IQ3_XS: lambda c: T.IQ3_XXS if c.n // 8 <= c.i < 7 * c.n // 8 else None}
+FFN_UP: dict[Preset, Rule] = {P.IQ3_XS: lambda c: T.IQ3_XXS if c.n // 8 <= c.i < 7 * c.n // 8 else None}
+
+# Row length not a multiple of the block: the type to try next (then F16). A
+# type not listed falls to F16 if its block is 32 (MXFP4), else llama.cpp
+# stops ("no tensor type fallback", e.g. Q1_0's 128 and NVFP4's 64).
 FALLBACK = {
     T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0,
     T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
@@ -270,6 +382,29 @@ IS_70B: dict[str, Callable[[int, int, int], bool]] = {
     "jais2": lambda nl, nh, nkv: nl == 68,
 }
 
-# Type that needs an importance matrix in a given preset (tensor_requires_imatrix),
-# token_embd/output excepted.
-REQUIRES_IMATRIX: dict[Preset, frozenset[T]] = {P.Q2_K_S: frozenset({T.Q2_K})}
+# --- importance matrix required (tensor_requires_imatrix) ---------------------
+# llama-quantize refuses to write these types without importance data ("the
+# result will be garbage"): with no imatrix at all, for any tensor it would
+# quantize to them; with one, for each such tensor that changes type and has no
+# entry. token_embd, per_layer_token_embd and output are exempt by name
+# (llama-imatrix collects nothing for them). type -> why
+REQUIRES_IMATRIX_TYPES: dict[T, str] = {
+    T.IQ1_S: "1.56 bpw grid search",
+    T.IQ1_M: "1.75 bpw grid search",
+    T.IQ2_XXS: "2.06 bpw grid search",
+    T.IQ2_XS: "2.31 bpw grid search",
+    T.IQ2_S: "2.5 bpw grid search",
+    T.IQ3_XXS: "3.06 bpw grid search",
+}
+# (preset, type) -> why: a type required only within one preset
+REQUIRES_IMATRIX_IN_PRESET: dict[tuple[Preset, T], str] = {
+    (P.Q2_K_S, T.Q2_K): "Q2_K tensors of a Q2_K_S file (K-quants otherwise do without)",
+}
+IMATRIX_EXEMPT_NAMES = frozenset({"token_embd.weight", "per_layer_token_embd.weight", "output.weight"})
+
+
+def requires_imatrix(preset: Preset, t: T, name: str) -> str | None:
+    """Why a tensor of type t in a preset file needs importance data, or None."""
+    if name in IMATRIX_EXEMPT_NAMES:
+        return None
+    return REQUIRES_IMATRIX_TYPES.get(t) or REQUIRES_IMATRIX_IN_PRESET.get((preset, t))

@@ -2,8 +2,8 @@
 and test_parity_quantize.py).
 
 - write_llama_gguf(): a small random llama-architecture F32 GGUF written with
-  gguf-py (256-multiple widths, GQA, optional MoE/tied embeddings), so the plan
-  can be checked before the convert pipeline exists.
+  gguf-py (256-multiple widths, GQA, optional MoE with shared experts, tied
+  embeddings), so the plan can be checked before the convert pipeline exists.
 - stream_from_gguf(): a quantkit ModelStream over a GGUF (names, shapes, types).
 - llama_quantize(): llama_model_quantize from llama-cpp-python (llama-quantize's
   engine), with optional imatrix, tensor-type overrides and output/embedding types.
@@ -23,7 +23,7 @@ from quantkit.sources.base import TensorRef
 
 
 def write_llama_gguf(path: Path, *, n_embd=256, n_ff=768, n_layer=16, n_head=8, n_head_kv=2, n_vocab=512,
-                     tied=False, n_expert=0, n_expert_used=0, seed=0) -> Path:
+                     tied=False, n_expert=0, n_expert_used=0, shared_expert=False, seed=0) -> Path:
     rng = np.random.default_rng(seed)
     w = GGUFWriter(str(path), "llama")
     w.add_name("oracle-test")
@@ -58,6 +58,10 @@ def write_llama_gguf(path: Path, *, n_embd=256, n_ff=768, n_layer=16, n_head=8, 
             t(p + "ffn_gate_exps.weight", n_expert, n_ff, n_embd)
             t(p + "ffn_up_exps.weight", n_expert, n_ff, n_embd)
             t(p + "ffn_down_exps.weight", n_expert, n_embd, n_ff)
+            if shared_expert:  # a second ffn_down per layer: llama.cpp's counters and parsed layers part
+                t(p + "ffn_gate_shexp.weight", n_ff, n_embd)
+                t(p + "ffn_up_shexp.weight", n_ff, n_embd)
+                t(p + "ffn_down_shexp.weight", n_embd, n_ff)
         else:
             t(p + "ffn_gate.weight", n_ff, n_embd)
             t(p + "ffn_up.weight", n_ff, n_embd)
@@ -183,6 +187,12 @@ _LINE = re.compile(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\S+), "
 def llama_dry_types(src: Path, ftype: int, **kw) -> tuple[int, dict[str, str]]:
     """llama_model_quantize with dry_run: (status, tensor name -> type name) parsed
     from its per-tensor log lines; nothing is quantized or written."""
+    rc, types, _ = llama_dry_run(src, ftype, **kw)
+    return rc, types
+
+
+def llama_dry_run(src: Path, ftype: int, **kw) -> tuple[int, dict[str, str], str]:
+    """llama_dry_types plus its whole log (e.g. for "will require an imatrix")."""
     global _captured
     _quiet()
     _captured = []
@@ -195,4 +205,8 @@ def llama_dry_types(src: Path, ftype: int, **kw) -> tuple[int, dict[str, str]]:
     for m in _LINE.finditer(text):
         name, cur, new = m.groups()
         types[name] = GGMLQuantizationType[(new or cur).upper()].name
-    return rc, types
+    return rc, types, text
+
+
+# llama_model_quantize's --dry-run warning when the real run would refuse for want of an imatrix
+DRY_RUN_NEEDS_IMATRIX = "actually completing this quantization will require an imatrix"

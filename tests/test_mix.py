@@ -55,7 +55,7 @@ def test_unknown_preset_is_a_usage_error(tiny_stream):
 
 @pytest.mark.parametrize("opts,match", [
     (dict(output_tensor_type="Q9_9"), "--output-tensor-type: invalid tensor type"),
-    (dict(token_embedding_type="IQ2_XXS"), "--token-embedding-type: invalid tensor type"),
+    (dict(token_embedding_type="I8"), "--token-embedding-type: invalid tensor type"),
     (dict(tensor_types=[("attn_(q", "Q8_0")]), "bad regular expression"),
     (dict(tensor_types=[("attn_q", "nope")]), "invalid tensor type"),
     (dict(include_weights=["a"], exclude_weights=["b"], imatrix={"x": np.ones(4, np.float32)}), "cannot be used together"),
