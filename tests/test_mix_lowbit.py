@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import subprocess
 
+import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
 
@@ -224,6 +225,8 @@ def test_bytes_match_llama_quantize_with_imatrix(model, preset, kw, f32_models, 
     our F32 GGUF of CKPT with the same imatrix, whole file (GGUF input for moe8)."""
     path = f32_models(model)
     im = _known_imatrix(_stream(path))
+    if kw.get("pure"):  # token_embd/output get the base type too: ggml's IQ1_S/IQ2_XXS/IQ2_XS need weights
+        im.update(_exempt_entries(_stream(path)))
     rc, ref = llama_out(model, preset, imatrix=im, **kw)
     assert rc == 0
     src, vocab_pre = HF_MODELS[model](request) if model in HF_MODELS else (path, None)
@@ -234,6 +237,29 @@ def test_bytes_match_llama_quantize_with_imatrix(model, preset, kw, f32_models, 
     if kw:
         want = "NVFP4" if "tensor_types" in kw else mix.resolve_preset(preset).default.name
         assert want in {tp.qtype.name for tp in res.plan}
+
+
+def _exempt_entries(stream) -> dict:
+    rng = np.random.default_rng(3)
+    return {r.name: (rng.random(r.shape[-1], dtype=np.float32) + 0.5) for r in stream.tensors
+            if r.name in ("token_embd.weight", "output.weight")}
+
+
+def test_pure_without_weights_for_the_output_fails_cleanly(f32_models, known_imatrix_file, llama_tools, request,
+                                                         tmp_path, capsys):
+    """--pure IQ1_S gives output/token_embd IQ1_S, for which an imatrix has no entry
+    (exempt from the refusal by name): ggml cannot quantize IQ1_S without weights and
+    llama-quantize aborts (SIGABRT); quantkit stops with one line, nothing written."""
+    im = str(known_imatrix_file("kquant"))
+    proc = subprocess.run([str(llama_tools / "llama-quantize"), "--pure", "--imatrix", im, str(f32_models("kquant")),
+                           str(tmp_path / "l.gguf"), "IQ1_S", "2"], capture_output=True, text=True)
+    assert proc.returncode == -6 and "GGML_ASSERT(imatrix != NULL) failed" in proc.stdout + proc.stderr
+    ckpt, vocab_pre = HF_MODELS["kquant"](request)
+    out = tmp_path / "o.gguf"
+    rc = main(["convert", str(ckpt), "--type", "IQ1_S", "--pure", "--imatrix", im, "-o", str(out), "--quiet",
+               "--vocab-pre", vocab_pre])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "importance matrix" in err[0] and not out.exists(), err
 
 
 TOOL_CASES = [("IQ2_M", "kquant")] + ([("IQ2_XXS", "kquant"), ("IQ3_XXS", "smollm2-hf")] if FULL else [])

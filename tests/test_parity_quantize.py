@@ -249,7 +249,8 @@ def _assert_same_file(ours, ref, preset, plan_rows):
 
 # SmolLM2 (135M) costs ~10-40 s a preset on 2 cores: a representative set by
 # default (K-quants with their Q5_0/Q5_1/Q8_0/Q4_0 fallbacks, legacy); every
-# preset with QUANTKIT_FULL_PARITY=1. kquant runs every preset always.
+# preset with QUANTKIT_FULL_PARITY=1. kquant runs every preset always (those
+# below Q2_K, which need an imatrix, in test_mix_lowbit.py).
 SMOLLM2_BYTES = ([p for p in PRESETS if p != "Q2_K_S" and p not in LOWBIT_PRESETS]
                  if os.environ.get("QUANTKIT_FULL_PARITY")
                  else ["Q4_K_M", "Q5_K_S", "Q2_K", "Q6_K", "Q4_0"])
