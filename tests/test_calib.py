@@ -197,7 +197,8 @@ def test_forward_matches_llama_cpp(random_checkpoint, reference_gguf, name):
     T = 96
     toks = rng.integers(0, model.hp.n_vocab, T)
     ours = model.forward(toks)
-    llm = llama_cpp.Llama(str(gg), n_ctx=T, n_batch=T, n_ubatch=T, logits_all=True, verbose=False, n_threads=2)
+    llm = llama_cpp.Llama(str(gg), n_ctx=T, n_batch=T, n_ubatch=T, logits_all=True, verbose=False, n_threads=2,
+                          flash_attn=True)  # as llama-imatrix (-fa auto)
     llm.eval([int(t) for t in toks])
     ref = np.array(llm.scores[:T], dtype=np.float32)
     llm.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +39,9 @@ def text_file(tmp_path_factory, text) -> Path:
 def llama_logits(gguf: Path, chunks: list[np.ndarray], ctx: int) -> list[np.ndarray]:
     import llama_cpp
 
+    # flash attention on, as llama-perplexity runs by default (-fa auto) and quantkit emulates
     llm = llama_cpp.Llama(str(gguf), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, verbose=False,
-                          n_threads=2)
+                          n_threads=2, flash_attn=True)
     out = []
     for c in chunks:
         llm.reset()
@@ -163,3 +165,63 @@ def test_cli_perplexity_errors(smollm2_gguf, text_file, capsys, args, code, msg)
     assert main(argv) == code
     err = capsys.readouterr().err
     assert msg in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------- against llama-perplexity, per type family
+#
+# A quantized model is chaotic under tiny numeric changes: every matmul input
+# is rounded to 8 bits per block (the weight type's vec_dot type), so a last-bit
+# difference anywhere flips roundings downstream. llama.cpp itself, run with
+# and without flash attention, differs on SmolLM2 Q4_K_M by KLD ~6e-3 per token
+# and by a few tenths of a percent of perplexity over 1000 tokens; BF16 by
+# 1e-4. So the comparison needs enough scored tokens that this noise averages
+# out: EVAL_CHUNKS chunks of 512 (255 scored each).
+EVAL_CTX = 512
+EVAL_CHUNKS = 24
+# preset -> the activation rounding it exercises (SmolLM2's 576-wide rows make
+# 256-block types fall back to 32-block ones, except where rows are 1536 wide)
+FAMILIES = {
+    "Q4_K_M": "Q8_K (K-quants, ffn_down) and Q8_0 (the Q5_0/Q8_0 fallbacks)",
+    "Q5_1": "Q8_1 (Q4_1/Q5_1 weights)",
+    "Q4_0": "Q8_0 (Q4_0/Q5_0/Q8_0/IQ4_NL weights)",
+    "Q6_K": "Q8_K on ffn_down, Q8_0 fallbacks",
+    "IQ4_XS": "Q8_K (IQ4_XS) and IQ4_NL fallbacks",
+    "Q3_K_S": "Q8_K, with the Q4_0/Q5_0 fallbacks of the 3-bit mix",
+    "BF16": "BF16 activations",
+}
+CI_FAMILIES = ["Q4_K_M", "Q5_1"]
+FAMILY_CASES = list(FAMILIES) if os.environ.get("QUANTKIT_FULL_PARITY") else CI_FAMILIES
+
+
+@pytest.fixture(scope="module")
+def eval_text_file(tmp_path_factory, text) -> Path:
+    """The second half of the pydoc text (the first half is calibration text elsewhere)."""
+    p = tmp_path_factory.mktemp("eval") / "eval.txt"
+    p.write_text(text[len(text) // 2:], encoding="utf-8")
+    return p
+
+
+def llama_perplexity_tool(tools: Path, gguf: Path, text_file: Path, ctx: int, chunks: int) -> float:
+    import re
+    import subprocess
+
+    r = subprocess.run([str(tools / "llama-perplexity"), "-m", str(gguf), "-f", str(text_file), "-c", str(ctx),
+                        "--chunks", str(chunks), "-t", "2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
+    assert m, (r.stdout + r.stderr)[-2000:]
+    return float(m.group(1))
+
+
+@pytest.mark.parametrize("preset", FAMILY_CASES)
+def test_quantized_perplexity_agrees_with_llama_perplexity(preset, smollm2_checkpoint, llama_tools, eval_text_file,
+                                                           tmp_path):
+    """quantkit perplexity on a quantkit-written file vs the llama-perplexity
+    tool on the same file and text: within 0.25% for every type family."""
+    f = tmp_path / f"smollm2-{preset}.gguf"
+    assert main(["convert", str(smollm2_checkpoint), "--type", preset, "-o", str(f), "--quiet"]) == 0
+    body = eval_text_file.read_text(encoding="utf-8")
+    ours = perplexity(f, body, ctx=EVAL_CTX, n_chunks=EVAL_CHUNKS)
+    ref = llama_perplexity_tool(llama_tools, f, eval_text_file, EVAL_CTX, EVAL_CHUNKS)
+    assert ours["n_chunks"] == EVAL_CHUNKS
+    assert abs(ours["ppl"] / ref - 1) < 0.0025, (preset, FAMILIES[preset], ours["ppl"], ref)

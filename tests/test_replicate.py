@@ -342,7 +342,7 @@ def _llama_ppl(path: Path, chunks: list[np.ndarray], ctx: int) -> tuple[float, n
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
-                          verbose=False, n_threads=2)
+                          verbose=False, n_threads=2, flash_attn=True)  # as llama-perplexity (-fa auto)
     first = ctx // 2
     nll, last = [], None
     for c in chunks:

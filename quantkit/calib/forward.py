@@ -152,6 +152,16 @@ VEC_DOT_TYPE: dict[str, str] = {**{t: "q8_0" for t in _Q8_0}, **{t: "q8_0" for t
                                 **{t: "q8_k" for t in _Q8_K}, "F16": "f16", "BF16": "bf16"}
 
 
+# llama.cpp's two CPU attention paths, as they round (with the F16 KV cache):
+#   "flash": flash attention, which llama-perplexity and llama-imatrix use by
+#            default (-fa auto is on for the CPU): the tiled kernel reads K and V
+#            from the F16 cache as f32, keeps Q and the softmax in f32;
+#   "plain": without flash attention (llama-cpp-python's default): mul_mat(k, q)
+#            rounds Q to F16 (K's vec_dot type), mul_mat(v, kq) rounds the
+#            probabilities to F16.
+ATTENTION = ("flash", "plain")
+
+
 def _round_q8(x: np.ndarray, block: int) -> np.ndarray:
     """quantize_row_q8_0/q8_1 then dequantize: scale amax/127 kept as fp16."""
     n = x.shape[-1]
@@ -260,22 +270,26 @@ class Model:
     """Weights held as float32, (out, in) numpy layout as the stream gives them."""
 
     def __init__(self, hp: HParams, w: dict[str, np.ndarray], dtypes: dict[str, str] | None = None,
-                 emulate: bool = True):
+                 emulate: bool = True, attention: str = "flash"):
         self.hp = hp
         self.w = w
         # weight name -> activation rounding (llama.cpp vec_dot_type), when emulating
         self.act = {n: VEC_DOT_TYPE.get(t) for n, t in (dtypes or {}).items()} if emulate else {}
         self.kv_f16 = emulate  # llama.cpp's default KV cache type is F16
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}")
+        self.attn = attention
         self.tied = "output.weight" not in w
         self._rope: tuple[int, np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def from_stream(cls, stream: ModelStream, progress: Callable[[int], None] | None = None,
-                    emulate: bool = True, weight_type: str | None = None) -> "Model":
+                    emulate: bool = True, weight_type: str | None = None, attention: str = "flash") -> "Model":
         """``emulate``: round matmul inputs as llama.cpp's CPU backend does for
         each weight's storage type (or for ``weight_type`` given for all, e.g.
         "F32" to follow an F32 GGUF of the same model), and keep K/V in F16
-        (llama.cpp's default cache type)."""
+        (llama.cpp's default cache type). ``attention``: which of llama.cpp's
+        attention paths to follow (ATTENTION)."""
         graph = graph_for(stream.arch)  # refuses architectures, keys and tensors it does not compute
         graph.check(stream.metadata, [t.name for t in stream.tensors])
         w: dict[str, np.ndarray] = {}
@@ -291,7 +305,7 @@ class Model:
         for name in graph.required(hp.n_layer):
             if name not in w:
                 raise InputError(f"model lacks tensor {name} (needed by the {graph.arch} forward pass)")
-        return cls(hp, w, dtypes, emulate)
+        return cls(hp, w, dtypes, emulate, attention)
 
     # -- pieces
 
@@ -328,8 +342,10 @@ class Model:
         cos, sin = self._rope_tables(T)
         q = apply_rope(q, cos, sin, hp.n_rot, hp.rope_type)
         k = apply_rope(k, cos, sin, hp.n_rot, hp.rope_type)
-        if self.kv_f16:
-            q, k, v = (a.astype(np.float16).astype(np.float32) for a in (q, k, v))
+        if self.kv_f16:  # the F16 KV cache
+            k, v = (a.astype(np.float16).astype(np.float32) for a in (k, v))
+            if self.attn == "plain":  # mul_mat(k_f16, q): q rounded to K's vec_dot type
+                q = q.astype(np.float16).astype(np.float32)
         g = hp.n_head // hp.n_head_kv
         # (Hkv, g*T, d) @ (Hkv, d, T): each kv head serves g query heads
         qh = q.reshape(T, hp.n_head_kv, g, hp.head_dim).transpose(1, 2, 0, 3).reshape(hp.n_head_kv, g * T, hp.head_dim)
@@ -342,6 +358,8 @@ class Model:
         s -= s.max(axis=-1, keepdims=True)
         np.exp(s, out=s)
         s /= s.sum(axis=-1, keepdims=True)
+        if self.kv_f16 and self.attn == "plain":  # mul_mat(v_f16, kq): probabilities rounded to F16
+            s = s.astype(np.float16).astype(np.float32)
         o = np.matmul(s.reshape(hp.n_head_kv, g * T, T), vh)  # (Hkv, g*T, dv)
         o = o.reshape(hp.n_head_kv, g, T, hp.head_dim_v).transpose(2, 0, 1, 3).reshape(T, hp.n_head * hp.head_dim_v)
         return self._lin(p + "attn_output", np.ascontiguousarray(o), hook)
