@@ -144,7 +144,7 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_rot: int, rope
 # llama.cpp's CPU backend rounds a matmul's f32 input to the weight type's
 # vec_dot_type before the dot products (ggml-cpu type_traits_cpu[].vec_dot_type).
 # Emulating that rounding makes our logits follow llama.cpp's on quantized files.
-_Q8_0 = ("Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "MXFP4")
+_Q8_0 = ("Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "MXFP4", "NVFP4", "Q1_0")
 _Q8_1 = ("Q4_1", "Q5_1")
 _Q8_K = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
          "IQ1_S", "IQ1_M", "IQ4_XS", "TQ1_0", "TQ2_0")
