@@ -70,6 +70,8 @@ class GGML:
         lib.ggml_quantize_chunk.restype = ctypes.c_size_t
         lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                             ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+        lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
         lib.ggml_row_size.restype = ctypes.c_size_t
         lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
         self.lib = lib
@@ -153,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         if not qt.fits(args.cols):
             continue
         gpy = gguf_py_quantizer(qt.qtype)
-        for weighted in ([False, True] if qt.takes_imatrix else [False]):
+        # ggml aborts on a type it quantizes only with weights (IQ1_S, IQ2_XXS, IQ2_XS) when given none
+        needs_w = bool(ggml.lib.ggml_quantize_requires_imatrix(int(qt.qtype)))
+        for weighted in ([True] if needs_w else [False, True] if qt.takes_imatrix else [False]):
             im = w if weighted else None
             quant.set_threads(1)
             quant.quantize(warm_x, qt, imatrix=im)  # compile / load outside the timings
