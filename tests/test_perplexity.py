@@ -189,7 +189,7 @@ FAMILIES = {
     "Q3_K_S": "Q8_K, with the Q4_0/Q5_0 fallbacks of the 3-bit mix",
     "BF16": "BF16 activations",
 }
-CI_FAMILIES = ["Q4_K_M", "Q5_1"]
+CI_FAMILIES = ["Q4_K_M"]  # Q8_K and Q8_0 rounding; the others (Q5_1: Q8_1) with QUANTKIT_FULL_PARITY=1 (CI time)
 FAMILY_CASES = list(FAMILIES) if os.environ.get("QUANTKIT_FULL_PARITY") else CI_FAMILIES
 
 
