@@ -607,11 +607,11 @@ class IQ2_XXS(QuantType, qtype=GGMLQuantizationType.IQ2_XXS, takes_imatrix=True)
         _xxs_dec(q, out, grid, ksigns)
         return out
 
-    @staticmethod
-    def quantize_rows(x, imatrix):
+    @classmethod
+    def quantize_rows(cls, x, imatrix):
         if imatrix is None:
             _needs_imatrix("IQ2_XXS")
-        out = np.empty((x.shape[0], x.shape[1] // 256 * 66), np.uint8)
+        out = np.empty((x.shape[0], cls.row_bytes(x.shape[1])), np.uint8)
         _xxs_rows(x, imatrix, out, *_enc("iq2xxs"))
         return out
 
@@ -627,11 +627,11 @@ class IQ2_XS(QuantType, qtype=GGMLQuantizationType.IQ2_XS, takes_imatrix=True):
         _xs_dec(q, out, grid, ksigns)
         return out
 
-    @staticmethod
-    def quantize_rows(x, imatrix):
+    @classmethod
+    def quantize_rows(cls, x, imatrix):
         if imatrix is None:
             _needs_imatrix("IQ2_XS")
-        out = np.empty((x.shape[0], x.shape[1] // 256 * 74), np.uint8)
+        out = np.empty((x.shape[0], cls.row_bytes(x.shape[1])), np.uint8)
         _xs_s_rows(x, imatrix, True, False, out, *_enc("iq2xs"))
         return out
 
@@ -647,9 +647,9 @@ class IQ2_S(QuantType, qtype=GGMLQuantizationType.IQ2_S, takes_imatrix=True):
         _s_dec(q, out, grid)
         return out
 
-    @staticmethod
-    def quantize_rows(x, imatrix):
-        out = np.empty((x.shape[0], x.shape[1] // 256 * 82), np.uint8)
+    @classmethod
+    def quantize_rows(cls, x, imatrix):
+        out = np.empty((x.shape[0], cls.row_bytes(x.shape[1])), np.uint8)
         if imatrix is None:
             _xs_s_rows(x, _NOQW, False, True, out, *_enc("iq2s"))
         else:
