@@ -1,0 +1,340 @@
+"""Error-feedback (GPTQ-style) quantization into standard K-quant bytes.
+
+A tensor encoder: weight W (rows x cols, GGUF layout: a row is one output,
+quantized in super-blocks of 256 columns) + target type + statistics (the Gram
+matrix H = X^T X of the layer's calibration inputs) -> the uint8 bytes of the
+ordinary type that ggml's dequantizer reads.
+
+    from quantkit.passes import errfeedback as ef
+    U = ef.inverse_factor(H, damp=0.01)           # upper Cholesky of (H + damp)^-1
+    data, w_hat = ef.encode(W, "Q4_K", U, weights=imatrix_diag)
+
+Per super-block b (columns s..s+255), in column order:
+
+1. the scales/mins of every row's block are chosen by llama.cpp's own weighted
+   search (quant.quantize: make_qkx3/make_qx/make_q3/make_qp under ggml's
+   rules) on the *error-updated* weights, with the importance ``weights``
+   (default diag(H), what llama-imatrix computes up to a constant);
+2. with that grid fixed, the columns are rounded one by one
+   (``l = nearest_int((x + m) / d)``, ggml's own closing loop) and each
+   column's error e_i = (w_i - q_i) / U[i, i] is pushed onto the block's later
+   columns (w_j -= e_i U[i, j]);
+3. after the block, the block's errors update every later column at once
+   (W[:, e:] -= E U[s:e, e:]: the lazy batch, one per super-block).
+
+The rounding rule is ggml's: with a diagonal H nothing is pushed and the bytes
+are exactly those of ggml's weighted quantization with ``weights`` (tested).
+Memory: W in float64, U (cols x cols) float64 and one block's scratch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange
+
+from .. import quant
+from ..errors import UnsupportedError
+from ..quant.kquants import _pack_2bit, _q4_K_pack, _q5_K_pack
+from ..quant.solvers import F, clampi, get_scale_min_k4, load_fp16, nearest_int
+
+QK_K = 256
+_F0 = F(0.0)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A K-quant's level range as its closing loop rounds: l in [lo, hi],
+    stored as u = l - lo; value = d * l - m (m = 0 for the symmetric types)."""
+    bsize: int
+    lo: int
+    hi: int
+    kind: int  # grid/pack/unpack layout
+    reason: str
+
+
+SPECS: dict[str, Spec] = {
+    "Q2_K": Spec(84, 0, 3, 2, "16 x 16: 4-bit scale and min, x = d*sc*q - dmin*m"),
+    "Q3_K": Spec(110, -4, 3, 3, "16 x 16: 6-bit signed scale, x = d*(s-32)*q"),
+    "Q4_K": Spec(144, 0, 15, 4, "8 x 32: 6-bit scale and min, x = d*sc*q - dmin*m"),
+    "Q5_K": Spec(176, 0, 31, 5, "8 x 32: as Q4_K with a fifth bit"),
+    "Q6_K": Spec(210, -32, 31, 6, "16 x 16: int8 scale, x = d*sc*q"),
+}
+
+
+def supported() -> list[str]:
+    return list(SPECS)
+
+
+# --------------------------------------------------------------------------
+# grids: per element (d, m) and the level ggml stored, from encoded blocks
+# --------------------------------------------------------------------------
+
+
+@njit(cache=True, error_model="numpy")
+def _levels(kind, y, u):
+    """The stored levels u (0..hi-lo) of one block, as ggml packed them."""
+    if kind == 2 or kind == 3:
+        off = 16 if kind == 2 else 32
+        for h in range(2):
+            for k in range(4):
+                for l in range(32):
+                    u[128 * h + 32 * k + l] = (np.int64(y[off + 32 * h + l]) >> (2 * k)) & 3
+        if kind == 3:  # hmask[m] bit k: high bit of value 32k + m
+            for k in range(8):
+                for m in range(32):
+                    u[32 * k + m] |= ((np.int64(y[m]) >> k) & 1) << 2
+    elif kind == 4 or kind == 5:
+        qs = 16 if kind == 4 else 48
+        for c in range(4):
+            for l in range(32):
+                b = np.int64(y[qs + 32 * c + l])
+                u[64 * c + l] = b & 0xF
+                u[64 * c + 32 + l] = b >> 4
+                if kind == 5:
+                    u[64 * c + l] |= ((np.int64(y[16 + l]) >> (2 * c)) & 1) << 4
+                    u[64 * c + 32 + l] |= ((np.int64(y[16 + l]) >> (2 * c + 1)) & 1) << 4
+    else:
+        for h in range(2):
+            for l in range(32):
+                lo = np.int64(y[64 * h + l])
+                hi = np.int64(y[64 * h + l + 32])
+                qh = np.int64(y[128 + 32 * h + l])
+                u[128 * h + l] = (lo & 0xF) | ((qh & 3) << 4)
+                u[128 * h + l + 32] = (hi & 0xF) | (((qh >> 2) & 3) << 4)
+                u[128 * h + l + 64] = (lo >> 4) | (((qh >> 4) & 3) << 4)
+                u[128 * h + l + 96] = (hi >> 4) | (((qh >> 6) & 3) << 4)
+
+
+@njit(cache=True, error_model="numpy")
+def _grid_block(kind, y, D, M):
+    """Per element the float32 step d and offset m of ggml's dequantizer."""
+    if kind == 2:
+        d0 = load_fp16(y, 80)
+        m0 = load_fp16(y, 82)
+        for j in range(16):
+            sc = np.int64(y[j])
+            dj = d0 * F(sc & 0xF)
+            mj = m0 * F(sc >> 4)
+            for i in range(16):
+                D[16 * j + i] = dj
+                M[16 * j + i] = mj
+    elif kind == 3:
+        dall = load_fp16(y, 108)
+        for j in range(16):
+            if j < 8:
+                sc = np.int64(y[96 + j]) & 0xF
+            else:
+                sc = np.int64(y[96 + j - 8]) >> 4
+            sc = sc | (((np.int64(y[96 + 8 + j % 4]) >> (2 * (j // 4))) & 3) << 4)
+            dj = dall * F(sc - 32)
+            for i in range(16):
+                D[16 * j + i] = dj
+                M[16 * j + i] = _F0
+    elif kind == 4 or kind == 5:
+        d0 = load_fp16(y, 0)
+        m0 = load_fp16(y, 2)
+        for j in range(8):
+            sc, mn = get_scale_min_k4(j, y, 4)
+            dj = d0 * F(sc)
+            mj = m0 * F(mn)
+            for i in range(32):
+                D[32 * j + i] = dj
+                M[32 * j + i] = mj
+    else:
+        d0 = load_fp16(y, 208)
+        for j in range(16):
+            s = np.int64(y[192 + j])
+            s = ((s + 128) & 0xFF) - 128
+            dj = d0 * F(s)
+            for i in range(16):
+                D[16 * j + i] = dj
+                M[16 * j + i] = _F0
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _grids(kind, blocks, D, M, U0):
+    for r in prange(blocks.shape[0]):
+        _grid_block(kind, blocks[r], D[r], M[r])
+        _levels(kind, blocks[r], U0[r])
+
+
+@njit(cache=True, error_model="numpy")
+def _pack_block(kind, u, y):
+    """Write levels u into block y's quant fields (scales stay)."""
+    if kind == 2:
+        _pack_2bit(u, y, 16)
+    elif kind == 3:
+        L = np.empty(QK_K, np.uint8)
+        for m in range(32):
+            h = 0
+            for k in range(8):
+                lv = np.int64(u[32 * k + m])
+                h |= ((lv >> 2) & 1) << k
+                L[32 * k + m] = lv & 3
+            y[m] = h
+        _pack_2bit(L, y, 32)
+    elif kind == 4:
+        _q4_K_pack(u, y)
+    elif kind == 5:
+        _q5_K_pack(u, y)
+    else:
+        for h in range(2):
+            j = 128 * h
+            for l in range(32):
+                q1 = np.int64(u[j + l])
+                q2 = np.int64(u[j + l + 32])
+                q3 = np.int64(u[j + l + 64])
+                q4 = np.int64(u[j + l + 96])
+                y[64 * h + l] = (q1 & 0xF) | ((q3 & 0xF) << 4)
+                y[64 * h + l + 32] = (q2 & 0xF) | ((q4 & 0xF) << 4)
+                y[128 + 32 * h + l] = ((q1 >> 4) & 3) | (((q2 >> 4) & 3) << 2) | (((q3 >> 4) & 3) << 4) | (
+                    ((q4 >> 4) & 3) << 6)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _pack(kind, U, blocks):
+    for r in prange(blocks.shape[0]):
+        _pack_block(kind, U[r], blocks[r])
+
+
+# --------------------------------------------------------------------------
+# one lazy batch: columns of one super-block, grid fixed
+# --------------------------------------------------------------------------
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _feedback_block(W, Uh, D, M, U0, lo, hi, Uq, Q, E):
+    """W (rows, B) float64, modified in place; Uh (B, B) the block of the
+    upper factor. Out: levels Uq (uint8, l - lo), values Q (float32, what
+    ggml decodes), scaled errors E (float64). Rows are independent."""
+    rows, B = W.shape
+    for r in prange(rows):
+        w = W[r]
+        for i in range(B):
+            x = F(w[i])
+            d = D[r, i]
+            m = M[r, i]
+            if d == _F0:  # ggml leaves the solver's level (any level decodes to -m)
+                u = np.int64(U0[r, i])
+            else:
+                u = clampi(nearest_int((x + m) / d), lo, hi) - lo
+            q = d * F(u + lo) - m
+            Uq[r, i] = u
+            Q[r, i] = q
+            e = (w[i] - np.float64(q)) / Uh[i, i]
+            E[r, i] = e
+            for j in range(i + 1, B):
+                w[j] -= e * Uh[i, j]
+
+
+# --------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------
+
+
+def spec(t: str) -> Spec:
+    name = str(getattr(t, "name", t)).upper()
+    try:
+        return SPECS[name]
+    except KeyError:
+        raise UnsupportedError(
+            f"error feedback does not encode {name}; it encodes {', '.join(SPECS)}") from None
+
+
+def damped(H: np.ndarray, damp: float = 0.01) -> np.ndarray:
+    """H + damp * mean(diag H) * I in float64; a dead column (diag 0: its
+    input was always zero) gets diag 1 (it is then quantized on its own)."""
+    H = np.array(H, dtype=np.float64, copy=True)
+    d = np.diag(H).copy()
+    dead = d <= 0
+    H[dead, :] = 0.0
+    H[:, dead] = 0.0
+    d[dead] = 1.0
+    mean = float(d[~dead].mean()) if (~dead).any() else 1.0
+    H[np.diag_indices_from(H)] = d + damp * mean
+    return H
+
+
+def inverse_factor(H: np.ndarray, damp: float = 0.01) -> np.ndarray:
+    """U, upper triangular, U^T U = (damped H)^-1 (GPTQ's Hinv)."""
+    Hd = damped(H, damp)
+    L = np.linalg.cholesky(Hd)
+    Linv = np.linalg.solve(L, np.eye(L.shape[0]))  # Hd^-1 = Linv^T Linv
+    Hinv = Linv.T @ Linv
+    return np.linalg.cholesky(Hinv).T.copy()
+
+
+def block_grid(t: str, Wb: np.ndarray, weights: np.ndarray | None):
+    """ggml's encoding of one super-block column slab (rows, 256) and its
+    grid: (blocks uint8 (rows, bsize), D, M float32 (rows, 256), U0 levels)."""
+    sp = spec(t)
+    blocks = quant.quantize(np.ascontiguousarray(Wb, dtype=np.float32), str(getattr(t, "name", t)).upper(),
+                            imatrix=weights)
+    rows = Wb.shape[0]
+    D = np.empty((rows, QK_K), np.float32)
+    M = np.empty((rows, QK_K), np.float32)
+    U0 = np.empty((rows, QK_K), np.uint8)
+    _grids(sp.kind, blocks, D, M, U0)
+    return blocks, D, M, U0
+
+
+def pack(t: str, blocks: np.ndarray, U: np.ndarray) -> np.ndarray:
+    """Write levels U (rows, 256, l - lo) into the blocks (in place)."""
+    _pack(spec(t).kind, np.ascontiguousarray(U, dtype=np.uint8), blocks)
+    return blocks
+
+
+def encode(W: np.ndarray, t: str, U: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Encode W (rows, cols) as type ``t`` with error feedback through the
+    upper factor U (inverse_factor(H)). ``weights``: the per-column importance
+    handed to ggml's scale search (None: ggml's unweighted search).
+    Returns (uint8 (rows, row_bytes), float32 (rows, cols) values the bytes decode to)."""
+    sp = spec(t)
+    W = np.asarray(W)
+    rows, cols = W.shape
+    if cols % QK_K:
+        raise UnsupportedError(f"error feedback needs rows of a multiple of {QK_K} values, not {cols}")
+    if U.shape != (cols, cols):
+        raise UnsupportedError(f"factor of shape {U.shape} for {cols} columns")
+    quant.check_finite(np.asarray(W, dtype=np.float32))
+    nb = cols // QK_K
+    Wk = np.array(W, dtype=np.float64, copy=True)
+    out = np.empty((rows, nb * sp.bsize), np.uint8)
+    w_hat = np.empty((rows, cols), np.float32)
+    Uq = np.empty((rows, QK_K), np.uint8)
+    E = np.empty((rows, QK_K), np.float64)
+    for b in range(nb):
+        s, e = b * QK_K, (b + 1) * QK_K
+        blocks, D, M, U0 = block_grid(t, Wk[:, s:e], None if weights is None else weights[s:e])
+        Wb = np.ascontiguousarray(Wk[:, s:e])
+        Q = w_hat[:, s:e]
+        Qb = np.empty((rows, QK_K), np.float32)
+        _feedback_block(Wb, np.ascontiguousarray(U[s:e, s:e]), D, M, U0, sp.lo, sp.hi, Uq, Qb, E)
+        Q[...] = Qb
+        _pack(sp.kind, Uq, blocks)
+        out[:, b * sp.bsize:(b + 1) * sp.bsize] = blocks
+        if e < cols:
+            Wk[:, e:] -= E @ U[s:e, e:]
+    return out, w_hat
+
+
+def encode_tensor(W: np.ndarray, t: str, H: np.ndarray, weights: np.ndarray | None = None,
+                  damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """encode() from the Gram matrix H; ``weights`` default: diag(H) / trace
+    scale-free (ggml's search is invariant to a common factor up to rounding,
+    so the imatrix, which is diag(H) / n_tokens, is what to pass for parity)."""
+    if weights is None:
+        weights = np.diag(np.asarray(H, dtype=np.float64)).astype(np.float32)
+    return encode(W, t, inverse_factor(H, damp), weights)
+
+
+def output_error(X: np.ndarray, W: np.ndarray, W_hat: np.ndarray) -> float:
+    """||X W^T - X W_hat^T||_F (the layer-output error error feedback minimises)."""
+    return float(np.linalg.norm(np.asarray(X, np.float64) @ (np.asarray(W, np.float64) - W_hat).T))
+
+
+def gram_error(H: np.ndarray, W: np.ndarray, W_hat: np.ndarray) -> float:
+    """The same from H = X^T X: sqrt(trace(dW H dW^T))."""
+    dW = np.asarray(W, np.float64) - W_hat
+    return float(np.sqrt(max(np.einsum("ij,jk,ik->", dW, np.asarray(H, np.float64), dW), 0.0)))
