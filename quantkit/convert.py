@@ -58,6 +58,9 @@ class ConvertOptions:
     repeat: str | None = None
     replica_type: str | None = None
     replica_scale: float | None = None
+    # llama-gguf-split's limits: write a split set PREFIX-00001-of-0000N.gguf (writer.plan_split)
+    split_max_size: str | None = None  # "500M", "50G"
+    split_max_tensors: int | None = None
 
 
 @dataclass
@@ -70,6 +73,8 @@ class ConvertResult:
     seconds: float
     plan: list = field(default_factory=list)  # list[mix.TensorPlan], in file order
     notes: list[str] = field(default_factory=list)
+    preset: str = ""  # the preset as resolved ("Q4_K_M")
+    files: list[Path] = field(default_factory=list)  # every file written: [out], or a split set's members
 
 
 def open_stream(src: str, vocab_pre: str | None = None):
@@ -93,7 +98,9 @@ def open_stream(src: str, vocab_pre: str | None = None):
 
 
 def default_out(stream, preset: str) -> Path:
-    name = "".join("-" if c in "/\\ " else c for c in (stream.name or "model").strip()) or "model"
+    """./<model name>-<PRESET>.gguf (``stream``: a ModelStream or the name)."""
+    name = stream if isinstance(stream, str) else stream.name
+    name = "".join("-" if c in "/\\ " else c for c in (name or "model").strip()) or "model"
     return Path.cwd() / f"{name}-{preset}.gguf"
 
 
@@ -138,6 +145,9 @@ def _producer(source, ref, tp, imatrix: dict | None, raw_name: str | None = None
         quant.check_finite(x, tp.name)
         return (c for xe, ie in parts for c in _chunks(quant, xe, tp, ie))
 
+    # a ladder (convert_ladder) rebinds the producer to one shared load of ``ref``
+    produce.ref = ref  # type: ignore[attr-defined]
+    produce.rebind = lambda r: _producer(source, r, tp, imatrix, raw_name)  # type: ignore[attr-defined]
     return produce
 
 
@@ -161,7 +171,7 @@ def _chunks(quant, x2: np.ndarray, tp, im):
         yield quant.quantize(x2[r0:r0 + step], tp.qtype, imatrix=im, name=tp.name)
 
 
-def _imatrix(opts: ConvertOptions, src_stream) -> dict | None:
+def _imatrix(opts: ConvertOptions, src_stream, out_dir: Path | None = None) -> dict | None:
     if opts.imatrix_path is not None and opts.calib_text is not None:
         from .errors import UsageError
 
@@ -178,34 +188,112 @@ def _imatrix(opts: ConvertOptions, src_stream) -> dict | None:
         except OSError as e:
             raise InputError(f"cannot read {opts.calib_text}: {e.strerror or e}") from None
         # cached next to the output (calib.calibrate_cached names the file)
-        out_dir = Path(opts.out).parent if opts.out is not None else Path.cwd()
+        out_dir = out_dir if out_dir is not None else Path(opts.out).parent if opts.out is not None else Path.cwd()
         return calibrate_cached(src_stream, text, opts.src, out_dir, dataset=str(opts.calib_text),
                                 progress=opts.progress, quiet=opts.quiet,
                                 use_cache=opts.calib_cache).importance()
     return None
 
 
+def parse_types(spec: str) -> list[str]:
+    """``--type A,B,C`` -> preset names (llama-quantize spelling); an unknown
+    preset, an empty entry or the same preset twice (aliases included) is a
+    UsageError, raised before anything is read or written."""
+    from . import mix
+    from .errors import UsageError
+
+    names = [n.strip() for n in str(spec).split(",")]
+    if len(names) > 1 and not all(names):
+        raise UsageError(f"--type {spec!r}: an empty entry in the list of presets")
+    presets = [mix.resolve_preset(n).name for n in names]
+    for i, p in enumerate(presets):
+        j = presets.index(p)
+        if j != i:
+            same = f"{names[j]} and {names[i]} are both {p}" if names[j].upper() != names[i].upper() else f"{p} twice"
+            raise UsageError(f"--type {spec!r}: {same}; each preset once")
+    return presets
+
+
+TYPE_FIELD = "{type}"  # in -o: replaced by each preset's name
+
+
+def output_targets(out: Path | None, presets: list[str], name: str | None) -> list[Path] | None:
+    """Where each preset's output goes: ``-o`` containing ``{type}`` (a template),
+    ``-o DIR`` (DIR/<model>-<TYPE>.gguf), ``-o FILE`` (one preset only), or the
+    default ./<model>-<TYPE>.gguf. None while the model name is needed but not
+    known yet. With a split the path names the set (its .gguf suffix dropped)."""
+    from .errors import UsageError
+
+    if out is not None and TYPE_FIELD in str(out):
+        return [Path(str(out).replace(TYPE_FIELD, p)) for p in presets]
+    if out is not None and not out.is_dir():
+        if len(presets) > 1:
+            raise UsageError(f"-o {out}: with several presets in --type, give a directory or a name containing "
+                             f"{TYPE_FIELD} (e.g. -o out/model-{TYPE_FIELD}.gguf)")
+        return [out]
+    if name is None:
+        return None
+    d = out if out is not None else Path.cwd()
+    return [d / default_out(name, p).name for p in presets]
+
+
+@dataclass
+class _Job:
+    """One preset of a convert: its plan, file layout and target."""
+    preset: str
+    plan: Any
+    md: dict
+    rows: list
+    outs: list
+    imatrix: dict | None
+    target: Path | None = None
+    output: Any = None  # writer.GGUFOutput
+
+
 def convert(opts: ConvertOptions) -> ConvertResult:
+    """One preset (``opts.type``); for ``--type A,B,C`` see convert_ladder."""
+    res = convert_ladder(opts)
+    if len(res) != 1:
+        from .errors import UsageError
+
+        raise UsageError(f"--type {opts.type!r}: several presets; use convert_ladder")
+    return res[0]
+
+
+def convert_ladder(opts: ConvertOptions) -> list[ConvertResult]:
+    """Every preset of ``opts.type`` (comma-separated) from one read of the
+    source and one importance matrix: each tensor is loaded once, encoded once
+    per distinct (type, importance vector) and written to every output that
+    holds it, each output byte-identical to its own single run."""
     from . import mix, quant
-    from .writer import TensorOut, check_target, write_gguf
+    from .writer import OutputSet, TensorOut, check_output_dir, plan_split, split_limits
 
     t0 = time.perf_counter()
-    preset = mix.resolve_preset(opts.type).name
+    presets = parse_types(opts.type)
+    split = split_limits(opts.split_max_size, opts.split_max_tensors)
     replicate_mod = None
     if opts.layer_map is not None or opts.repeat is not None or opts.replica_type or opts.replica_scale is not None:
         from .passes import replicate as replicate_mod
 
         replicate_mod.check_options(opts.layer_map, opts.repeat, opts.replica_type, opts.replica_scale)
     out = Path(opts.out) if opts.out is not None else None
-    if out is not None and not opts.dry_run:
-        check_target(out, opts.force)
+    targets = output_targets(out, presets, None)
+    if not opts.dry_run:
+        if targets is not None:
+            _check_targets(targets, opts.force, split)
+        elif out is not None:
+            check_output_dir(out)
     quant.set_threads(opts.threads)
 
     source, stream = open_stream(opts.src, opts.vocab_pre)
     try:
         if replicate_mod is not None:
             stream = replicate_mod.apply(stream, opts.layer_map, opts.repeat, opts.replica_scale)
-        imatrix = _imatrix(opts, stream)
+        if targets is None:
+            targets = output_targets(out, presets, stream.name)
+            if not opts.dry_run:
+                _check_targets(targets, opts.force, split)
+        imatrix = _imatrix(opts, stream, targets[0].parent if targets else None)
         mix_opts = replace(opts.mix, imatrix=imatrix if imatrix is not None else opts.mix.imatrix,
                            dry_run=opts.dry_run)
         if replicate_mod is not None:  # the imatrix must come from the replicated graph
@@ -213,42 +301,120 @@ def convert(opts: ConvertOptions) -> ConvertResult:
                 stream, mix_opts.imatrix, "--imatrix" if opts.imatrix_path is not None else
                 "--calib-text, collected on the replicated graph" if opts.calib_text is not None else "given")
             stream.notes.extend([im_note] if im_note else [])
-        plan = mix.make_plan(stream, preset, mix_opts)
-        if replicate_mod is not None and opts.replica_type:
-            plan = replicate_mod.apply_replica_type(plan, stream, opts.replica_type)
-        md, rows = _layout(stream, plan, preset)
-        if opts.imatrix_path is not None and preset not in CONVERTER_TYPES:  # as llama-quantize records it
-            n_im = len(mix.effective_imatrix(mix_opts) or {})
-            if n_im:
-                from .calib import read_imatrix
-
-                im_file = read_imatrix(opts.imatrix_path)
-                md.update(mix.imatrix_kv(str(opts.imatrix_path), im_file.datasets, n_im, im_file.chunk_count))
         refs = {t.name: t for t in stream.tensors}
-        used_im = getattr(plan, "imatrix", None) or mix_opts.imatrix
-        outs = [TensorOut(tp.name, tuple(tp.shape), GGMLQuantizationType(tp.qtype), _producer(source, refs[tp.name], tp, used_im,
-                                    replicate_mod.raw_source_name(stream, refs[tp.name]) if replicate_mod else None))
-                for tp in rows]
-        n_bytes = sum(t.nbytes for t in outs)
-        n_params = sum(int(np.prod(t.shape, dtype=np.int64)) for t in outs)
-        notes = list(stream.notes) + list(getattr(plan, "notes", []) or [])
+        jobs = []
+        for preset, target in zip(presets, targets):
+            plan = mix.make_plan(stream, preset, mix_opts)
+            if replicate_mod is not None and opts.replica_type:
+                plan = replicate_mod.apply_replica_type(plan, stream, opts.replica_type)
+            md, rows = _layout(stream, plan, preset)
+            if opts.imatrix_path is not None and preset not in CONVERTER_TYPES:  # as llama-quantize records it
+                n_im = len(mix.effective_imatrix(mix_opts) or {})
+                if n_im:
+                    from .calib import read_imatrix
+
+                    im_file = read_imatrix(opts.imatrix_path)
+                    md.update(mix.imatrix_kv(str(opts.imatrix_path), im_file.datasets, n_im, im_file.chunk_count))
+            used_im = getattr(plan, "imatrix", None) or mix_opts.imatrix
+            outs = [TensorOut(tp.name, tuple(tp.shape), GGMLQuantizationType(tp.qtype),
+                              _producer(source, refs[tp.name], tp, used_im,
+                                        replicate_mod.raw_source_name(stream, refs[tp.name]) if replicate_mod else None))
+                    for tp in rows]
+            if split is not None and not opts.dry_run:
+                plan_split(outs, split)  # a limit smaller than a tensor: refused before any file exists
+            jobs.append(_Job(preset, plan, md, rows, outs, used_im, target))
+        notes = list(stream.notes)
         if opts.dry_run:
-            return ConvertResult(None, int(plan.file_type), len(outs), n_bytes, n_params,
-                                 time.perf_counter() - t0, rows, notes)
-        if out is None:
-            out = default_out(stream, preset)
-            check_target(out, opts.force)
-        bar = _progress_bar(opts, n_bytes, out)
+            return [_result(j, None, [], sum(t.nbytes for t in j.outs), t0, notes) for j in jobs]
+        total = sum(t.nbytes for j in jobs for t in j.outs)
+        bar = _progress_bar(opts, total, targets[0] if len(targets) == 1 else Path(f"{len(targets)} outputs"))
         try:
-            size = write_gguf(out, stream.arch, md, outs, force=opts.force,
-                              on_bytes=bar.update if bar is not None else None)
+            with OutputSet(force=opts.force, on_bytes=bar.update if bar is not None else None) as outset:
+                for j in jobs:
+                    j.output = outset.add(j.target, stream.arch, j.md, j.outs, split=split)
+                _write_pass(jobs)
+                written = outset.commit()
         finally:
             if bar is not None:
                 bar.close()
     finally:
         source.close()
-    return ConvertResult(out, int(plan.file_type), len(outs), size, n_params, time.perf_counter() - t0,
-                         rows, notes)
+    return [_result(j, files[0][0], [p for p, _ in files], sum(n for _, n in files), t0, notes)
+            for j, files in zip(jobs, written)]
+
+
+def _check_targets(targets: list[Path], force: bool, split) -> None:
+    from .writer import check_target
+
+    for t in targets:
+        check_target(t, force, split is not None)
+
+
+def _result(j: _Job, out: Path | None, files: list[Path], n_bytes: int, t0: float, notes: list[str]) -> ConvertResult:
+    n_params = sum(int(np.prod(t.shape, dtype=np.int64)) for t in j.outs)
+    return ConvertResult(out, int(j.plan.file_type), len(j.outs), n_bytes, n_params, time.perf_counter() - t0,
+                         j.rows, notes + list(getattr(j.plan, "notes", []) or []), preset=j.preset, files=files)
+
+
+def _write_pass(jobs: list[_Job]) -> None:
+    """One pass over the tensors (in the first output's file order): each is
+    loaded once, encoded once per distinct encoding, written to every output."""
+    from .writer import write_tensor
+
+    order = [t.name for t in jobs[0].outs]
+    by_name = [{t.name: (t, tp) for t, tp in zip(j.outs, j.rows)} for j in jobs]
+    for name in order:
+        if len(jobs) == 1:  # one output: its producer as is
+            write_tensor(jobs[0].output, by_name[0][name][0])
+            continue
+        groups: dict[tuple, list[int]] = {}
+        for k, j in enumerate(jobs):
+            t, tp = by_name[k][name]
+            groups.setdefault(_encoding_key(t, tp, j.imatrix), []).append(k)
+        shared = _SharedLoad()
+        for ks in groups.values():
+            t, _ = by_name[ks[0]][name]
+            data = shared.wrap(t).produce()
+            for c in ([data] if isinstance(data, np.ndarray) else data):
+                for k in ks:
+                    jobs[k].output.write(name, c)
+        shared.release()
+
+
+def _encoding_key(t, tp, imatrix: dict | None) -> tuple:
+    """What a tensor's bytes depend on: its type, its importance vector, a raw copy."""
+    import hashlib
+
+    im = imatrix.get(tp.name) if imatrix else None
+    h = hashlib.sha1(np.ascontiguousarray(im).tobytes()).digest() if im is not None else None
+    return (int(t.qtype), h, bool(getattr(tp, "copy", False)))
+
+
+class _SharedLoad:
+    """Within one tensor's turn, the source tensor is loaded once for every encoding of it."""
+
+    def __init__(self):
+        self._x: np.ndarray | None = None
+
+    def wrap(self, t):
+        from .writer import TensorOut
+
+        ref = getattr(t.produce, "ref", None)
+        try:
+            shared = replace(ref, loader=self._loader(ref))
+        except TypeError:  # not a TensorRef dataclass: load it per encoding
+            return t
+        return TensorOut(t.name, t.shape, t.qtype, t.produce.rebind(shared))
+
+    def _loader(self, ref):
+        def load() -> np.ndarray:
+            if self._x is None:
+                self._x = ref.load()
+            return self._x
+        return load
+
+    def release(self) -> None:
+        self._x = None
 
 
 def _progress_bar(opts: ConvertOptions, total: int, out: Path) -> Any:

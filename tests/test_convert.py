@@ -362,20 +362,20 @@ def test_missing_output_dir(random_checkpoint, tmp_path, capsys):
 
 
 def test_disk_full_leaves_nothing(random_checkpoint, tmp_path, capsys, monkeypatch):
-    """ENOSPC in the middle of the tensor data (simulated at the file write)."""
-    from gguf import GGUFWriter
+    """ENOSPC in the middle of the tensor data (simulated at the writer's data write, os.pwrite)."""
+    import os
 
-    real = GGUFWriter.write_tensor_data
+    real = os.pwrite
     calls = {"n": 0}
 
-    def full(self, tensor, *a, **k):
+    def full(fd, data, offset):
         calls["n"] += 1
         if calls["n"] == 5:
-            self.fout[0].write(b"\0" * 100)  # part of it made it to disk
+            real(fd, bytes(data[:100]), offset)  # part of it made it to disk
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, tensor, *a, **k)
+        return real(fd, data, offset)
 
-    monkeypatch.setattr(GGUFWriter, "write_tensor_data", full)
+    monkeypatch.setattr(os, "pwrite", full)
     out = tmp_path / "o.gguf"
     out.write_bytes(b"precious")
     rc, so, err = _cli(_args(random_checkpoint("llama-f32"), out) + ["--force"], capsys)

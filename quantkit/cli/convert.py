@@ -19,8 +19,14 @@
       "tensors": [                             # one per tensor, in file order
         {"name": "token_embd.weight", "shape": [49152, 576], "type": "Q8_0",
          "wanted": null, "reason": "default", "bytes": 30081024}
-      ]
-    }
+      ],
+      "files": ["/abs/path/model-Q8_0.gguf"]   # every file written ([] with --dry-run);
+    }                                          # a split set: its members, "output" the first
+
+With several presets (``--type Q4_K_M,Q5_K_M,Q8_0``: a ladder, one read of the
+source and one importance matrix for all) it prints one object
+``{"schema": "quantkit.convert.ladder/1", "seconds": ..., "outputs": [...]}``
+with one "quantkit.convert/1" object per preset, in the order given.
 
 ``shape`` is in numpy/Hugging Face order (rows first), ``wanted`` is the type a
 rule chose before a shape fallback (or null). Without ``--json`` a one-line
@@ -39,7 +45,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from . import app
-from .options import Debug, flag, Force, Json, Quiet, Threads, VocabPre
+from .options import Debug, flag, Force, Json, Quiet, SplitMaxSize, SplitMaxTensors, Threads, VocabPre
 
 
 def _tensor_types(values: list[str]) -> list[tuple[str, str]]:
@@ -58,8 +64,18 @@ def _tensor_types(values: list[str]) -> list[tuple[str, str]]:
 def convert(
     src: str = typer.Argument(..., help="Hugging Face model directory, GGUF file, or hub repo id (org/name).",
                               show_default=False),
-    out: Optional[Path] = typer.Option(None, "-o", "--output", help="Output file (default: ./<model>-<TYPE>.gguf)."),
-    type_: str = typer.Option("Q8_0", "--type", "-t", help="Output type as llama-quantize spells it (case-insensitive)."),
+    out: Optional[Path] = typer.Option(
+        None, "-o", "--output",
+        help="Output file (default: ./<model>-<TYPE>.gguf); a directory (DIR/<model>-<TYPE>.gguf); or a name with "
+             "{type}, replaced by each preset (needed for several presets unless a directory). With a split the "
+             "name, .gguf dropped, prefixes the files.", show_default=False),
+    type_: str = typer.Option(
+        "Q8_0", "--type", "-t",
+        help="Output preset as llama-quantize spells it (case-insensitive), or several, comma-separated "
+             "(Q4_K_M,Q5_K_M,Q8_0): one output each from one read of the source and one importance matrix, "
+             "each identical to its own run."),
+    split_max_size: SplitMaxSize = None,
+    split_max_tensors: SplitMaxTensors = None,
     force: Force = False,
     threads: Threads = None,
     vocab_pre: VocabPre = None,
@@ -84,7 +100,7 @@ def convert(
     replica_scale: Optional[float] = typer.Option(None, "--replica-scale", help="Scale of replicas' residual writes."),
 ) -> None:
     """Convert a Hugging Face checkpoint (or GGUF) to a GGUF file of the given type."""
-    from ..convert import ConvertOptions, convert as run
+    from ..convert import ConvertOptions, convert_ladder as run_ladder
     from ..mix import MixOptions
 
     mix = MixOptions(
@@ -97,30 +113,40 @@ def convert(
         src=src, type=type_, out=out, force=force, threads=threads, vocab_pre=vocab_pre, mix=mix,
         imatrix_path=imatrix, calib_text=calib_text, calib_cache=not no_calib_cache, dry_run=dry_run, quiet=quiet or as_json,
         layer_map=layer_map, repeat=repeat, replica_type=replica_type, replica_scale=replica_scale,
+        split_max_size=split_max_size, split_max_tensors=split_max_tensors,
     )
-    res = run(opts)
+    results = run_ladder(opts)
+    ladder = len(results) > 1
     if as_json:
-        typer.echo(json.dumps(result_json(res, type_, dry_run), ensure_ascii=False))
+        objs = [result_json(r, r.preset, dry_run) for r in results]
+        doc = ({"schema": "quantkit.convert.ladder/1", "seconds": round(max(r.seconds for r in results), 3),
+                "outputs": objs} if ladder else objs[0])
+        typer.echo(json.dumps(doc, ensure_ascii=False))
         return
     if dry_run:  # the plan is data: stdout (quantkit.plan_report: per tensor, totals, bpw, fallbacks)
         from ..plan_report import render_plan
 
-        typer.echo(render_plan(_as_plan(res, type_)))
+        for r in results:
+            if ladder:
+                typer.echo(f"# {r.preset}")
+            typer.echo(render_plan(_as_plan(r, r.preset)))
     if not quiet:
-        for n in res.notes:
+        for n in dict.fromkeys(n for r in results for n in r.notes):
             print(f"note: {n}", file=sys.stderr)
-        if dry_run:
-            print(f"dry run: {res.n_tensors} tensors, {res.n_bytes / 1e6:.1f} MB planned, nothing written",
-                  file=sys.stderr)
-        else:
-            print(f"wrote {res.out} ({res.n_tensors} tensors, {res.n_bytes / 1e6:.1f} MB, {res.seconds:.1f} s)",
-                  file=sys.stderr)
+        for r in results:
+            if dry_run:
+                print(f"dry run{f' {r.preset}' if ladder else ''}: {r.n_tensors} tensors, "
+                      f"{r.n_bytes / 1e6:.1f} MB planned, nothing written", file=sys.stderr)
+            else:
+                more = f", {len(r.files)} files ({r.files[0].name} .. {r.files[-1].name})" if len(r.files) > 1 else ""
+                print(f"wrote {r.out} ({r.n_tensors} tensors, {r.n_bytes / 1e6:.1f} MB{more}, {r.seconds:.1f} s)",
+                      file=sys.stderr)
 
 
 def _as_plan(res, type_: str):
     from ..mix import Plan, resolve_preset
 
-    return Plan(file_type=res.file_type, tensors=list(res.plan), preset=resolve_preset(type_).name)
+    return Plan(file_type=res.file_type, tensors=list(res.plan), preset=resolve_preset(res.preset or type_).name)
 
 
 def result_json(res, type_: str, dry_run: bool) -> dict:
@@ -131,7 +157,7 @@ def result_json(res, type_: str, dry_run: bool) -> dict:
     return {
         "schema": "quantkit.convert/1",
         "output": str(Path(res.out).resolve()) if res.out is not None else None,
-        "type": resolve_preset(type_).name,
+        "type": resolve_preset(res.preset or type_).name,
         "file_type": res.file_type,
         "n_tensors": res.n_tensors,
         "n_params": res.n_params,
@@ -149,4 +175,5 @@ def result_json(res, type_: str, dry_run: bool) -> dict:
              "bytes": tp.n_bytes}
             for tp in res.plan
         ],
+        "files": [str(Path(f).resolve()) for f in res.files],
     }

@@ -32,3 +32,10 @@ Ctx = Annotated[int, typer.Option("--ctx", help="Tokens per chunk (llama.cpp's -
 Chunks = Annotated[int, typer.Option("--chunks", min=0, help="Use at most this many chunks of the text (0 = all).")]
 VocabPre = Annotated[Optional[str], typer.Option(
     "--vocab-pre", show_default=False, help="BPE pre-tokenizer name when the tokenizer's hash is not known.")]
+SplitMaxSize = Annotated[Optional[str], typer.Option(
+    "--split-max-size", show_default=False, metavar="N(M|G)",
+    help="Write a split set (llama-gguf-split's format: OUT-00001-of-0000N.gguf) with at most this much tensor "
+         "data per file: M = 10^6, G = 10^9 bytes, e.g. 500M, 50G. llama.cpp loads it from the first file.")]
+SplitMaxTensors = Annotated[Optional[int], typer.Option(
+    "--split-max-tensors", show_default=False, metavar="N",
+    help="Write a split set with at most N tensors per file (llama-gguf-split's --split-max-tensors).")]

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 
 def open_source(src: "str | os.PathLike", *, offline: bool | None = None) -> Source:
-    """A local HF directory -> HFDirSource; a .gguf file -> GGUFSource; a hub
+    """A local HF directory -> HFDirSource; a .gguf file -> GGUFSource (any
+    file of a llama-gguf-split set -> the whole set, see sources.gguf); a hub
     repo id ("org/name[@rev]") -> HFDirSource of its cached snapshot (downloaded
     only when not cached and not offline: ``offline`` or HF_HUB_OFFLINE)."""
     from .gguf import GGUFSource, is_gguf

@@ -8,6 +8,12 @@ itself: it runs the same checks first.
 
 Every problem is one ``InputError`` naming the file (a big-endian file:
 ``UnsupportedError``).
+
+A split set (llama-gguf-split's ``PREFIX-00001-of-0000N.gguf`` files) is one
+source: any member names it, gguf_header.read_header finds and checks the
+others, and tensors are read from the file that holds each. Its ``split.*``
+keys are not model metadata (llama-quantize drops them too), so the source's
+metadata is the same as the unsplit file's.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 
 from ..errors import InputError, UnsupportedError
 from .base import Source, TensorRef
-from .gguf_header import GGUF_MAGIC, GGUFHeader, TensorInfo, read_header
+from .gguf_header import GGUF_MAGIC, SPLIT_KEYS, GGUFHeader, TensorInfo, read_header
 
 if TYPE_CHECKING:
     from ..model import ModelStream
@@ -82,24 +88,39 @@ class GGUFSource(Source):
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.header = h = read_gguf_header(self.path)
-        # every KV but the GGUF.* header pseudo-keys (which this parser never makes)
-        self.metadata: dict = {k: v for k, v in h.metadata.items() if not k.startswith("GGUF.")}
+        # every KV but the GGUF.* header pseudo-keys (which this parser never makes) and a split set's keys
+        self.metadata: dict = {k: v for k, v in h.metadata.items()
+                               if not k.startswith("GGUF.") and k not in SPLIT_KEYS}
         arch = self.metadata.get("general.architecture")
         self.arch: str = arch.value if arch is not None else ""
         nm = self.metadata.get("general.name")
-        self.name: str = nm.value if nm is not None and nm.value else self.path.stem
+        self.name: str = nm.value if nm is not None and nm.value else self._stem()
         self.tokenizer_dir = None
         self._infos = {t.name: t for t in h.tensors}
-        self._mm: np.memmap | None = None
+        self._mm: dict[Path, np.memmap] = {}
 
     @property
     def version(self) -> int:
         return self.header.version
 
-    def _map(self) -> np.memmap:
-        if self._mm is None:
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
-        return self._mm
+    @property
+    def files(self) -> list[Path]:
+        """The files read: the split set's members, or the one file."""
+        return list(self.header.members) or [self.path]
+
+    def _stem(self) -> str:
+        if self.header.members:  # model-Q4_K_M-00001-of-00003.gguf -> model-Q4_K_M
+            from .gguf_header import split_prefix
+
+            return Path(split_prefix(self.header.members[0])[0]).name
+        return self.path.stem
+
+    def _map(self, t: GGUFTensorInfo) -> np.memmap:
+        f = t.file or self.path
+        mm = self._mm.get(f)
+        if mm is None:
+            mm = self._mm[f] = np.memmap(f, dtype=np.uint8, mode="r")
+        return mm
 
     def tensors(self) -> Iterator[TensorRef]:
         for t in self.header.tensors:
@@ -115,10 +136,10 @@ class GGUFSource(Source):
     def raw_bytes(self, name: str) -> np.ndarray:
         """The tensor's encoded bytes as stored (read-only uint8 view of the mmap)."""
         t = self._infos[name]
-        return self._map()[t.offset:t.offset + t.n_bytes]
+        return self._map(t)[t.offset:t.offset + t.n_bytes]
 
     def _load(self, t: GGUFTensorInfo) -> np.ndarray:
-        data = np.ascontiguousarray(self._map()[t.offset:t.offset + t.n_bytes])
+        data = np.ascontiguousarray(self._map(t)[t.offset:t.offset + t.n_bytes])
         return dequantize(data, t.ggml_type, t.shape, f"{self.path}: {t.name}")
 
     def to_stream(self) -> "ModelStream":
@@ -130,7 +151,7 @@ class GGUFSource(Source):
         return ModelStream(arch=self.arch, name=self.name, metadata=md, tensors=list(self.tensors()))
 
     def close(self) -> None:
-        self._mm = None
+        self._mm = {}
 
 
 def is_gguf(path: Path) -> bool:

@@ -18,11 +18,22 @@ offsets aligned, tensor data inside the file and not overlapping.
 
     hdr = read_header("model.gguf")                 # every array element kept
     hdr = read_header("model.gguf", array_keep=8)   # arrays: first 8 + length
+
+Split sets (llama.cpp's ``llama-gguf-split`` format: ``PREFIX-00001-of-00003.gguf``
+... with ``split.no`` / ``split.count`` / ``split.tensors.count``; the first file
+holds the metadata): ``read_header`` of any member reads the whole set, once,
+here: the members are found by llama.cpp's naming (``llama_split_path``), each
+is parsed and checked (present, its ``split.no`` and ``split.count``, tensor
+count, no duplicate tensor), and the result is one header with the first
+file's metadata and every member's tensors in order, each ``TensorInfo``
+naming the file it lives in (``file``). A missing or mismatched member is one
+``InputError`` naming that file. ``whole_set=False`` reads one file only.
 """
 from __future__ import annotations
 
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +83,7 @@ class TensorInfo:
     offset: int  # absolute file offset
     n_elements: int
     n_bytes: int
+    file: Path | None = None  # the member of a split set holding the data (None: the header's path)
 
     @property
     def ggml_type(self) -> GGMLQuantizationType:
@@ -92,6 +104,7 @@ class GGUFHeader:
     file_size: int
     kv: dict[str, KVEntry] = field(default_factory=dict)  # every KV pair, in file order
     tensors: list[TensorInfo] = field(default_factory=list)
+    members: list[Path] = field(default_factory=list)  # a split set's files, in order ([] for one file)
 
     @property
     def metadata(self) -> dict[str, KVEntry]:
@@ -103,7 +116,11 @@ class GGUFHeader:
 
     def tensor_data(self, t: TensorInfo) -> np.ndarray:
         """The raw bytes of tensor ``t`` (uint8, read-only memmap; no copy)."""
-        return np.memmap(self.path, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.n_bytes,))
+        return np.memmap(t.file or self.path, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.n_bytes,))
+
+    @property
+    def is_split(self) -> bool:
+        return bool(self.members)
 
 
 class _Cursor:
@@ -191,15 +208,95 @@ class _Cursor:
         raise self.fail(f"{what}: arrays of {sub.name} are not valid")
 
 
-def read_header(path: "str | os.PathLike[str]", *, array_keep: int | None = None) -> GGUFHeader:
+def read_header(path: "str | os.PathLike[str]", *, array_keep: int | None = None,
+                whole_set: bool = True) -> GGUFHeader:
     """Parse and validate the header of a GGUF file (v2/v3, little-endian).
 
     ``array_keep``: keep only this many elements of each array value (the length
     is still recorded in ``KVEntry.length``); None keeps every element.
+    A member of a split set (``split.count`` > 1) is read as the whole set
+    (module docstring) unless ``whole_set`` is False.
     Raises InputError (one line, naming the file) on anything inconsistent,
     UnsupportedError for a big-endian file.
     """
-    path = Path(path)
+    hdr = _read_one(Path(path), array_keep)
+    if whole_set and _split_count(hdr) > 1:
+        return _read_set(hdr, array_keep)
+    return hdr
+
+
+# ---------------------------------------------------------------- split sets
+
+SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS_COUNT = "split.no", "split.count", "split.tensors.count"
+SPLIT_KEYS = (SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS_COUNT)
+_SPLIT_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+
+
+def split_path(prefix: "str | os.PathLike[str]", i: int, n: int) -> Path:
+    """llama.cpp's llama_split_path: member ``i`` (0-based) of ``n``: PREFIX-0000{i+1}-of-0000{n}.gguf."""
+    return Path(f"{os.fspath(prefix)}-{i + 1:05d}-of-{n:05d}.gguf")
+
+
+def split_prefix(path: "str | os.PathLike[str]") -> "tuple[Path, int, int] | None":
+    """(prefix, i, n) of a name in llama.cpp's split naming (i 0-based), else None."""
+    s = os.fspath(path)
+    m = _SPLIT_NAME.search(s)
+    if m is None or m.start() == 0:
+        return None
+    return Path(s[:m.start()]), int(m.group(1)) - 1, int(m.group(2))
+
+
+def _split_count(hdr: GGUFHeader) -> int:
+    v = hdr.get(SPLIT_COUNT, 0)
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
+def _split_int(hdr: GGUFHeader, key: str, what: str) -> int:
+    v = hdr.get(key)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise InputError(f"{hdr.path}: {what} of a split set without a valid {key} ({v!r})")
+    return v
+
+
+def _read_set(hdr: GGUFHeader, array_keep: int | None) -> GGUFHeader:
+    """The whole split set that ``hdr``'s file belongs to (see the module docstring)."""
+    n = _split_count(hdr)
+    no = _split_int(hdr, SPLIT_NO, "a member")
+    want = f"-{no + 1:05d}-of-{n:05d}.gguf"
+    parsed = split_prefix(hdr.path)
+    if not 0 <= no < n or parsed is None or parsed[1:] != (no, n):
+        raise InputError(f"{hdr.path}: file {no + 1} of a {n}-file split set, but its name does not end in "
+                         f"{want!r} as llama.cpp names split files")
+    prefix = parsed[0]
+    paths = [split_path(prefix, i, n) for i in range(n)]
+    for p in paths:
+        if not p.is_file():
+            raise InputError(f"{p}: missing: {hdr.path.name} is one file of a {n}-file split set")
+    heads = [hdr if p == hdr.path else _read_one(p, array_keep) for p in paths]
+    first = heads[0]
+    n_tensors = _split_int(first, SPLIT_TENSORS_COUNT, "the first file")
+    tensors: list[TensorInfo] = []
+    seen: dict[str, Path] = {}
+    for i, (p, h) in enumerate(zip(paths, heads)):
+        if h.get(SPLIT_NO) != i or h.get(SPLIT_COUNT) != n:
+            raise InputError(f"{p}: does not belong to this split set: its split.no is {h.get(SPLIT_NO)!r} and "
+                             f"split.count {h.get(SPLIT_COUNT)!r}, expected {i} and {n}")
+        if h.get(SPLIT_TENSORS_COUNT) != n_tensors:
+            raise InputError(f"{p}: does not belong to this split set: split.tensors.count "
+                             f"{h.get(SPLIT_TENSORS_COUNT)!r}, the first file says {n_tensors}")
+        for t in h.tensors:
+            if t.name in seen:
+                raise InputError(f"{p}: tensor {t.name!r} is also in {seen[t.name].name}")
+            seen[t.name] = p
+            tensors.append(TensorInfo(t.name, t.qtype, t.ne, t.rel_offset, t.offset, t.n_elements, t.n_bytes, p))
+    if len(tensors) != n_tensors:
+        raise InputError(f"{paths[0]}: the split set's {n} files hold {len(tensors)} tensors, "
+                         f"split.tensors.count says {n_tensors}")
+    return GGUFHeader(first.path, first.version, first.alignment, first.data_offset,
+                      sum(h.file_size for h in heads), first.kv, tensors, paths)
+
+
+def _read_one(path: Path, array_keep: int | None) -> GGUFHeader:
     if not path.exists():
         raise InputError(f"{path}: no such file")
     if path.is_dir():
@@ -303,4 +400,5 @@ def _parse(mm, size: int, path: Path, array_keep: int | None) -> GGUFHeader:
     return GGUFHeader(path, version, alignment, data_offset, size, kv, tensors)
 
 
-__all__ = ["read_header", "GGUFHeader", "TensorInfo", "KVEntry", "GGUF_MAGIC", "DEFAULT_ALIGNMENT"]
+__all__ = ["read_header", "GGUFHeader", "TensorInfo", "KVEntry", "GGUF_MAGIC", "DEFAULT_ALIGNMENT",
+           "SPLIT_KEYS", "split_path", "split_prefix"]
