@@ -20,7 +20,7 @@ from ..errors import InputError
 from ..sources.base import TensorRef
 from . import features as F
 from . import vocab
-from .graph import LLAMA_BLOCK, ROPE_NEOX, BlockGraph, block
+from .graph import LLAMA_BLOCK, LLAMA_GRAPH_KEYS, ROPE_NEOX, SWA_KEYS, BlockGraph, block
 from .spec import Export, Family, Model, TensorRule
 
 # transformers 4.57.6 Gemma2Config / Gemma3TextConfig defaults for keys the converter reads
@@ -133,11 +133,16 @@ GEMMA2 = Family(
     name="Gemma 2",
     hf_architectures=("Gemma2ForCausalLM",),
     arch=MODEL_ARCH.GEMMA2,
-    # llama.cpp src/models/gemma2.cpp: embeddings * sqrt(n_embd), sandwich norms, GeGLU,
-    # attention and final logit soft-capping, sliding window on even layers
-    graph=BlockGraph("gemma2", ROPE_NEOX, block_tensors=_SANDWICH, optional_top_tensors=(), forward=False,
+    # llama.cpp src/models/gemma2.cpp: embeddings * sqrt(n_embd), sandwich norms, GeGLU, Q * 1/sqrt(head_dim)
+    # (27B, 46 layers: 1/sqrt(n_embd/n_head)), attention (default 50) and final (default 30) soft-capping
+    # always on, a sliding window (default 4096) on even layers (pattern 2), their rope as the global one
+    graph=BlockGraph("gemma2", ROPE_NEOX, block_tensors=_SANDWICH, optional_top_tensors=(),
+                     keys=LLAMA_GRAPH_KEYS | SWA_KEYS | {"attn_logit_softcapping", "final_logit_softcapping"},
+                     array_keys=frozenset({"attention.sliding_window_pattern"}),
                      norm="sandwich", activation="gelu_tanh", embed_scale="sqrt_n_embd",
-                     softcap=("attn_logit_softcapping", "final_logit_softcapping"), sliding_window="alternate"),
+                     q_scale="inv_sqrt_head_dim", q_scale_alt_n_layer=46,
+                     attn_softcap=("attn_logit_softcapping", 50.0), final_softcap=("final_logit_softcapping", 30.0),
+                     swa="always", swa_window=4096, swa_pattern=2, swa_rope="inherit"),
     config_defaults=GEMMA2_DEFAULTS,
     required=("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size",
               "head_dim", "max_position_embeddings"),
@@ -153,12 +158,16 @@ GEMMA3 = Family(
     name="Gemma 3",
     hf_architectures=("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"),
     arch=MODEL_ARCH.GEMMA3,
-    # llama.cpp src/models/gemma3.cpp: as gemma2 without attention soft-capping, per-head q/k norms,
-    # 5 sliding-window layers then a global one (its own rope base), final soft-capping if set
+    # llama.cpp src/models/gemma3.cpp: as gemma2 without attention soft-capping, per-head q/k norms
+    # (27B: 62 layers), final soft-capping only if set; with a sliding window > 0, 5 sliding layers then a
+    # global one (pattern 6), the sliding ones roped with freq_base_swa (default 10000) and scale 1
     graph=BlockGraph("gemma3", ROPE_NEOX, block_tensors=_SANDWICH + block("attn_q_norm.weight", "attn_k_norm.weight"),
-                     optional_top_tensors=("output.weight",), forward=False, norm="sandwich", activation="gelu_tanh",
-                     qk_norm="head", embed_scale="sqrt_n_embd", softcap=("final_logit_softcapping",),
-                     sliding_window="every_6th_full"),
+                     optional_top_tensors=("output.weight",),
+                     keys=LLAMA_GRAPH_KEYS | SWA_KEYS | {"final_logit_softcapping"},
+                     array_keys=frozenset({"attention.sliding_window_pattern"}),
+                     norm="sandwich", activation="gelu_tanh", qk_norm="head", embed_scale="sqrt_n_embd",
+                     q_scale="inv_sqrt_head_dim", q_scale_alt_n_layer=62, final_softcap=("final_logit_softcapping", 0.0),
+                     swa="if_window", swa_pattern=6, swa_rope="defaults"),
     config_defaults=GEMMA3_DEFAULTS,
     computed=("num_key_value_heads",),
     required=("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size",

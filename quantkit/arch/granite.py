@@ -13,7 +13,7 @@ from gguf import GGUFWriter, MODEL_ARCH
 
 from ..errors import UnsupportedError
 from . import features as F
-from .graph import ROPE_NORM, BlockGraph
+from .graph import INERT_KEYS, LLAMA_GRAPH_KEYS, ROPE_NORM, BlockGraph, block
 from .spec import Family, Model
 
 # transformers 4.57.6 GraniteConfig defaults for keys the converter reads
@@ -46,10 +46,19 @@ GRANITE = Family(
     name="Granite",
     hf_architectures=("GraniteForCausalLM",),
     arch=MODEL_ARCH.GRANITE,
-    # llama.cpp src/models/granite.cpp: llama blocks; embeddings * embedding_scale, attention
-    # scores * attention.scale (not 1/sqrt(head_dim)), block outputs * residual_scale, logits / logit_scale
-    graph=BlockGraph("granite", ROPE_NORM, forward=False, embed_scale="embedding_scale",
-                     attn_scale="attention.scale", residual_scale="residual_scale", logit_scale="logit_scale"),
+    # llama.cpp src/models/granite.cpp: llama blocks (optional biases); embeddings * embedding_scale,
+    # attention scores * attention.scale (not 1/sqrt(head_dim)), attention and FFN outputs * residual_scale,
+    # logits / logit_scale (required); rope.scaling.finetuned=false turns RoPE off; rope_freqs or LongRoPE factors
+    graph=BlockGraph("granite", ROPE_NORM,
+                     optional_block_tensors=block("attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias",
+                                                  "ffn_gate.bias", "ffn_up.bias", "ffn_down.bias"),
+                     optional_top_tensors=("output.weight", "rope_freqs.weight", "rope_factors_long.weight",
+                                           "rope_factors_short.weight"),
+                     keys=LLAMA_GRAPH_KEYS | {"embedding_scale", "attention.scale", "residual_scale", "logit_scale",
+                                              "rope.scaling.finetuned"},
+                     inert_keys=INERT_KEYS - {"rope.scaling.finetuned"},
+                     embed_scale="embedding_scale", attn_scale="attention.scale", residual_scale="residual_scale",
+                     logit_scale="logit_scale", rope_switch="rope.scaling.finetuned", rope_factors="llama3"),
     config_defaults=GRANITE_DEFAULTS,
     dropped_config_keys=("head_dim",),  # GraniteModel.set_gguf_parameters pops it: n_embd / n_head throughout
     shapes=F.LLAMA_SHAPES,

@@ -52,6 +52,18 @@ def block(*names: str) -> tuple[str, ...]:
     return tuple(f"blk.{{b}}.{n}" for n in names)
 
 
+# {arch}.* keys of the features below, by feature (a family's graph adds the ones it computes)
+SWA_KEYS = frozenset({"attention.sliding_window", "attention.sliding_window_pattern", "rope.freq_base_swa"})
+
+# How llama.cpp derives a sliding-window layer's RoPE (llama-model.cpp get_rope_freq_base/scale and
+# each arch's load_arch_hparams): name -> (base when rope.freq_base_swa is absent, freq_scale, reason)
+SWA_ROPE: dict[str, tuple[str, str, str]] = {
+    "inherit": ("base", "scale", "gemma2.cpp: rope_freq_base/scale_train_swa = the global ones"),
+    "defaults": ("10000", "1", "gemma3.cpp reads only freq_base_swa: llama_hparams' defaults 10000 / 1.0 otherwise"),
+    "plain": ("base", "1", "olmo2.cpp: sliding layers rope with freq_scale 1, ext_factor 0, attn_factor 1 (no YaRN)"),
+}
+
+
 @dataclass(frozen=True)
 class BlockGraph:
     arch: str                                   # GGUF general.architecture
@@ -63,22 +75,31 @@ class BlockGraph:
     keys: frozenset[str] = LLAMA_GRAPH_KEYS
     inert_keys: frozenset[str] = INERT_KEYS
     key_values: dict[str, tuple[Any, ...]] = field(default_factory=lambda: dict(LLAMA_KEY_VALUES))
+    array_keys: frozenset[str] = frozenset()    # implemented keys that may hold a per-layer array
     # -- what llama.cpp's src/models/<arch>.cpp computes, as features (data) --
     # False: declared for the family, but quantkit/calib/forward.py does not compute it yet
     # (graph_for refuses the arch; convert and export do not need the forward pass)
     forward: bool = True
     norm: str = "pre"                 # pre: x + f(norm(x)); sandwich: x + post_norm(f(norm(x))); post: x + post_norm(f(x))
-    activation: str = "silu"          # FFN gate: silu (SwiGLU) | gelu_tanh (GeGLU)
-    fused_qkv: bool = False           # one attn_qkv matrix (phi3)
-    fused_gate_up: bool = False       # ffn_up holds gate and up halves (phi3)
+    activation: str = "silu"          # FFN gate: silu (SwiGLU) | gelu_tanh (GeGLU, ggml's fp16 table)
+    fused_qkv: bool = False           # one attn_qkv matrix, split q|k|v (phi3)
+    fused_gate_up: bool = False       # ffn_up holds the gate half then the up half (phi3)
     qk_norm: str | None = None        # RMSNorm of q and k: "head" (per head) | "full" (over all heads, olmo2)
     embed_scale: str | None = None    # "sqrt_n_embd" (gemma) | an {arch}.* key (granite: embedding_scale)
-    attn_scale: str | None = None     # None: 1/sqrt(head_dim); else the {arch}.* key that replaces it
-    residual_scale: str | None = None  # {arch}.* key scaling each block's output before the residual add
-    logit_scale: str | None = None     # {arch}.* key dividing the logits
-    softcap: tuple[str, ...] = ()      # {arch}.* keys of tanh soft-capping (attention scores, final logits)
-    sliding_window: str | None = None  # None | "alternate" (even layers, gemma2) | "every_6th_full" (gemma3) | "pattern" ({arch}.attention.sliding_window_pattern)
+    q_scale: str | None = None        # "inv_sqrt_head_dim": Q * 1/sqrt(head_dim) before attention, kq scale 1 (gemma, phi3)
+    q_scale_alt_n_layer: int = 0      # gemma's 27B (this block count): Q * 1/sqrt(n_embd / n_head) instead
+    attn_scale: str | None = None     # None: kq scale 1/sqrt(head_dim); else the {arch}.* key replacing it (0: default)
+    residual_scale: str | None = None  # {arch}.* key scaling each block's attention and FFN output before the residual add
+    logit_scale: str | None = None     # {arch}.* key dividing the logits (required when set: llama.cpp reads it so)
+    attn_softcap: tuple[str, float] | None = None   # ({arch}.* key, default): cap * tanh(kq / cap) of the scores
+    final_softcap: tuple[str, float] | None = None  # ({arch}.* key, default; 0 = off): cap * tanh(logits / cap)
+    swa: str = "none"                  # none | always (gemma2) | if_window (gemma3, olmo2: attention.sliding_window > 0)
+    swa_window: int = 0                # window when the key is absent (swa="always")
+    swa_pattern: int = 0               # load_swa_pattern's default n_pattern: layer il slides iff il % n < n - 1
+    swa_rope: str = "inherit"          # how a sliding layer ropes: a key of SWA_ROPE
     nope_every: int = 0                # every n-th layer skips RoPE (smollm3: 4); 0 = RoPE everywhere
+    nope: str | None = None            # "full_when_swa": with SWA on, full-attention layers skip RoPE (exaone4)
+    rope_switch: str | None = None     # {arch}.* bool key that turns RoPE off everywhere when false (granite)
     rope_factors: str | None = None    # "llama3" (rope_freqs.weight) | "longrope" (rope_factors_long/short)
 
     def check(self, metadata: dict[str, Any], tensor_names: list[str]) -> None:
@@ -96,7 +117,8 @@ class BlockGraph:
                 continue
             v = getattr(kv, "value", kv)
             if isinstance(v, (list, tuple)) or hasattr(v, "shape") and getattr(v, "ndim", 0):
-                bad.append(f"{k} (per-layer array)")
+                if sub not in self.array_keys:
+                    bad.append(f"{k} (per-layer array)")
             elif sub in self.key_values and _norm(v) not in self.key_values[sub]:
                 bad.append(f"{k}={v!r}")
         if unknown:

@@ -11,7 +11,7 @@ from typing import Any
 from gguf import GGUFWriter, MODEL_ARCH
 
 from . import features as F
-from .graph import ROPE_NEOX, BlockGraph, block
+from .graph import LLAMA_GRAPH_KEYS, LLAMA_TOP, ROPE_NEOX, SWA_KEYS, BlockGraph, block
 from .spec import Family, Model
 
 # transformers 4.57.6 Olmo2Config defaults for keys the converter reads
@@ -39,12 +39,14 @@ OLMO2 = Family(
     hf_architectures=("Olmo2ForCausalLM",),
     arch=MODEL_ARCH.OLMO2,
     # llama.cpp src/models/olmo2.cpp: x + post_norm(attn(x)), x + post_norm(ffn(x)) (no pre-norms),
-    # q/k RMSNorm over the whole projection before rope, SwiGLU
-    graph=BlockGraph("olmo2", ROPE_NEOX,
+    # q/k RMSNorm over the whole projection before rope, SwiGLU, output.weight required (no tying);
+    # with a sliding window > 0 (Olmo 3), every 4th layer global, the sliding ones roped without scaling
+    graph=BlockGraph("olmo2", ROPE_NEOX, top_tensors=LLAMA_TOP + ("output.weight",), optional_top_tensors=(),
+                     keys=LLAMA_GRAPH_KEYS | SWA_KEYS, array_keys=frozenset({"attention.sliding_window_pattern"}),
                      block_tensors=block("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
                                          "attn_q_norm.weight", "attn_k_norm.weight", "post_attention_norm.weight",
                                          "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight", "post_ffw_norm.weight"),
-                     forward=False, norm="post", qk_norm="full", sliding_window="pattern"),
+                     norm="post", qk_norm="full", swa="if_window", swa_pattern=4, swa_rope="plain"),
     config_defaults=OLMO2_DEFAULTS,
     shapes=(F.top, F.attention, F.full_qk_norm, F.post_norms, F.gated_ffn),
     optional=(F.tied_output,),

@@ -22,7 +22,7 @@ from ..sources.base import TensorRef
 from . import features as F
 from . import vocab
 from .common import find_hparam, tensor_name
-from .graph import ROPE_NEOX, BlockGraph, block
+from .graph import INERT_KEYS, ROPE_NEOX, BlockGraph, block
 from .spec import Family, Model
 
 # transformers 4.57.6 Phi3Config defaults for keys the converter reads
@@ -177,14 +177,15 @@ PHI3 = Family(
     name="Phi-3 / Phi-4",
     hf_architectures=("Phi3ForCausalLM",),
     arch=MODEL_ARCH.PHI3,
-    # llama.cpp src/models/phi3.cpp: fused qkv and gate|up (SwiGLU), NEOX rope with LongRoPE
-    # factors, q scaled by 1/sqrt(head_dim) before the product, sliding window when set (Phi-3 mini)
+    # llama.cpp src/models/phi3.cpp: fused qkv and gate|up (SwiGLU), NEOX rope (partial: rope.dimension_count)
+    # with LongRoPE factors (long when the padded context exceeds the original), Q * 1/sqrt(head_dim) before
+    # the product; phi3.cpp turns a sliding window off ("Phi SWA is currently disabled"): the key is inert
     graph=BlockGraph("phi3", ROPE_NEOX,
                      block_tensors=block("attn_norm.weight", "attn_qkv.weight", "attn_output.weight",
                                          "ffn_norm.weight", "ffn_up.weight", "ffn_down.weight"),
                      optional_top_tensors=("output.weight", "rope_factors_long.weight", "rope_factors_short.weight"),
-                     forward=False, fused_qkv=True, fused_gate_up=True, rope_factors="longrope",
-                     sliding_window="pattern"),
+                     inert_keys=INERT_KEYS | {"attention.sliding_window"},
+                     fused_qkv=True, fused_gate_up=True, q_scale="inv_sqrt_head_dim", rope_factors="longrope"),
     config_defaults=PHI3_DEFAULTS,
     adjust=_phi3_adjust,
     shapes=(F.top, F.pre_norms, F.fused_attention, F.fused_gated_ffn),

@@ -26,7 +26,8 @@ SMOLLM3 = Family(
     hf_architectures=("SmolLM3ForCausalLM",),
     arch=MODEL_ARCH.SMOLLM3,
     # llama.cpp src/models/smollm3.cpp: llama blocks, no RoPE on layers 4, 8, ... (n_no_rope_layer_step = 4)
-    graph=BlockGraph("smollm3", ROPE_NORM, forward=False, nope_every=4),
+    # (its rope has no frequency factors: a rope_freqs tensor is not part of the graph)
+    graph=BlockGraph("smollm3", ROPE_NORM, optional_top_tensors=("output.weight",), nope_every=4),
     config_defaults=SMOLLM3_DEFAULTS,
     shapes=F.LLAMA_SHAPES,
     optional=(F.tied_output,),

@@ -1,5 +1,8 @@
-"""A float32 numpy forward pass of the llama / qwen2 / qwen3 families, working
-on a ModelStream (GGUF names, GGUF-permuted Q/K), as llama.cpp computes it.
+"""A float32 numpy forward pass of every family whose block graph
+(quantkit/arch/graph.py) it computes, working on a ModelStream (GGUF names,
+GGUF-permuted Q/K), as llama.cpp's src/models/<arch>.cpp computes it: the
+graph's features (norm placement, activation, q/k norms, scales, soft-capping,
+sliding windows, per-layer RoPE) are resolved into a plan by blocks.py.
 
     model = Model.from_stream(stream)          # loads (dequantizes) every weight once
     logits = model.forward(tokens, hook=fn, logits_from=k)
@@ -20,9 +23,11 @@ from typing import Callable
 import numpy as np
 
 from ..arch import graph_for
-from ..arch.graph import ROPE_NEOX
+from ..arch.graph import ROPE_NEOX, BlockGraph
 from ..errors import InputError
 from ..model import ModelStream
+from . import blocks
+from .blocks import ACTIVATIONS, Plan, silu  # noqa: F401  (silu re-exported)
 
 # weight matrices in a block, in graph order, and the input each one sees
 BLOCK_MATS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -262,17 +267,17 @@ def rms_norm(x: np.ndarray, w: np.ndarray | None, eps: float) -> np.ndarray:
     return y * w if w is not None else y
 
 
-def silu(x: np.ndarray) -> np.ndarray:
-    return x / (1.0 + np.exp(-x))
-
-
 class Model:
     """Weights held as float32, (out, in) numpy layout as the stream gives them."""
 
     def __init__(self, hp: HParams, w: dict[str, np.ndarray], dtypes: dict[str, str] | None = None,
-                 emulate: bool = True, attention: str = "flash"):
+                 emulate: bool = True, attention: str = "flash", graph: BlockGraph | None = None,
+                 plan: Plan | None = None):
         self.hp = hp
         self.w = w
+        self.graph = graph or graph_for(hp.arch)
+        self.plan = plan or blocks.make_plan(self.graph, lambda k, d=None: d, hp)
+        self.emulate = emulate
         # weight name -> activation rounding (llama.cpp vec_dot_type), when emulating
         self.act = {n: VEC_DOT_TYPE.get(t) for n, t in (dtypes or {}).items()} if emulate else {}
         self.kv_f16 = emulate  # llama.cpp's default KV cache type is F16
@@ -280,7 +285,8 @@ class Model:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}")
         self.attn = attention
         self.tied = "output.weight" not in w
-        self._rope: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._rope: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self._masks: dict[tuple[int, int], np.ndarray] = {}
 
     @classmethod
     def from_stream(cls, stream: ModelStream, progress: Callable[[int], None] | None = None,
@@ -305,16 +311,25 @@ class Model:
         for name in graph.required(hp.n_layer):
             if name not in w:
                 raise InputError(f"model lacks tensor {name} (needed by the {graph.arch} forward pass)")
-        return cls(hp, w, dtypes, emulate, attention)
+        plan = blocks.make_plan(graph, lambda k, d=None: stream.get(f"{hp.arch}.{k}", d), hp)
+        return cls(hp, w, dtypes, emulate, attention, graph, plan)
 
     # -- pieces
 
-    def _rope_tables(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._rope is None or self._rope[0] < n:
-            ff = self.w.get("rope_freqs.weight")
-            cos, sin = rope_cache(self.hp, max(n, 512), ff)
-            self._rope = (cos.shape[0], cos, sin)
-        return self._rope[1][:n], self._rope[2][:n]
+    def _rope_tables(self, n: int, rope: "blocks.Rope") -> tuple[np.ndarray, np.ndarray]:
+        """cos/sin for a layer's RoPE parameters and the frequency factors llama.cpp
+        picks for a context of n tokens per sequence (LongRoPE: long or short)."""
+        ff_name = blocks.rope_factor_name(self.graph, self.w.__contains__, blocks.pad_ctx(n), self.hp.n_ctx_orig)
+        key = (rope, ff_name)
+        t = self._rope.get(key)
+        if t is None or t[0].shape[0] < n:
+            from dataclasses import replace
+
+            hp = replace(self.hp, rope_base=rope.base, freq_scale=rope.freq_scale, ext_factor=rope.ext_factor,
+                         attn_factor=rope.attn_factor)
+            t = rope_cache(hp, max(n, 512), self.w.get(ff_name) if ff_name else None)
+            self._rope[key] = t
+        return t[0][:n], t[1][:n]
 
     def _lin(self, name: str, x: np.ndarray, hook: Hook | None) -> np.ndarray:
         if hook is not None:
@@ -328,20 +343,40 @@ class Model:
             y += b
         return y
 
-    def _attention(self, i: int, x: np.ndarray, hook: Hook | None) -> np.ndarray:
+    def _qkv(self, p: str, x: np.ndarray, hook: Hook | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         hp, w = self.hp, self.w
+        nq, nk = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
+        if self.graph.fused_qkv:  # build_qkv: views of one attn_qkv product (q | k | v)
+            qkv = self._lin(p + "attn_qkv", x, hook)
+            q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
+        else:
+            q, k, v = (self._lin(p + n, x, hook) for n in ("attn_q", "attn_k", "attn_v"))
+        if self.graph.qk_norm == "full":  # olmo2: RMSNorm over the whole projection, before the reshape
+            q = rms_norm(q, w[p + "attn_q_norm.weight"], hp.eps)
+            k = rms_norm(k, w[p + "attn_k_norm.weight"], hp.eps)
+        T = x.shape[0]
+        q = q.reshape(T, hp.n_head, hp.head_dim)
+        k = k.reshape(T, hp.n_head_kv, hp.head_dim)
+        v = v.reshape(T, hp.n_head_kv, hp.head_dim_v)
+        if self.graph.qk_norm != "full":
+            if p + "attn_q_norm.weight" in w:
+                q = rms_norm(q, w[p + "attn_q_norm.weight"], hp.eps)
+            if p + "attn_k_norm.weight" in w:
+                k = rms_norm(k, w[p + "attn_k_norm.weight"], hp.eps)
+        return q, k, v
+
+    def _attention(self, i: int, x: np.ndarray, hook: Hook | None) -> np.ndarray:
+        hp, plan = self.hp, self.plan
+        layer = plan.layers[i]
         T = x.shape[0]
         p = f"blk.{i}."
-        q = self._lin(p + "attn_q", x, hook).reshape(T, hp.n_head, hp.head_dim)
-        k = self._lin(p + "attn_k", x, hook).reshape(T, hp.n_head_kv, hp.head_dim)
-        v = self._lin(p + "attn_v", x, hook).reshape(T, hp.n_head_kv, hp.head_dim_v)
-        if p + "attn_q_norm.weight" in w:
-            q = rms_norm(q, w[p + "attn_q_norm.weight"], hp.eps)
-        if p + "attn_k_norm.weight" in w:
-            k = rms_norm(k, w[p + "attn_k_norm.weight"], hp.eps)
-        cos, sin = self._rope_tables(T)
-        q = apply_rope(q, cos, sin, hp.n_rot, hp.rope_type)
-        k = apply_rope(k, cos, sin, hp.n_rot, hp.rope_type)
+        q, k, v = self._qkv(p, x, hook)
+        if layer.rope is not None:
+            cos, sin = self._rope_tables(T, layer.rope)
+            q = apply_rope(q, cos, sin, hp.n_rot, hp.rope_type)
+            k = apply_rope(k, cos, sin, hp.n_rot, hp.rope_type)
+        if plan.q_scale is not None:  # ggml_scale(Qcur, ...) before build_attn (kq scale 1)
+            q = q * np.float32(plan.q_scale)
         if self.kv_f16:  # the F16 KV cache
             k, v = (a.astype(np.float16).astype(np.float32) for a in (k, v))
             if self.attn == "plain":  # mul_mat(k_f16, q): q rounded to K's vec_dot type
@@ -352,9 +387,18 @@ class Model:
         kh = k.transpose(1, 2, 0)  # (Hkv, d, T)
         vh = v.transpose(1, 0, 2)  # (Hkv, T, dv)
         s = np.matmul(qh, kh)
-        s *= np.float32(1.0 / math.sqrt(hp.head_dim))
+        cap = plan.attn_softcap
+        if cap and self.attn == "flash":  # ggml flash_attn_ext: tanh(s * (scale / cap)) * cap
+            s *= np.float32(np.float32(plan.kq_scale) / np.float32(cap))
+            np.tanh(s, out=s)
+            s *= np.float32(cap)
+        elif cap:  # plain path: softcap of kq, then soft_max_ext(kq * scale)
+            s = blocks.softcap(s, cap)
+            s *= np.float32(plan.kq_scale)
+        else:
+            s *= np.float32(plan.kq_scale)
         s = s.reshape(hp.n_head_kv, g, T, T)
-        s += self._mask(T)
+        s += self._mask(T, layer.window)
         s -= s.max(axis=-1, keepdims=True)
         np.exp(s, out=s)
         s /= s.sum(axis=-1, keepdims=True)
@@ -366,38 +410,57 @@ class Model:
 
     def prepare(self, T: int) -> None:
         """Fill the rope/mask caches for sequences of T tokens (before threads share the model)."""
-        self._rope_tables(T)
-        self._mask(T)
+        for layer in self.plan.layers:
+            if layer.rope is not None:
+                self._rope_tables(T, layer.rope)
+            self._mask(T, layer.window)
 
-    def _mask(self, T: int) -> np.ndarray:
-        m = getattr(self, "_mask_cache", None)
-        if m is None or m.shape[0] != T:
-            m = np.triu(np.full((T, T), -np.inf, dtype=np.float32), k=1)
-            self._mask_cache = m
+    def _mask(self, T: int, window: int = 0) -> np.ndarray:
+        m = self._masks.get((T, window))
+        if m is None:
+            m = self._masks[(T, window)] = blocks.causal_mask(T, window)
         return m
 
     def _ffn(self, i: int, x: np.ndarray, hook: Hook | None) -> np.ndarray:
         p = f"blk.{i}."
-        gate = self._lin(p + "ffn_gate", x, hook)
-        up = self._lin(p + "ffn_up", x, hook)
-        h = silu(gate)
+        if self.graph.fused_gate_up:  # phi3: ffn_up = gate | up, LLM_FFN_SWIGLU on the halves
+            gu = self._lin(p + "ffn_up", x, hook)
+            n = gu.shape[1] // 2
+            gate, up = gu[:, :n], gu[:, n:]
+        else:
+            gate = self._lin(p + "ffn_gate", x, hook)
+            up = self._lin(p + "ffn_up", x, hook)
+        h = ACTIVATIONS[self.graph.activation](gate, self.emulate)
         h *= up
-        return self._lin(p + "ffn_down", h, hook)
+        return self._lin(p + "ffn_down", np.ascontiguousarray(h), hook)
 
     # -- whole model
 
+    def _residual(self, x: np.ndarray, y: np.ndarray, post: str | None) -> np.ndarray:
+        """x + y, y first post-normed (sandwich/post graphs) or scaled (granite)."""
+        if post is not None:
+            y = rms_norm(y, self.w[post], self.hp.eps)
+        if self.plan.residual_scale:
+            y = y * np.float32(self.plan.residual_scale)
+        return x + y
+
     def hidden(self, tokens: np.ndarray, hook: Hook | None = None) -> np.ndarray:
         """Final normed hidden states (T, n_embd) for one sequence of tokens."""
-        hp, w = self.hp, self.w
+        hp, w, norm = self.hp, self.w, self.graph.norm
         tokens = np.asarray(tokens, dtype=np.int64)
         if tokens.size and (tokens.min() < 0 or tokens.max() >= hp.n_vocab):
             raise InputError(f"token id out of range for a vocabulary of {hp.n_vocab}")
         x = w["token_embd.weight"][tokens]
+        if self.plan.embed_scale is not None:
+            x = x * np.float32(self.plan.embed_scale)
         for i in range(hp.n_layer):
-            h = rms_norm(x, w[f"blk.{i}.attn_norm.weight"], hp.eps)
-            x = x + self._attention(i, h, hook)
-            h = rms_norm(x, w[f"blk.{i}.ffn_norm.weight"], hp.eps)
-            x = x + self._ffn(i, h, hook)
+            p = f"blk.{i}."
+            post_a = p + "post_attention_norm.weight" if norm in ("sandwich", "post") else None
+            post_f = p + "post_ffw_norm.weight" if norm in ("sandwich", "post") else None
+            h = x if norm == "post" else rms_norm(x, w[p + "attn_norm.weight"], hp.eps)
+            x = self._residual(x, self._attention(i, h, hook), post_a)
+            h = x if norm == "post" else rms_norm(x, w[p + "ffn_norm.weight"], hp.eps)
+            x = self._residual(x, self._ffn(i, h, hook), post_f)
         return rms_norm(x, w.get("output_norm.weight"), hp.eps)
 
     def output_matrix(self) -> np.ndarray:
@@ -411,6 +474,10 @@ class Model:
         b = self.w.get("output.bias")
         if b is not None:
             y += b
+        if self.plan.logit_inv_scale is not None:  # granite: ggml_scale(logits, 1 / logit_scale)
+            y *= np.float32(self.plan.logit_inv_scale)
+        if self.plan.final_softcap:  # gemma: final logit soft-capping
+            y = blocks.softcap(y, self.plan.final_softcap)
         return y
 
     def forward(self, tokens: np.ndarray, hook: Hook | None = None, logits_from: int | None = 0,
