@@ -57,14 +57,18 @@ def _f32(v: float) -> float:
 
 def swa_layers(graph: BlockGraph, get: Get, n_layer: int) -> tuple[int, list[bool]]:
     """(window, per-layer is_swa) as each arch's load_arch_hparams sets them
-    (llama-model.cpp load_swa_pattern, llama-hparams.cpp set_swa_pattern)."""
+    (llama-model.cpp load_swa_pattern, llama-hparams.cpp set_swa_pattern);
+    window 0: swa_type NONE."""
     if graph.swa == "none":
         return 0, [False] * n_layer
+    if graph.swa.startswith("n_layer_"):  # exaone4: sliding windows only for the 64-layer model (the 32B)
+        if n_layer != int(graph.swa[len("n_layer_"):]):
+            return 0, [False] * n_layer
+    elif graph.swa not in ("always", "if_window"):
+        raise ValueError(f"unknown swa kind {graph.swa!r}")
     window = int(get("attention.sliding_window", graph.swa_window) or 0)
     if graph.swa == "if_window" and window <= 0:  # gemma3/olmo2: LLAMA_SWA_TYPE_NONE
         return 0, [False] * n_layer
-    if graph.swa not in ("always", "if_window"):
-        raise ValueError(f"unknown swa kind {graph.swa!r}")
     pat = get("attention.sliding_window_pattern", None)
     if isinstance(pat, (list, tuple)) or hasattr(pat, "ndim") and getattr(pat, "ndim", 0):
         flags = [bool(x) for x in pat]
@@ -96,6 +100,10 @@ def make_plan(graph: BlockGraph, get: Get, hp) -> Plan:
         rope: Rope | None = (local if is_swa[il] else glob) if rope_on else None
         if graph.nope_every and (il + 1) % graph.nope_every == 0:  # smollm3.cpp use_rope
             rope = None
+        if graph.nope == "full_when_swa" and window and not is_swa[il]:  # exaone4.cpp use_rope
+            rope = None
+        elif graph.nope not in (None, "full_when_swa"):
+            raise ValueError(f"unknown nope kind {graph.nope!r}")
         layers.append(LayerPlan(window if is_swa[il] else 0, rope))
 
     def num(key: str | None, default: float) -> float:
