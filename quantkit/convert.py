@@ -123,6 +123,18 @@ def _layout(stream, plan, preset: str) -> tuple[dict, list]:
     return md, rows
 
 
+def _header_shape(shape, preset: str) -> tuple[int, ...]:
+    """The shape a tensor's header records: the converter writes numpy's (a (1, n)
+    router stays 2-D); llama-quantize writes ggml_n_dims dimensions (trailing ne of
+    1 dropped: Qwen2-MoE's ffn_gate_inp_shexp becomes 1-D)."""
+    shape = tuple(int(d) for d in shape)
+    if preset in CONVERTER_TYPES:
+        return shape
+    while len(shape) > 1 and shape[0] == 1:
+        shape = shape[1:]
+    return shape
+
+
 def _producer(source, ref, tp, imatrix: dict | None, raw_name: str | None = None) -> Callable[[], np.ndarray]:
     from . import quant
 
@@ -316,7 +328,7 @@ def convert_ladder(opts: ConvertOptions) -> list[ConvertResult]:
                     im_file = read_imatrix(opts.imatrix_path)
                     md.update(mix.imatrix_kv(str(opts.imatrix_path), im_file.datasets, n_im, im_file.chunk_count))
             used_im = getattr(plan, "imatrix", None) or mix_opts.imatrix
-            outs = [TensorOut(tp.name, tuple(tp.shape), GGMLQuantizationType(tp.qtype),
+            outs = [TensorOut(tp.name, _header_shape(tp.shape, preset), GGMLQuantizationType(tp.qtype),
                               _producer(source, refs[tp.name], tp, used_im,
                                         replicate_mod.raw_source_name(stream, refs[tp.name]) if replicate_mod else None))
                     for tp in rows]

@@ -37,11 +37,16 @@ CHECKPOINTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "SmolLM3": (("smollm3-bf16",), ("smollm3-hf",)),
     "Granite": (("granite-bf16",), ("granite-hf",)),
     "OLMo 2": (("olmo2-f32", "olmo2-bf16-mha"), ("olmo2-hf",)),
+    # mixture of experts (quantize types/bytes, llama.cpp loading, bad expert tensors: test_families_moe.py)
+    "Mixtral": (("mixtral-bf16", "mixtral-f16-sharded", "mixtral-kq"), ("mixtral-hf",)),
+    "Qwen2-MoE": (("qwen2moe-bf16", "qwen2moe-kq"), ("qwen2moe-hf",)),
+    "Qwen3-MoE": (("qwen3moe-bf16", "qwen3moe-kq"), ("qwen3moe-hf",)),
 }
 # the representative subset CI runs: every family once, each tensor dtype, both builders
 CI = [("gemma2-bf16-spm", "bf16"), ("gemma3-bf16", "bf16"), ("phi3-f32-longrope", "bf16"), ("phi4-bf16", "f16"),
       ("smollm3-bf16", "bf16"), ("granite-bf16", "bf16"), ("olmo2-bf16-mha", "f32"),
-      ("gemma3-mm-hf", "bf16"), ("phi3-hf", "f16")]
+      ("gemma3-mm-hf", "bf16"), ("phi3-hf", "f16"),
+      ("mixtral-f16-sharded", "f16"), ("qwen2moe-hf", "bf16"), ("qwen3moe-bf16", "f32")]
 ALL = [(n, t) for np_, hf in CHECKPOINTS.values() for n in np_ + hf for t in TYPES]
 CASES = ALL if FULL else CI
 
@@ -97,10 +102,10 @@ def _edited(random_checkpoint, name: str, tmp_path: Path, **changes) -> Path:
 def test_unsupported_architecture_lists_every_family(random_checkpoint, tmp_path, capsys):
     from quantkit.arch import FAMILIES
 
-    d = _edited(random_checkpoint, "olmo2-f32", tmp_path, architectures=["MixtralForCausalLM"])
+    d = _edited(random_checkpoint, "olmo2-f32", tmp_path, architectures=["DbrxForCausalLM"])
     rc, line = _convert_error(d, tmp_path, capsys)
     assert rc == 4, line  # README: exit 4, unsupported
-    assert "MixtralForCausalLM" in line
+    assert "DbrxForCausalLM" in line
     for arch in FAMILIES:
         assert arch in line
 

@@ -17,13 +17,14 @@ from typing import Any
 
 from ..errors import InputError, UnsupportedError
 from ..model import ModelStream
-from . import gemma, granite, llama, olmo, phi, qwen, smollm3
+from . import gemma, granite, llama, mixtral, olmo, phi, qwen, qwen_moe, smollm3
 from .graph import BlockGraph
 from .spec import Family
 
 # every family, in the order docs/families.md lists them
 SPECS: tuple[Family, ...] = (*llama.FAMILIES, *qwen.FAMILIES, *gemma.FAMILIES, *phi.FAMILIES,
-                             *smollm3.FAMILIES, *granite.FAMILIES, *olmo.FAMILIES)
+                             *smollm3.FAMILIES, *granite.FAMILIES, *olmo.FAMILIES,
+                             *mixtral.FAMILIES, *qwen_moe.FAMILIES)
 
 # HF architecture name -> its family (callable: FAMILIES[name](source, vocab_pre) -> spec.Model)
 FAMILIES: dict[str, Family] = {name: fam for fam in SPECS for name in fam.hf_architectures}

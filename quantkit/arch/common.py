@@ -47,7 +47,15 @@ HPARAM_KEYS: dict[str, tuple[str, ...]] = {
     "local_rope_theta": ("local_rope_theta", "rope_local_theta", "rope_theta_local", "swa_rope_theta", "rope_local_base_freq"),
     "partial_rotary_factor": ("partial_rotary_factor", "rope_pct", "rope_percent"),
     "original_max_position_embeddings": ("original_max_position_embeddings",),
+    "expert_count": ("num_local_experts", "num_experts", "n_routed_experts"),
+    "expert_used_count": ("num_experts_per_tok", "num_experts_per_token", "top_k_experts"),
+    "expert_gating_func": ("score_function", "scoring_func", "score_func", "moe_router_activation",
+                           "moe_router_activation_func", "expert_selection_fn"),
 }
+# score function -> gguf's ExpertGatingFuncType member (sqrtsoftplus: newer gguf-py only)
+_GATING = {k: getattr(gguf.ExpertGatingFuncType, v) for k, v in
+           (("sigmoid", "SIGMOID"), ("softmax", "SOFTMAX"), ("sqrtsoftplus", "SQRTSOFTPLUS"))
+           if hasattr(gguf.ExpertGatingFuncType, v)}
 
 # Keys transformers' config classes compute when config.json leaves them out or null.
 _COMPUTED: dict[str, Callable[[dict[str, Any]], Any]] = {
@@ -166,6 +174,18 @@ def add_text_parameters(w: GGUFWriter, hp: dict[str, Any], block_count: int, rop
         w.add_layer_norm_rms_eps(v)
     if (v := find_hparam(hp, "norm_eps")) is not None:
         w.add_layer_norm_eps(v)
+    if (v := find_hparam(hp, "expert_count")) is not None:
+        w.add_expert_count(v)
+    if (v := find_hparam(hp, "expert_used_count")) is not None:
+        w.add_expert_used_count(v)
+    if (v := hp.get("n_group")) is not None:
+        w.add_expert_group_count(v)
+    if (v := hp.get("topk_group")) is not None:
+        w.add_expert_group_used_count(v)
+    if (v := find_hparam(hp, "expert_gating_func")) is not None:
+        if v not in _GATING:
+            raise InputError(f"config.json: expert score function {v!r} is not one of {', '.join(_GATING)}")
+        w.add_expert_gating_func(_GATING[v])
     if (v := hp.get("head_dim")) is not None:
         w.add_key_length(v)
         w.add_value_length(v)
@@ -321,9 +341,14 @@ def hf_name_filter(name: str) -> str:
     return name.replace("language_model.", "")
 
 
+# 2-D weights the converter always writes as F32 (MoE routers), by GGUF name suffix
+_F32_WEIGHTS = (".ffn_gate_inp.weight", ".ffn_gate_inp_shexp.weight")
+
+
 def converter_keeps_f32(name: str, shape: Sequence[int]) -> bool:
-    """Tensors convert_hf_to_gguf.py always writes as F32: 1-D, norms, non-weights."""
-    return len(shape) <= 1 or name.endswith("_norm.weight") or name[-7:] not in (".weight", ".lora_a", ".lora_b")
+    """Tensors convert_hf_to_gguf.py always writes as F32: 1-D, norms, routers, non-weights."""
+    return (len(shape) <= 1 or name.endswith("_norm.weight") or name.endswith(_F32_WEIGHTS)
+            or name[-7:] not in (".weight", ".lora_a", ".lora_b"))
 
 
 def mapped(ref: TensorRef, new_name: str, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> TensorRef:

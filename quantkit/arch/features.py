@@ -16,7 +16,7 @@ from ..errors import InputError, UnsupportedError
 from ..sources.base import TensorRef
 from . import vocab
 from .common import add_text_parameters, tensor_name
-from .spec import Model, TensorRule
+from .spec import ExpertStack, Model, TensorRule
 
 T = MODEL_TENSOR
 
@@ -132,6 +132,71 @@ def always_optional_output(m: Model) -> set[str]:
 LLAMA_SHAPES = (top, pre_norms, attention, gated_ffn)
 
 
+# ---------------------------------------------------------------- mixture of experts
+# Routers (ffn_gate_inp, ffn_gate_inp_shexp) stay F32 in the converter's file
+# (common.converter_keeps_f32); the experts of a block are one 3-D tensor per
+# projection, experts along numpy axis 0 (ggml ne[2]).
+
+def experts(m: Model, b: int | None, n_ff: int) -> dict:
+    """ffn_gate_inp (router) and the stacked ffn_{gate,up,down}_exps of one block."""
+    e, n = m.dims.n_embd, m.expert_count()
+    return {tensor_name(T.FFN_GATE_INP, b): (n, e), tensor_name(T.FFN_GATE_EXP, b): (n, n_ff, e),
+            tensor_name(T.FFN_UP_EXP, b): (n, n_ff, e), tensor_name(T.FFN_DOWN_EXP, b): (n, e, n_ff)}
+
+
+def shared_expert(m: Model, b: int | None, n_ff: int) -> dict:
+    """Qwen MoE's always-on expert and its sigmoid gate (one row)."""
+    e = m.dims.n_embd
+    return {tensor_name(T.FFN_GATE_INP_SHEXP, b): (1, e), tensor_name(T.FFN_GATE_SHEXP, b): (n_ff, e),
+            tensor_name(T.FFN_UP_SHEXP, b): (n_ff, e), tensor_name(T.FFN_DOWN_SHEXP, b): (e, n_ff)}
+
+
+def moe_ffn(m: Model, b: int | None) -> dict:
+    """Every block routed, experts as wide as intermediate_size (Mixtral)."""
+    return {} if b is None else experts(m, b, m.dims.n_ff)
+
+
+def qwen_moe_sparse(m: Model, b: int) -> bool:
+    """Qwen2MoeDecoderLayer: routed unless in mlp_only_layers or off the decoder_sparse_step grid."""
+    step = m.hp.get("decoder_sparse_step") or 1
+    return b not in (m.hp.get("mlp_only_layers") or ()) and m.expert_count() > 0 and (b + 1) % step == 0
+
+
+def qwen_moe_ffn(m: Model, b: int | None) -> dict:
+    """Routed experts of moe_intermediate_size (+ the shared expert when the config has one);
+    dense layers (mlp_only_layers, decoder_sparse_step) a gated FFN of intermediate_size."""
+    if b is None:
+        return {}
+    if not qwen_moe_sparse(m, b):
+        return gated_ffn(m, b)
+    out = experts(m, b, m.hp["moe_intermediate_size"])
+    if (shared := m.hp.get("shared_expert_intermediate_size")):
+        out.update(shared_expert(m, b, shared))
+    return out
+
+
+MIXTRAL_EXPERTS = ExpertStack(
+    trigger="block_sparse_moe.experts",
+    pattern=r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight",
+    projections=("w1", "w2", "w3"), merged="layers.{bid}.feed_forward.experts.{proj}.weight",
+    count_keys=("num_local_experts",),
+    reason="LlamaModel.modify_tensors stacks a block's experts once all of them are read (w1, w2, w3 order)")
+QWEN_MOE_EXPERTS = ExpertStack(
+    trigger="experts",
+    pattern=r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(down_proj|gate_proj|up_proj)\.weight",
+    projections=("down_proj", "gate_proj", "up_proj"), merged="model.layers.{bid}.mlp.experts.{proj}.weight",
+    count_keys=("num_local_experts", "num_experts"),
+    reason="Qwen2MoeModel.modify_tensors stacks a block's experts once all of them are read (down, gate, up order)")
+
+
+def expert_ff_params(m: Model, w: GGUFWriter) -> None:
+    """Qwen2MoeModel.set_gguf_parameters' additions: expert and shared-expert widths."""
+    if (v := m.hp.get("moe_intermediate_size")) is not None:
+        w.add_expert_feed_forward_length(v)
+    if (v := m.hp.get("shared_expert_intermediate_size")) is not None:
+        w.add_expert_shared_feed_forward_length(v)
+
+
 # ---------------------------------------------------------------- tensor rules
 
 def permute_qk(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
@@ -179,12 +244,13 @@ def llama_params(m: Model, w: GGUFWriter) -> None:
     w.add_rope_dimension_count(rope_dim)
 
 
-def llama3_rope_factors(rope: dict[str, Any], dim: int) -> np.ndarray:
-    """rope_freqs for rope_type "llama3", float32 throughout as the converter computes it."""
+def llama3_rope_factors(rope: dict[str, Any], dim: int, default_factor: float = 8.0) -> np.ndarray:
+    """rope_freqs for rope_type "llama3", float32 throughout as the converter computes it
+    (``default_factor``: the converter's default for a missing factor; Exaone4Model's is 16)."""
     f32 = np.float32
     base = rope.get("rope_theta", 10000.0)
     freqs = f32(1.0) / (f32(base) ** (np.arange(0, dim, 2, dtype=f32) / f32(dim)))
-    factor = rope.get("factor", 8.0)
+    factor = rope.get("factor", default_factor)
     low = rope.get("low_freq_factor", 1.0)
     high = rope.get("high_freq_factor", 4.0)
     old_ctx = rope.get("original_max_position_embeddings", 8192)

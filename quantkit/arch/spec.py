@@ -60,6 +60,38 @@ class TensorRule:
 
 
 @dataclass(frozen=True)
+class ExpertStack:
+    """The converter's merge of per-expert 2-D HF tensors into one 3-D tensor
+    per block and projection (LlamaModel / Qwen2MoeModel.modify_tensors): every
+    HF name containing ``trigger`` is held back until the block has all
+    ``n_expert * len(projections)`` of them, then the merged tensors are
+    emitted there, in ``projections`` order, stacked by expert index.
+    ``pattern`` parses a held-back name into (block, expert, projection);
+    ``merged`` names the merged HF tensor (``{bid}``, ``{proj}``)."""
+    trigger: str
+    pattern: str
+    projections: tuple[str, ...]
+    merged: str
+    count_keys: tuple[str, ...]      # config keys holding the expert count, first set wins
+    reason: str
+
+
+# (model, ref) -> [(HF name, shape, fn)] or None: one HF tensor becomes several (fused gate_up split)
+Split = Callable[["Model", TensorRef], "list[tuple[str, tuple[int, ...], Callable[[np.ndarray], np.ndarray]]] | None"]
+
+
+@dataclass(frozen=True)
+class QuantRules:
+    """llama-quantize's per-architecture facts (src/llama-quant.cpp), read by
+    mixrules through arch.quant_rules: name substrings never quantized for this
+    arch, and the tensor categories that count as experts for MXFP4_MOE's split
+    (None: every 3-D tensor with more than one expert)."""
+    never_quantized: tuple[str, ...] = ()
+    expert_categories: frozenset[str] | None = None   # mixrules.Cat values ("ffn_up", ...)
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class Export:
     """The way back (quantkit export): config.json's architecture and model_type,
     whether the Q/K row permutation is undone, and keys config.json gets as is."""
@@ -86,10 +118,16 @@ class Family:
     dims: Callable[[dict[str, Any]], Dims] | None = None    # default: llama_dims
     dropped_config_keys: tuple[str, ...] = ()   # keys the converter ignores (granite: head_dim)
     adjust: Callable[[dict[str, Any]], None] | None = None  # the config class's own rewrites (phi3: rope type)
+    # True when transformers' config class raises on this config (hparams with defaults in): the converter
+    # then reads config.json as it is, no class defaults (exaone4: a string sliding_window_pattern)
+    config_fails: Callable[[dict[str, Any]], bool] | None = None
     dropped_tensors: tuple[str, ...] = ()       # HF tensor names the converter skips
     rules: tuple[TensorRule, ...] = ()
     generated: tuple[Callable[["Model", GGUFWriter], list[TensorRef]], ...] = ()  # generate_extra_tensors
     export: Export | None = None
+    stacks: tuple[ExpertStack, ...] = ()        # per-expert tensors merged into 3-D ones
+    splits: tuple[tuple[str, Split, str], ...] = ()  # (pattern, split, reason): one HF tensor -> several
+    quant: QuantRules = QuantRules()            # llama-quantize's rules for this arch
 
     def __call__(self, source: Any, vocab_pre: str | None = None) -> "Model":
         return Model(self, source, vocab_pre)
@@ -121,9 +159,12 @@ class Model:
         if config is None:
             raise InputError(f"{source.path}: no config.json")
         hp = effective_hparams(config, spec.config_defaults, spec.computed)
+        raw = spec.config_fails is not None and spec.config_fails(hp)
+        if raw:  # ModelBase.load_hparams: AutoConfig failed, "Trying to load config.json instead"
+            hp = effective_hparams(config, {}, ())
         for k in spec.dropped_config_keys:
             hp.pop(k, None)
-        if spec.adjust is not None:
+        if spec.adjust is not None and not raw:
             spec.adjust(hp)
         self.hp = hp
         self.block_count = require_int(hp, "num_hidden_layers")
@@ -177,19 +218,37 @@ class Model:
         with quiet_gguf_logs():
             out = [t for g in self.spec.generated for t in g(self, self.writer)]
         seen: dict[str, str] = {}
+        held = _Experts(self) if self.spec.stacks else None
+
+        def emit(ref: TensorRef, hf: str, origin: str) -> None:
+            new = self.tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
+            if new is None:
+                raise InputError(f"tensor {origin!r} is not part of a {self.spec.arch_name} model")
+            if new in seen:
+                raise InputError(f"tensors {seen[new]!r} and {origin!r} both map to {new!r}")
+            seen[new] = origin
+            out.append(self._mapped(ref, hf, new))
+
         for ref in self.source.tensors():
             if skip_hf_tensor(ref.name):
                 continue
             hf = hf_name_filter(ref.name)
             if hf in self.spec.dropped_tensors:
                 continue
-            new = self.tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
-            if new is None:
-                raise InputError(f"tensor {ref.name!r} is not part of a {self.spec.arch_name} model")
-            if new in seen:
-                raise InputError(f"tensors {seen[new]!r} and {ref.name!r} both map to {new!r}")
-            seen[new] = ref.name
-            out.append(self._mapped(ref, hf, new))
+            parts = self._split(ref, hf)
+            if parts is not None:
+                for name, part in parts:
+                    emit(part, name, ref.name)
+                continue
+            if held is not None:
+                merged = held.add(ref, hf)
+                if merged is not None:
+                    for name, m in merged:
+                        emit(m, name, name)
+                    continue
+            emit(ref, hf, ref.name)
+        if held is not None:
+            held.finish()
         exp, optional = self.expected()
         have = {t.name: (t, seen.get(t.name, t.name)) for t in out}
         for name, shape in exp.items():
@@ -202,6 +261,23 @@ class Model:
             if tuple(t.shape) != tuple(shape):
                 raise InputError(f"tensor {hf!r} has shape {list(t.shape)}, the config implies {list(shape)}")
         return out
+
+    def _split(self, ref: TensorRef, hf: str) -> "list[tuple[str, TensorRef]] | None":
+        for pattern, split, _ in self.spec.splits:
+            if re.search(pattern, hf):
+                got = split(self, TensorRef(hf, tuple(ref.shape), ref.dtype, ref.loader))
+                if got is not None:
+                    return [(name, TensorRef(name, shape, ref.dtype, lambda r=ref, f=fn: f(r.load())))
+                            for name, shape, fn in got]
+        return None
+
+    def expert_count(self) -> int:
+        for st in self.spec.stacks:
+            for k in st.count_keys:
+                if self.hp.get(k) is not None:
+                    return require_int(self.hp, k)
+            raise InputError(f"config.json: {st.count_keys[0]} is not set; {self.spec.name} models need it")
+        raise InputError(f"{self.spec.name} has no experts")
 
     def _hf_hint(self, gguf_name: str) -> str:
         base, _, suffix = gguf_name.rpartition(".")
@@ -225,3 +301,75 @@ class Model:
             self.spec.vocab(self, w)
         # the stream's name (default output file names) is the checkpoint's: directory or repo name
         return recorded(w), fallback
+
+
+class _Experts:
+    """Per-expert tensors held back until their block is complete (ExpertStack)."""
+
+    def __init__(self, m: Model):
+        self.m = m
+        self.n = m.expert_count()
+        self.blocks: dict[tuple[int, int], dict[tuple[int, str], TensorRef]] = {}
+        self.last: dict[tuple[int, int], str] = {}  # an HF name held in that block (to name a missing one)
+
+    def add(self, ref: TensorRef, hf: str) -> "list[tuple[str, TensorRef]] | None":
+        for si, st in enumerate(self.m.spec.stacks):
+            if st.trigger not in hf:
+                continue
+            mt = re.fullmatch(st.pattern, hf)
+            if mt is None:
+                raise InputError(f"tensor {ref.name!r} is not a per-expert tensor of a {self.m.spec.name} model "
+                                 f"(expected {st.pattern})")
+            bid, xid, proj = int(mt.group(1)), int(mt.group(2)), mt.group(3)
+            if mt.group(2) != str(xid):
+                raise InputError(f"tensor {ref.name!r}: expert index {mt.group(2)!r} is not the converter's "
+                                 f"numbering (experts.{xid})")
+            if not 0 <= bid < self.m.block_count:
+                raise InputError(f"tensor {ref.name!r}: block {bid} outside [0, {self.m.block_count}) "
+                                 f"(config num_hidden_layers={self.m.block_count})")
+            if not 0 <= xid < self.n:
+                raise InputError(f"tensor {ref.name!r}: expert {xid} outside [0, {self.n}) "
+                                 f"(config {self._key(st)}={self.n})")
+            held = self.blocks.setdefault((si, bid), {})
+            if (xid, proj) in held:
+                raise InputError(f"tensor {ref.name!r} appears twice in the checkpoint")
+            held[(xid, proj)] = ref
+            self.last[(si, bid)] = hf
+            if len(held) < self.n * len(st.projections):
+                return []
+            del self.blocks[(si, bid)]
+            return [self._merge(st, bid, p, [held[(x, p)] for x in range(self.n)]) for p in st.projections]
+        return None
+
+    def _key(self, st: ExpertStack) -> str:
+        return next((k for k in st.count_keys if self.m.hp.get(k) is not None), st.count_keys[0])
+
+    def _merge(self, st: ExpertStack, bid: int, proj: str, refs: list[TensorRef]) -> tuple[str, TensorRef]:
+        shape = tuple(refs[0].shape)
+        for r in refs[1:]:
+            if tuple(r.shape) != shape:
+                raise InputError(f"tensor {r.name!r} has shape {list(r.shape)}, expert 0's is {list(shape)}")
+        dtypes = {r.dtype for r in refs}
+        dtype = refs[0].dtype if len(dtypes) == 1 else "F32"
+        name = st.merged.format(bid=bid, proj=proj)
+
+        def load(refs=tuple(refs)):
+            return np.stack([r.load() for r in refs], axis=0)
+
+        return name, TensorRef(name, (len(refs), *shape), dtype, load)
+
+    def finish(self) -> None:
+        """Experts a block is still waiting for: the first missing one is named."""
+        for (si, bid), held in sorted(self.blocks.items()):
+            st = self.m.spec.stacks[si]
+            for x in range(self.n):
+                for p in st.projections:
+                    if (x, p) not in held:
+                        some = self.last[(si, bid)]
+                        mt = re.fullmatch(st.pattern, some)
+                        assert mt is not None
+                        (a, b), (c, d) = mt.span(2), mt.span(3)
+                        hf = some[:a] + str(x) + some[b:c] + p + some[d:]
+                        raise InputError(f"tensor {hf!r} is missing from the checkpoint (block {bid} has "
+                                         f"{len(held)} of its {self.n * len(st.projections)} expert tensors; "
+                                         f"config {self._key(st)}={self.n})")

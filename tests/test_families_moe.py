@@ -1,0 +1,207 @@
+"""Mixture-of-experts families (issue 10): Mixtral (GGUF ``llama`` with experts),
+Qwen2-MoE (``qwen2moe``: shared expert + its sigmoid gate), Qwen3-MoE (``qwen3moe``).
+
+Conversion parity with llama.cpp's converter (BF16/F16/F32, numpy-built,
+transformers-built and sharded checkpoints) runs in tests/test_families.py
+from its CHECKPOINTS table. Here, on the 256-wide "-kq" checkpoints (K-quant
+rows, mixtral-kq with 8 experts so llama.cpp's 8-expert rules apply):
+
+- every preset's per-tensor types from the checkpoint equal
+  llama_model_quantize's dry run on the converter's F32 GGUF (router, expert,
+  shared-expert rules);
+- whole-file bytes of Q4_K_M and MXFP4_MOE equal llama_model_quantize's from
+  that F32 GGUF (Q2_K and Q6_K too with QUANTKIT_FULL_PARITY=1);
+- llama-cpp-python loads our F16 and Q4_K_M files and evaluates tokens;
+- bad expert tensors and MoE config keys are named in one line, exit 3, nothing written.
+"""
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gguf_compare import diff
+from llama_oracle import DRY_RUN_NEEDS_IMATRIX, llama_dry_run, llama_quantize
+from quantkit import mix
+from quantkit.cli import main
+from quantkit.convert import ConvertOptions, convert
+from quantkit.mixrules import Preset
+
+VOCAB_PRE = "smollm"
+FULL = bool(os.environ.get("QUANTKIT_FULL_PARITY"))
+KQ = {"Mixtral": "mixtral-kq", "Qwen2-MoE": "qwen2moe-kq", "Qwen3-MoE": "qwen3moe-kq"}
+PRESETS = [p.name for p in Preset]
+BYTES_PRESETS = ["Q4_K_M", "MXFP4_MOE"] + (["Q2_K", "Q6_K"] if FULL else [])
+
+
+@pytest.fixture(scope="module")
+def f32_ref(random_checkpoint, reference_gguf):
+    """model -> (checkpoint dir, the reference converter's F32 GGUF of it)."""
+    def get(name: str):
+        ckpt = random_checkpoint(name)
+        return ckpt, reference_gguf(ckpt, "f32", VOCAB_PRE)
+    return get
+
+
+# ------------------------------------------------------------------ per-tensor types
+
+@pytest.mark.parametrize("name", list(KQ.values()))
+def test_every_preset_types_match_llama_quantize_dry_run(name, f32_ref, tmp_path):
+    ckpt, ref = f32_ref(name)
+    for preset in PRESETS:
+        ftype = mix.resolve_preset(preset).ftype
+        rc, got, log = llama_dry_run(ref, ftype)
+        assert rc == 0, preset
+        res = convert(ConvertOptions(src=str(ckpt), type=preset, out=tmp_path / f"{preset}.gguf", dry_run=True,
+                                     vocab_pre=VOCAB_PRE, quiet=True))
+        ours = {tp.name: tp for tp in res.plan}
+        assert set(ours) == set(got), preset
+        bad = [(n, ours[n].qtype.name, got[n], ours[n].reason) for n in ours if ours[n].qtype.name != got[n]]
+        assert not bad, f"{preset}: {len(bad)} types differ (name, ours, llama, rule): {bad[:6]}"
+        needs = any("needs an importance matrix" in n for n in res.notes)
+        assert needs == (DRY_RUN_NEEDS_IMATRIX in log), preset
+        assert not (tmp_path / f"{preset}.gguf").exists()
+    # the expert rules were exercised: routers kept F32, experts quantized, MXFP4 only on experts
+    assert ours["blk.0.ffn_gate_inp.weight"].qtype.name == "F32"
+
+
+# ------------------------------------------------------------------ whole-file bytes
+
+CASES = [(m, p) for m in KQ.values() for p in BYTES_PRESETS]
+
+
+@pytest.mark.parametrize("name,preset", CASES, ids=[f"{m}-{p}" for m, p in CASES])
+def test_bytes_match_llama_quantize(name, preset, f32_ref, tmp_path):
+    """checkpoint -> PRESET in one step == converter F32 GGUF -> llama_model_quantize."""
+    ckpt, ref = f32_ref(name)
+    theirs = tmp_path / "llama.gguf"
+    assert llama_quantize(ref, theirs, mix.resolve_preset(preset).ftype) == 0
+    ours = tmp_path / "ours.gguf"
+    res = convert(ConvertOptions(src=str(ckpt), type=preset, out=ours, vocab_pre=VOCAB_PRE, threads=2, quiet=True))
+    types = {tp.qtype.name for tp in res.plan if "_exps." in tp.name}
+    if preset == "MXFP4_MOE":
+        assert types == {"MXFP4"}
+    assert diff(ours, theirs) == []
+    assert filecmp.cmp(ours, theirs, shallow=False)
+
+
+# ------------------------------------------------------------------ llama.cpp runs them
+
+@pytest.mark.parametrize("name", list(KQ.values()))
+def test_llama_cpp_loads_f16_and_q4_k_m(name, random_checkpoint, tmp_path):
+    from llama_cpp import Llama
+
+    from llama_oracle import _quiet
+
+    _quiet()
+    ckpt = random_checkpoint(name)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    for t in ("F16", "Q4_K_M"):
+        out = tmp_path / f"{t}.gguf"
+        convert(ConvertOptions(src=str(ckpt), type=t, out=out, vocab_pre=VOCAB_PRE, threads=2, quiet=True))
+        llm = Llama(model_path=str(out), n_ctx=64, n_batch=64, logits_all=True, n_threads=2, verbose=False)
+        try:
+            assert llm.n_vocab() == cfg["vocab_size"]
+            toks = llm.tokenize(b"def f(x): return x * 2", add_bos=False)
+            llm.eval(toks)
+            logits = np.asarray(llm.scores[: len(toks)])
+        finally:
+            llm.close()
+        assert logits.shape == (len(toks), cfg["vocab_size"]) and np.isfinite(logits).all(), t
+        assert logits.std() > 0, t
+
+
+# ------------------------------------------------------------------ bad input
+
+def _convert_error(d: Path, tmp_path: Path, capsys) -> tuple[int, str]:
+    out = tmp_path / "o.gguf"
+    capsys.readouterr()
+    rc = main(["convert", str(d), "--type", "Q4_K_M", "-o", str(out), "--vocab-pre", VOCAB_PRE])
+    cap = capsys.readouterr()
+    lines = [ln for ln in cap.err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), cap.err
+    assert cap.out == ""
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".gguf" in p.name]
+    return rc, lines[0]
+
+
+def _rewritten(random_checkpoint, name: str, tmp_path: Path, edit) -> Path:
+    """A copy of the checkpoint with its tensors passed through edit([(name, array)]) (one F32 file)."""
+    from quantkit.sources import open_source
+    from quantkit.sources.safetensors_ import write_safetensors
+
+    d = tmp_path / name
+    shutil.copytree(random_checkpoint(name), d)
+    with open_source(str(d)) as src:
+        arrays = edit([(t.name, t.load()) for t in src.tensors()])
+    for p in list(d.glob("*.safetensors")) + list(d.glob("*.safetensors.index.json")):
+        p.unlink()
+    write_safetensors(d / "model.safetensors", [(n, "F32", a.shape, (lambda a=a: a)) for n, a in arrays],
+                      metadata={"format": "pt"})
+    return d
+
+
+MISSING = [("mixtral-f16-sharded", "model.layers.1.block_sparse_moe.experts.2.w2.weight"),
+           ("qwen2moe-bf16", "model.layers.0.mlp.experts.3.up_proj.weight")]
+
+
+@pytest.mark.parametrize("name,drop", MISSING)
+def test_missing_expert_tensor_is_named(name, drop, random_checkpoint, tmp_path, capsys):
+    d = _rewritten(random_checkpoint, name, tmp_path, lambda ts: [(n, a) for n, a in ts if n != drop])
+    rc, line = _convert_error(d, tmp_path, capsys)
+    assert rc == 3 and drop in line and "missing" in line, line
+
+
+@pytest.mark.parametrize("name,old,new", [
+    ("mixtral-bf16", "experts.3.", "experts.4."),      # 4 experts: index 4 is out of range (and 3 is missing)
+    ("qwen3moe-bf16", "experts.7.", "experts.07."),    # not the converter's numbering
+])
+def test_misnumbered_expert_tensor_is_named(name, old, new, random_checkpoint, tmp_path, capsys):
+    def edit(ts):
+        return [(n.replace(old, new) if n.startswith("model.layers.1.") else n, a) for n, a in ts]
+
+    d = _rewritten(random_checkpoint, name, tmp_path, edit)
+    rc, line = _convert_error(d, tmp_path, capsys)
+    assert rc == 3 and "model.layers.1." in line and new in line, line
+
+
+def test_expert_of_another_shape_is_named(random_checkpoint, tmp_path, capsys):
+    bad = "model.layers.0.block_sparse_moe.experts.1.w3.weight"
+    d = _rewritten(random_checkpoint, "mixtral-bf16", tmp_path,
+                   lambda ts: [(n, a[:-1] if n == bad else a) for n, a in ts])
+    rc, line = _convert_error(d, tmp_path, capsys)
+    assert rc == 3 and bad in line, line
+
+
+@pytest.mark.parametrize("name,key", [
+    ("mixtral-bf16", "num_local_experts"), ("mixtral-bf16", "num_experts_per_tok"),
+    ("qwen2moe-bf16", "num_experts"), ("qwen2moe-bf16", "moe_intermediate_size"),
+    ("qwen3moe-bf16", "num_experts_per_tok"),
+])
+def test_moe_config_key_is_named(name, key, random_checkpoint, tmp_path, capsys):
+    """Set to null (an absent key takes transformers' default, as in the converter)."""
+    d = tmp_path / name
+    shutil.copytree(random_checkpoint(name), d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[key] = None
+    (d / "config.json").write_text(json.dumps(cfg))
+    rc, line = _convert_error(d, tmp_path, capsys)
+    assert rc == 3 and key in line, line
+
+
+def test_forward_pass_refuses_moe_files(random_checkpoint, tmp_path, capsys):
+    """calibrate/perplexity do not compute experts yet: one line, exit 4, for each MoE arch."""
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 40)
+    for name in KQ.values():
+        out = tmp_path / f"{name}.gguf"
+        convert(ConvertOptions(src=str(random_checkpoint(name)), type="F16", out=out, vocab_pre=VOCAB_PRE, quiet=True))
+        capsys.readouterr()
+        rc = main(["perplexity", str(out), "--text", str(text), "--ctx", "16", "--chunks", "1"])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert rc == 4 and len(err) == 1 and err[0].startswith("error: "), (name, err)
