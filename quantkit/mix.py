@@ -24,11 +24,12 @@ from gguf import GGMLQuantizationType
 from .errors import InputError, UnsupportedError, UsageError
 from .mixrules import (
     ALIASES, ATTN_K, ATTN_OUTPUT, ATTN_OUTPUT_8_EXPERTS, ATTN_OUTPUT_FALCON, ATTN_K_8_EXPERTS, ATTN_Q, ATTN_V,
-    ATTN_V_70B_BUMP, ATTN_V_8_EXPERTS, ATTN_V_LIKE, EXPERT_CATS_BY_ARCH, EXPERT_SPLIT, FALLBACK, FFN_DOWN,
+    ATTN_V_70B_BUMP, ATTN_V_8_EXPERTS, ATTN_V_LIKE, EXPERT_SPLIT, FFN_DOWN,
     FFN_GATE, FFN_UP, IQ_LOW, IQ_LOW_ATTN_K_8_EXPERTS, IQ_LOW_ATTN_OUTPUT, IQ_LOW_ATTN_OUTPUT_8_EXPERTS,
-    IQ_LOW_ATTN_V, IQ_LOW_FFN_DOWN, IS_70B, TOKEN_EMBD, Cat, Ctx, Preset, allows_quantization, block_size,
-    category, is_quantized, n_dims, output_rule, requires_imatrix, writable_types,
+    IQ_LOW_ATTN_V, IQ_LOW_FFN_DOWN, IS_70B, TOKEN_EMBD, Cat, Ctx, Preset, allows_quantization, expert_categories,
+    category, n_dims, output_rule, requires_imatrix,
 )
+from .quant import block_size, fit_row, fits, is_quantized, nbytes, writable
 from .model import ModelStream
 
 T = GGMLQuantizationType
@@ -70,9 +71,7 @@ class TensorPlan:
 
     @property
     def n_bytes(self) -> int:
-        n_per_row = int(self.shape[-1]) if self.shape else 1
-        bs, ts = _sizes(self.qtype)
-        return self.n_elements // n_per_row * (n_per_row // bs * ts)
+        return nbytes(self.qtype, self.shape)
 
 
 @dataclass
@@ -90,12 +89,6 @@ class Plan:
     @property
     def n_fallback(self) -> int:
         return sum(1 for t in self.tensors if t.wanted is not None)
-
-
-def _sizes(t: T) -> tuple[int, int]:
-    from gguf import GGML_QUANT_SIZES
-
-    return GGML_QUANT_SIZES[t]
 
 
 # ---------------------------------------------------------------- parsing ---
@@ -117,7 +110,7 @@ def parse_type(name: str, option: str) -> GGMLQuantizationType:
         t = T[str(name).strip().upper()]
     except KeyError:
         t = None
-    ok_types = writable_types()
+    ok_types = writable()
     if t is None or t not in ok_types:
         ok = ", ".join(sorted(x.name for x in ok_types))
         raise UsageError(f"{option}: invalid tensor type {name!r}; choose one of: {ok}")
@@ -243,15 +236,11 @@ def _stored_type(dtype: str, name: str) -> T:
 
 
 def fallback(t: T, ncols: int, name: str) -> T:
-    """tensor_type_fallback: a type whose block divides the row, else F16."""
-    if ncols % block_size(t) == 0:
-        return t
-    nt = FALLBACK.get(t)
-    if nt is None:
-        if block_size(t) > 32:
-            raise UnsupportedError(f"tensor {name!r}: no fallback type for {t.name} (row of {ncols})")
-        nt = t
-    return nt if ncols % block_size(nt) == 0 else T.F16
+    """tensor_type_fallback (quant.fit_row): a type whose block divides the row, else F16."""
+    try:
+        return fit_row(t, ncols)
+    except UnsupportedError as e:
+        raise UnsupportedError(f"tensor {name!r}: {e}") from None
 
 
 # ------------------------------------------------------------------ plan ---
@@ -332,7 +321,7 @@ class _Chooser:
             return nt, f"{what} rule ({why})"
         if p in EXPERT_SPLIT:
             experts, rest = EXPERT_SPLIT[p]
-            cats = EXPERT_CATS_BY_ARCH.get(m.arch)
+            cats = expert_categories(m.arch)
             if len(shape) >= 3 and shape[-3] > 1 and (cats is None or cat in cats):
                 return experts, f"{p.name}: expert tensor"
             return rest, f"{p.name}: not an expert tensor"
@@ -453,7 +442,7 @@ def make_plan(stream: ModelStream, preset: str, opts: MixOptions | None = None) 
         shape = tuple(int(d) for d in r.shape)
         stored = _stored_type(r.dtype, r.name)
         t, wanted, reason = ch.choose(r.name, shape, stored)
-        if t != stored and not t in (T.F32, T.F16, T.BF16) and int(shape[-1]) % block_size(t):
+        if t != stored and not fits(t, int(shape[-1])):
             opt = "--output-tensor-type" if "output-tensor" in reason else (
                 "--token-embedding-type" if "token-embedding" in reason else "the type")
             raise UsageError(f"{opt} {t.name} does not fit tensor {r.name!r}: row of {shape[-1]} "

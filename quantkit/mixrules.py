@@ -17,7 +17,7 @@ llama.cpp's order:
     IQ_LOW_* (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ2_M: their own branch)
     ATTN_V, ATTN_K, ATTN_Q, FFN_DOWN, ATTN_OUTPUT, FFN_GATE, FFN_UP
                                            -> by preset and layer
-    FALLBACK                               -> when the row does not fit the block
+    fallback (quant.fit_row)               -> when the row does not fit the block
     REQUIRES_IMATRIX*                      -> types written only with importance data
 
 Every preset llama-quantize 0.5.0 offers is listed except Q2_0 and COPY
@@ -29,7 +29,9 @@ import enum
 from dataclasses import dataclass
 from typing import Callable
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, LlamaFileType as F
+from gguf import GGMLQuantizationType as T, LlamaFileType as F
+
+from .quant import block_size, quantize_needs_imatrix
 
 
 class Cat(enum.Enum):
@@ -91,12 +93,15 @@ NEVER_QUANTIZED_SUBSTR = (
     ".patch_embd", ".patch_merger", "a.rvq.codebook", "mm.a.code_embd",
 )
 NEVER_QUANTIZED_EXACT = ("position_embd.weight", "token_types.weight")
-NEVER_QUANTIZED_SUBSTR_BY_ARCH = {
-    "glm5-next": ("hc_", "indexer.attn_q_b", "indexer.attn_k", "indexer.proj", "indexer_compressor_gate",
-                  "indexer_compressor_ape", "ssm_f_a.weight", "ssm_f_b.weight", "ssm_g_a.weight",
-                  "ssm_g_b.weight", "ssm_beta.weight", "attn_kv_a_mqa.weight", "attn_k_b.weight",
-                  "attn_v_b.weight"),
-}
+# Per-architecture additions (glm5-next's, ...) are facts of the architecture:
+# quantkit.arch.quant_rules(arch).never_quantized (a Family's ``quant`` field,
+# or arch/quant_only.py for GGUF-only archs).
+
+
+def arch_never_quantized(arch: str) -> tuple[str, ...]:
+    from .arch import quant_rules
+
+    return quant_rules(arch).never_quantized
 
 
 def n_dims(shape: tuple[int, ...]) -> int:
@@ -118,7 +123,7 @@ def allows_quantization(name: str, shape: tuple[int, ...], arch: str, leave_outp
         return "--leave-output-tensor"
     if name in NEVER_QUANTIZED_EXACT:
         return "never quantized"
-    for sub in NEVER_QUANTIZED_SUBSTR + NEVER_QUANTIZED_SUBSTR_BY_ARCH.get(arch, ()):
+    for sub in NEVER_QUANTIZED_SUBSTR + arch_never_quantized(arch):
         if sub in name:
             return "norm" if sub == "_norm.weight" else "never quantized"
     return None
@@ -176,34 +181,6 @@ class Preset(enum.Enum):
 
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 
-FLOAT_TYPES = frozenset({T.F32, T.F16, T.BF16})
-
-
-def writable_types() -> frozenset[T]:
-    """Types a --tensor-type / --output-tensor-type / --token-embedding-type may
-    name: every type quantkit.quant has an encoder for (its registry)."""
-    from .quant import REGISTRY
-
-    return frozenset(REGISTRY)
-
-
-def is_quantized(t: T) -> bool:
-    return t not in FLOAT_TYPES and t not in (T.I8, T.I16, T.I32, T.I64, T.F64)
-
-
-def block_size(t: T) -> int:
-    """Elements per block, from quantkit.quant's registry (gguf-py's table for
-    a type quantkit has no encoder for, e.g. a stored I32)."""
-    from .quant import REGISTRY
-
-    qt = REGISTRY.get(t)
-    return qt.block_size if qt is not None else GGML_QUANT_SIZES[t][0]
-
-
-def row_bytes(t: T, n_per_row: int) -> int:
-    bs, ts = GGML_QUANT_SIZES[t]
-    return n_per_row // bs * ts
-
 
 # --- the situation a rule looks at ------------------------------------------
 @dataclass(frozen=True)
@@ -256,12 +233,17 @@ def output_rule(preset: Preset, nx: int, falcon: bool) -> tuple[T, str]:
 
 # --- MXFP4_MOE: expert tensors one type, every other quantized tensor another -
 # Applied right after the output rule, so it covers token_embd too. An expert
-# tensor is a 3-D one (ne[2] > 1); for the archs listed in EXPERT_CATS_BY_ARCH
-# only those categories count (bailingmoe3's MLA projections are 3-D too).
+# tensor is a 3-D one (ne[2] > 1); an arch may narrow that to some categories
+# (bailingmoe3's MLA projections are 3-D too): quantkit.arch.quant_rules(arch).
 EXPERT_SPLIT: dict[Preset, tuple[T, T]] = {P.MXFP4_MOE: (T.MXFP4, T.Q8_0)}  # (experts, the rest)
-EXPERT_CATS_BY_ARCH: dict[str, frozenset[Cat]] = {
-    "bailingmoe3": frozenset({Cat.FFN_UP, Cat.FFN_GATE, Cat.FFN_DOWN}),
-}
+
+
+def expert_categories(arch: str) -> frozenset[Cat] | None:
+    """The categories that count as experts for EXPERT_SPLIT (None: any 3-D tensor)."""
+    from .arch import quant_rules
+
+    cats = quant_rules(arch).expert_categories
+    return None if cats is None else frozenset(Cat(c) for c in cats)
 
 # --- token_embd.weight when not tied to the output ----------------------------
 TOKEN_EMBD: dict[Preset, Rule] = {
@@ -362,15 +344,8 @@ ATTN_OUTPUT_FALCON = {P.Q3_K_L: T.Q4_K}
 FFN_GATE: dict[Preset, Rule] = {P.IQ3_XS: lambda c: T.IQ3_XXS if c.n // 8 <= c.i < 7 * c.n // 8 else None}
 FFN_UP: dict[Preset, Rule] = {P.IQ3_XS: lambda c: T.IQ3_XXS if c.n // 8 <= c.i < 7 * c.n // 8 else None}
 
-# Row length not a multiple of the block: the type to try next (then F16). A
-# type not listed falls to F16 if its block is 32 (MXFP4), else llama.cpp
-# stops ("no tensor type fallback", e.g. Q1_0's 128 and NVFP4's 64).
-FALLBACK = {
-    T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0,
-    T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
-    T.IQ4_XS: T.IQ4_NL, T.IQ1_S: T.IQ4_NL, T.IQ1_M: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL, T.IQ2_XS: T.IQ4_NL,
-    T.IQ2_S: T.IQ4_NL, T.IQ3_XXS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL,
-}
+# Row length not a multiple of the block: each type's fallback is a column of
+# its record in quantkit.quant's registry (quant.fallback / quant.fit_row).
 
 # Model families llama.cpp calls "70B" (only that size matters for the rules):
 # arch -> predicate on (n_layer, n_head, n_head_kv)
@@ -387,15 +362,9 @@ IS_70B: dict[str, Callable[[int, int, int], bool]] = {
 # result will be garbage"): with no imatrix at all, for any tensor it would
 # quantize to them; with one, for each such tensor that changes type and has no
 # entry. token_embd, per_layer_token_embd and output are exempt by name
-# (llama-imatrix collects nothing for them). type -> why
-REQUIRES_IMATRIX_TYPES: dict[T, str] = {
-    T.IQ1_S: "1.56 bpw grid search",
-    T.IQ1_M: "1.75 bpw grid search",
-    T.IQ2_XXS: "2.06 bpw grid search",
-    T.IQ2_XS: "2.31 bpw grid search",
-    T.IQ2_S: "2.5 bpw grid search",
-    T.IQ3_XXS: "3.06 bpw grid search",
-}
+# (llama-imatrix collects nothing for them). type -> why: a column of each
+# type's record in quantkit.quant's registry.
+REQUIRES_IMATRIX_TYPES: dict[T, str] = quantize_needs_imatrix()
 # (preset, type) -> why: a type required only within one preset
 REQUIRES_IMATRIX_IN_PRESET: dict[tuple[Preset, T], str] = {
     (P.Q2_K_S, T.Q2_K): "Q2_K tensors of a Q2_K_S file (K-quants otherwise do without)",

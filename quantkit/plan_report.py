@@ -8,7 +8,9 @@ from collections import OrderedDict
 
 from gguf import LlamaFileType
 
+from .errors import UnsupportedError
 from .mix import Plan, TensorPlan
+from .quant import nbytes
 
 SCHEMA = "quantkit.plan/1"
 MiB = 1024 * 1024
@@ -22,14 +24,11 @@ def file_type_name(ft: int) -> str:
 
 
 def _src_bytes(tp: TensorPlan) -> int | None:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
+    """The tensor's bytes as stored at the source (None: a type ggml has no size for)."""
     try:
-        bs, ts = GGML_QUANT_SIZES[GGMLQuantizationType[tp.src_type]]
-    except KeyError:
+        return nbytes(tp.src_type, tp.shape)
+    except (UnsupportedError, ValueError):
         return None
-    n_per_row = int(tp.shape[-1]) if tp.shape else 1
-    return tp.n_elements // n_per_row * (n_per_row // bs * ts)
 
 
 def summary(plan: Plan) -> dict:

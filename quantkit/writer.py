@@ -54,10 +54,11 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence, Union
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
 from .errors import OutputError, UsageError
 from .model import KV
+from .quant import nbytes
 from .sources.gguf_header import SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS_COUNT, split_path
 
 GGUF_DEFAULT_ALIGNMENT = 32  # gguf-split pads every tensor to this when it measures a split
@@ -73,17 +74,7 @@ class TensorOut:
 
     @property
     def nbytes(self) -> int:
-        return tensor_nbytes(self.shape, self.qtype)
-
-
-def tensor_nbytes(shape: Sequence[int], qtype: GGMLQuantizationType) -> int:
-    block, size = GGML_QUANT_SIZES[qtype]
-    n = 1
-    for d in shape:
-        n *= int(d)
-    if n % block:
-        raise ValueError(f"{n} elements is not a multiple of {qtype.name}'s block of {block}")
-    return n // block * size
+        return nbytes(self.qtype, self.shape)
 
 
 def _pad(n: int, align: int) -> int:
@@ -456,6 +447,6 @@ def write_gguf(
         return sum(size for _, size in s.commit()[0])
 
 
-__all__ = ["TensorOut", "write_gguf", "write_tensor", "check_target", "check_output_dir", "tensor_nbytes",
+__all__ = ["TensorOut", "write_gguf", "write_tensor", "check_target", "check_output_dir",
            "OutputSet", "GGUFOutput", "SplitLimits", "split_limits", "parse_split_size", "plan_split",
            "split_base", "existing_members"]

@@ -26,6 +26,7 @@ from ..arch import graph_for
 from ..arch.graph import ROPE_NEOX, BlockGraph
 from ..errors import InputError
 from ..model import ModelStream
+from ..quant import TYPES
 from . import blocks
 from .blocks import ACTIVATIONS, Plan, silu  # noqa: F401  (silu re-exported)
 
@@ -147,14 +148,14 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_rot: int, rope
 
 
 # llama.cpp's CPU backend rounds a matmul's f32 input to the weight type's
-# vec_dot_type before the dot products (ggml-cpu type_traits_cpu[].vec_dot_type).
-# Emulating that rounding makes our logits follow llama.cpp's on quantized files.
-_Q8_0 = ("Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "MXFP4", "NVFP4", "Q1_0")
-_Q8_1 = ("Q4_1", "Q5_1")
-_Q8_K = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
-         "IQ1_S", "IQ1_M", "IQ4_XS", "TQ1_0", "TQ2_0")
-VEC_DOT_TYPE: dict[str, str] = {**{t: "q8_0" for t in _Q8_0}, **{t: "q8_0" for t in _Q8_1},
-                                **{t: "q8_k" for t in _Q8_K}, "F16": "f16", "BF16": "bf16"}
+# vec_dot_type before the dot products (ggml-cpu type_traits_cpu[].vec_dot_type,
+# the ``vec_dot`` column of quantkit.quant's type records). Emulating that
+# rounding makes our logits follow llama.cpp's on quantized files.
+# vec_dot type -> the rounding round_activations applies: Q8_1 holds Q8_0's
+# rounded values (plus their sum); F32 is not rounded.
+_ROUNDING = {"Q8_0": "q8_0", "Q8_1": "q8_0", "Q8_K": "q8_k", "F16": "f16", "BF16": "bf16"}
+VEC_DOT_TYPE: dict[str, str] = {r.name: _ROUNDING[r.vec_dot.name] for r in TYPES.values()
+                                if r.vec_dot is not None and r.vec_dot.name in _ROUNDING}
 
 
 # llama.cpp's two CPU attention paths, as they round (with the F16 KV cache):

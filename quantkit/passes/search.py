@@ -27,8 +27,22 @@ import numpy as np
 from ..errors import UsageError
 from . import replicate as R
 
-# llama.cpp's K-quant presets from small to large (reference points / default budget).
-LADDER = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "F16"]
+
+def preset_ladder() -> list[str]:
+    """llama.cpp's common presets from small to large (reference points /
+    default budget): those whose base type is on the registry's size ladder,
+    by that type's rank, then in llama-quantize's order (S, M, L); a preset
+    llama-quantize writes only with importance data (Q2_K_S) is left out."""
+    from ..mixrules import REQUIRES_IMATRIX_IN_PRESET, Preset
+    from ..quant import ladder
+
+    rank = {t: i for i, t in enumerate(ladder())}
+    needs = {p for p, _ in REQUIRES_IMATRIX_IN_PRESET}
+    return [p.name for p in sorted((p for p in Preset if p.default in rank and p not in needs),
+                                   key=lambda p: rank[p.default])]
+
+
+LADDER = preset_ladder()
 
 
 @dataclass

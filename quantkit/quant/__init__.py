@@ -3,6 +3,12 @@
     from quantkit import quant
     q = quant.quantize(x, "Q4_K", imatrix=None, name="blk.0.attn_q.weight")
     y = quant.dequantize(q, "Q4_K", x.shape)
+    quant.row_bytes("Q4_K", 4096), quant.nbytes("Q4_K", (4096, 4096))
+    quant.fallback("Q4_K"), quant.fit_row("Q4_K", 576), quant.ladder(), quant.writable()
+
+The type facts (registry.TYPES, one record per GGML type) load without numba;
+the kernel classes (the family modules) load on first use of ``REGISTRY``,
+``get_type``, ``quantize`` and the like.
 """
 from __future__ import annotations
 
@@ -11,33 +17,56 @@ from gguf import GGMLQuantizationType
 
 from ..errors import NonFiniteError, UnsupportedError
 from . import _jitcache
-from .registry import REGISTRY, QuantType
+from . import registry as _registry
+from .registry import (  # noqa: F401  (the type facts, re-exported)
+    TYPES, QuantType, TypeRecord, block_size, fallback, fit_row, fits, float_types, is_quantized, ladder, nbytes,
+    quantize_needs_imatrix, record, row_bytes, type_size,
+)
 
 _jitcache.configure()  # before any @njit(cache=True): kernels cache outside the package
 
+_loaded = False
+
+
 # Importing the family modules registers their types: every module of this
-# package not starting with "_" (a new type family = a new module). Kernels
-# compile on first call, not at import.
-def _import_families() -> None:
-    import importlib
-    import pkgutil
+# package not starting with "_" and not the registry (a new type family = a
+# new module). Kernels compile on first call, not at import.
+def _load() -> dict:
+    global _loaded
+    if not _loaded:
+        import importlib
+        import pkgutil
 
-    for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if not m.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{m.name}")
+        for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+            if not m.name.startswith("_") and m.name != "registry":
+                importlib.import_module(f"{__name__}.{m.name}")
+        want = {t for t, r in TYPES.items() if r.writable}
+        missing = sorted(t.name for t in want - set(_registry.REGISTRY))
+        assert not missing, f"types marked writable without a kernel class: {', '.join(missing)}"
+        _loaded = True
+    return _registry.REGISTRY
 
 
-_import_families()
-from . import floats  # noqa: F401,E402  (check_finite's kernel)
+def __getattr__(name: str):
+    if name == "REGISTRY":
+        return _load()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def writable() -> frozenset[GGMLQuantizationType]:
+    """Types quantkit can write (has an encoder and a decoder for)."""
+    return frozenset(_load())
+
 
 # llama-quantize spellings of the types quantkit can write.
 def type_names() -> list[str]:
-    return [t.name for t in REGISTRY]
+    return [t.name for t in _load()]
 
 
 def get_type(t: "str | GGMLQuantizationType | type[QuantType]") -> type[QuantType]:
     if isinstance(t, type) and issubclass(t, QuantType):
         return t
+    reg = _load()
     if isinstance(t, str):
         try:
             t = GGMLQuantizationType[t.upper()]
@@ -46,7 +75,7 @@ def get_type(t: "str | GGMLQuantizationType | type[QuantType]") -> type[QuantTyp
                 f"unknown tensor type {t!r}; quantkit supports: {', '.join(type_names())}"
             ) from None
     try:
-        return REGISTRY[GGMLQuantizationType(t)]
+        return reg[GGMLQuantizationType(t)]
     except KeyError:
         raise UnsupportedError(
             f"tensor type {GGMLQuantizationType(t).name} is not supported; "
@@ -67,6 +96,8 @@ def check_finite(x: np.ndarray, name: str | None = None) -> None:
     """Raise NonFiniteError naming the tensor and first bad row."""
     if not x.size:
         return
+    from . import floats
+
     if x.dtype == np.float32 and x.flags.c_contiguous:  # the common case: parallel, one pass
         ok = floats.all_finite(x.reshape(-1, x.shape[-1] if x.ndim else 1).view(np.uint32))
     else:
@@ -111,4 +142,6 @@ def dequantize(data: np.ndarray, t, shape: tuple[int, ...]) -> np.ndarray:
     return qt.dequantize_rows(data, n_per_row).reshape(shape)
 
 
-__all__ = ["REGISTRY", "QuantType", "get_type", "quantize", "dequantize", "set_threads", "check_finite", "type_names"]
+__all__ = ["REGISTRY", "TYPES", "QuantType", "TypeRecord", "get_type", "quantize", "dequantize", "set_threads",
+           "check_finite", "type_names", "writable", "record", "block_size", "type_size", "fits", "row_bytes",
+           "nbytes", "is_quantized", "float_types", "fallback", "fit_row", "ladder", "quantize_needs_imatrix"]

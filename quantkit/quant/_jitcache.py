@@ -18,6 +18,7 @@ install and an editable checkout never read each other's entries.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -49,8 +50,8 @@ def configure() -> Path:
         uid = os.getuid() if hasattr(os, "getuid") else "user"
         d = Path(tempfile.gettempdir()) / f"quantkit-numba-{uid}"
         d.mkdir(parents=True, exist_ok=True)
-    os.environ["NUMBA_CACHE_DIR"] = str(d)  # numba re-reads its environment on reload_config()
-    from numba.core import config
-
-    config.CACHE_DIR = str(d)  # and numba may already have been imported
+    os.environ["NUMBA_CACHE_DIR"] = str(d)  # numba reads it when imported (and on reload_config())
+    config = sys.modules.get("numba.core.config")
+    if config is not None:  # numba already imported: set it there too (without importing numba here)
+        config.CACHE_DIR = str(d)
     return d

@@ -141,50 +141,23 @@ def all_finite(u):
     return bad == 0
 
 
-def _as_u16(data: np.ndarray, n_per_row: int) -> np.ndarray:
-    return np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, 2 * n_per_row).view(np.uint16)
+def _f32_enc(x, out):
+    _copy_rows(x, out.view(np.float32))
 
 
-class F32(QuantType, qtype=GGMLQuantizationType.F32, takes_imatrix=False):
-    @staticmethod
-    def quantize_rows(x, imatrix):
-        out = np.empty(x.shape, np.float32)
-        _copy_rows(x, out)
-        return out.view(np.uint8)
-
-    @staticmethod
-    def dequantize_rows(data, n_per_row):
-        src = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, 4 * n_per_row).view(np.float32)
-        out = np.empty(src.shape, np.float32)
-        _copy_rows(src, out)
-        return out
+def _f32_dec(q, out):
+    _copy_rows(q.view(np.float32), out)
 
 
-class F16(QuantType, qtype=GGMLQuantizationType.F16, takes_imatrix=False):
-    @staticmethod
-    def quantize_rows(x, imatrix):
-        out = np.empty(x.shape, np.uint16)
-        _f16_rows(x, out)
-        return out.view(np.uint8)
-
-    @staticmethod
-    def dequantize_rows(data, n_per_row):
-        h = _as_u16(data, n_per_row)
-        out = np.empty(h.shape, np.float32)
-        _f16_rows_dec(h, out)
-        return out
+class F32(QuantType, qtype=GGMLQuantizationType.F32):
+    _ref, _dec = staticmethod(_f32_enc), staticmethod(_f32_dec)
 
 
-class BF16(QuantType, qtype=GGMLQuantizationType.BF16, takes_imatrix=False):
-    @staticmethod
-    def quantize_rows(x, imatrix):
-        out = np.empty(x.shape, np.uint16)
-        _bf16_rows(x, out)
-        return out.view(np.uint8)
+class F16(QuantType, qtype=GGMLQuantizationType.F16):
+    _ref = staticmethod(lambda x, out: _f16_rows(x, out.view(np.uint16)))
+    _dec = staticmethod(lambda q, out: _f16_rows_dec(q.view(np.uint16), out))
 
-    @staticmethod
-    def dequantize_rows(data, n_per_row):
-        h = _as_u16(data, n_per_row)
-        out = np.empty(h.shape, np.float32)
-        _bf16_rows_dec(h, out)
-        return out
+
+class BF16(QuantType, qtype=GGMLQuantizationType.BF16):
+    _ref = staticmethod(lambda x, out: _bf16_rows(x, out.view(np.uint16)))
+    _dec = staticmethod(lambda q, out: _bf16_rows_dec(q.view(np.uint16), out))

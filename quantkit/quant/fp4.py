@@ -263,11 +263,11 @@ def _nvfp4_dec(q, out):
                     out[r, o + 8 + j] = _KV_F[v >> 4] * d
 
 
-class MXFP4(QuantType, qtype=GGMLQuantizationType.MXFP4, takes_imatrix=False):
+class MXFP4(QuantType, qtype=GGMLQuantizationType.MXFP4):
     _ref, _dec = staticmethod(_mxfp4_ref), staticmethod(_mxfp4_dec)
 
 
-class NVFP4(QuantType, qtype=GGMLQuantizationType.NVFP4, takes_imatrix=False):
+class NVFP4(QuantType, qtype=GGMLQuantizationType.NVFP4):
     _ref, _dec = staticmethod(_nvfp4_ref), staticmethod(_nvfp4_dec)
 
 

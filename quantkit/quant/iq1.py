@@ -62,7 +62,6 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from ..errors import UnsupportedError
 from .floats import INLINE, PJIT
 from .registry import QuantType
 from .solvers import f32_as_i32, fp16_to_fp32, fp32_to_fp16, load_fp16, nearest_int, store_fp16
@@ -682,46 +681,33 @@ def tables():
     return _TABLES
 
 
-class IQ1_S(QuantType, qtype=GGMLQuantizationType.IQ1_S, takes_imatrix=True):
-    @staticmethod
-    def quantize_rows(x, imatrix):
-        if imatrix is None:
-            raise UnsupportedError("IQ1_S needs an importance matrix (ggml does not quantize it without one)")
-        GL, kmap, nbr = tables()
-        n = x.shape[1]
-        out = np.empty((x.shape[0], n // 256 * 50), np.uint8)
-        _iq1s_rows(x, np.ascontiguousarray(imatrix, np.float32), GL, kmap, nbr, out)
-        return out
-
-    @classmethod
-    def dequantize_rows(cls, data, n_per_row):
-        q = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, cls.row_bytes(n_per_row))
-        out = np.empty((q.shape[0], n_per_row), np.float32)
-        _iq1s_dec(q, tables()[0], out)
-        return out
+def _iq1s_impl(x, qw, out):
+    GL, kmap, nbr = tables()
+    _iq1s_rows(x, qw, GL, kmap, nbr, out)
 
 
 _NOQW = np.zeros(1, np.float32)
 
 
-class IQ1_M(QuantType, qtype=GGMLQuantizationType.IQ1_M, takes_imatrix=True):
-    @staticmethod
-    def quantize_rows(x, imatrix):
-        GL, kmap, nbr = tables()
-        n = x.shape[1]
-        out = np.empty((x.shape[0], n // 256 * 56), np.uint8)
-        if imatrix is None:
-            _iq1m_rows(x, _NOQW, False, GL, kmap, nbr, out)
-        else:
-            _iq1m_rows(x, np.ascontiguousarray(imatrix, np.float32), True, GL, kmap, nbr, out)
-        return out
+def _iq1m_ref(x, out):
+    GL, kmap, nbr = tables()
+    _iq1m_rows(x, _NOQW, False, GL, kmap, nbr, out)
 
-    @classmethod
-    def dequantize_rows(cls, data, n_per_row):
-        q = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, cls.row_bytes(n_per_row))
-        out = np.empty((q.shape[0], n_per_row), np.float32)
-        _iq1m_dec(q, tables()[0], out)
-        return out
+
+def _iq1m_impl(x, qw, out):
+    GL, kmap, nbr = tables()
+    _iq1m_rows(x, qw, True, GL, kmap, nbr, out)
+
+
+class IQ1_S(QuantType, qtype=GGMLQuantizationType.IQ1_S):
+    # no _ref: ggml quantizes IQ1_S only with importance weights (the record's requires_imatrix)
+    _impl = staticmethod(_iq1s_impl)
+    _dec = staticmethod(lambda q, out: _iq1s_dec(q, tables()[0], out))
+
+
+class IQ1_M(QuantType, qtype=GGMLQuantizationType.IQ1_M):
+    _ref, _impl = staticmethod(_iq1m_ref), staticmethod(_iq1m_impl)
+    _dec = staticmethod(lambda q, out: _iq1m_dec(q, tables()[0], out))
 
 
 assert IQ1_S.type_size == 50 and IQ1_S.block_size == 256

@@ -45,7 +45,6 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from ..errors import UnsupportedError
 from . import _iqgrids
 from .floats import INLINE, PJIT
 from .registry import QuantType
@@ -96,7 +95,7 @@ def _tables(kind):
 
 
 @lru_cache(maxsize=None)
-def _enc(kind):
+def _enc_tables(kind):
     """The encoder tables of kind, built on first use."""
     kmap, nb = _tables(kind)
     assert nb[-(kmap[kmap < 0].astype(np.int64) + 1)].max() <= _SCRATCH
@@ -104,7 +103,7 @@ def _enc(kind):
 
 
 @lru_cache(maxsize=None)
-def _dec(kind):
+def _dec_tables(kind):
     """(ggml-common.h's grid as float32 (G, 8) coordinates, ksigns_iq2xs), for the decoders."""
     t = _iqgrids.load(kind)
     return (np.ascontiguousarray(t.dgrid.view(np.uint8).reshape(-1, 8).astype(np.float32)),
@@ -592,69 +591,22 @@ def _s_dec(q, out, grid):
 _NOQW = np.zeros(1, np.float32)
 
 
-def _needs_imatrix(name):
-    raise UnsupportedError(f"{name} requires an importance matrix (ggml quantizes it only with importance weights)")
+class IQ2_XXS(QuantType, qtype=GGMLQuantizationType.IQ2_XXS):
+    # no _ref: ggml quantizes it only with importance weights (the record's requires_imatrix)
+    _impl = staticmethod(lambda x, qw, out: _xxs_rows(x, qw, out, *_enc_tables("iq2xxs")))
+    _dec = staticmethod(lambda q, out: _xxs_dec(q, out, *_dec_tables("iq2xxs")))
 
 
-class IQ2_XXS(QuantType, qtype=GGMLQuantizationType.IQ2_XXS, takes_imatrix=True):
-    requires_imatrix = True
-
-    @classmethod
-    def dequantize_rows(cls, data, n_per_row):
-        q = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, cls.row_bytes(n_per_row))
-        out = np.empty((q.shape[0], n_per_row), np.float32)
-        grid, ksigns = _dec("iq2xxs")
-        _xxs_dec(q, out, grid, ksigns)
-        return out
-
-    @classmethod
-    def quantize_rows(cls, x, imatrix):
-        if imatrix is None:
-            _needs_imatrix("IQ2_XXS")
-        out = np.empty((x.shape[0], cls.row_bytes(x.shape[1])), np.uint8)
-        _xxs_rows(x, imatrix, out, *_enc("iq2xxs"))
-        return out
+class IQ2_XS(QuantType, qtype=GGMLQuantizationType.IQ2_XS):
+    # no _ref: ggml quantizes it only with importance weights (the record's requires_imatrix)
+    _impl = staticmethod(lambda x, qw, out: _xs_s_rows(x, qw, True, False, out, *_enc_tables("iq2xs")))
+    _dec = staticmethod(lambda q, out: _xs_dec(q, out, *_dec_tables("iq2xs")))
 
 
-class IQ2_XS(QuantType, qtype=GGMLQuantizationType.IQ2_XS, takes_imatrix=True):
-    requires_imatrix = True
-
-    @classmethod
-    def dequantize_rows(cls, data, n_per_row):
-        q = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, cls.row_bytes(n_per_row))
-        out = np.empty((q.shape[0], n_per_row), np.float32)
-        grid, ksigns = _dec("iq2xs")
-        _xs_dec(q, out, grid, ksigns)
-        return out
-
-    @classmethod
-    def quantize_rows(cls, x, imatrix):
-        if imatrix is None:
-            _needs_imatrix("IQ2_XS")
-        out = np.empty((x.shape[0], cls.row_bytes(x.shape[1])), np.uint8)
-        _xs_s_rows(x, imatrix, True, False, out, *_enc("iq2xs"))
-        return out
-
-
-class IQ2_S(QuantType, qtype=GGMLQuantizationType.IQ2_S, takes_imatrix=True):
-    requires_imatrix = False
-
-    @classmethod
-    def dequantize_rows(cls, data, n_per_row):
-        q = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, cls.row_bytes(n_per_row))
-        out = np.empty((q.shape[0], n_per_row), np.float32)
-        grid, ksigns = _dec("iq2s")
-        _s_dec(q, out, grid)
-        return out
-
-    @classmethod
-    def quantize_rows(cls, x, imatrix):
-        out = np.empty((x.shape[0], cls.row_bytes(x.shape[1])), np.uint8)
-        if imatrix is None:
-            _xs_s_rows(x, _NOQW, False, True, out, *_enc("iq2s"))
-        else:
-            _xs_s_rows(x, imatrix, True, True, out, *_enc("iq2s"))
-        return out
+class IQ2_S(QuantType, qtype=GGMLQuantizationType.IQ2_S):
+    _ref = staticmethod(lambda x, out: _xs_s_rows(x, _NOQW, False, True, out, *_enc_tables("iq2s")))
+    _impl = staticmethod(lambda x, qw, out: _xs_s_rows(x, qw, True, True, out, *_enc_tables("iq2s")))
+    _dec = staticmethod(lambda q, out: _s_dec(q, out, _dec_tables("iq2s")[0]))
 
 
 assert IQ2_XXS.type_size == 66 and IQ2_XS.type_size == 74 and IQ2_S.type_size == 82

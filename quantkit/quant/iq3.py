@@ -411,52 +411,42 @@ def _iq3_s_dec(q, dgrid, out):
 _NOQW = np.zeros(1, np.float32)
 
 
-def _quantize(cls, kind: str, xxs: bool, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    gq, kmap, offs, cnts, NP, NI, _, _ = _tables(kind)
-    out = np.empty((x.shape[0], cls.row_bytes(x.shape[1])), np.uint8)
-    err = np.zeros(x.shape[0], np.int32)
-    if imatrix is None:
-        _iq3_rows(xxs, x, _NOQW, False, gq, kmap, offs, cnts, NP, NI, out, err)
-    else:
-        _iq3_rows(xxs, x, imatrix, True, gq, kmap, offs, cnts, NP, NI, out, err)
-    if err.any():
-        row = int(np.flatnonzero(err)[0])
-        raise InputError(
-            f"{cls.name}: row {row} cannot be quantized: its weighted distances overflow float32 "
-            f"(values or importance weights too large), where ggml's quantizer aborts"
-        )
-    return out
+def _encoder(name: str, kind: str, xxs: bool):
+    """(_ref, _impl) of one IQ3 type: both run _iq3_rows, which flags the rows
+    whose weighted distances overflow float32 (ggml aborts there)."""
+    def run(x, qw, weighted, out):
+        gq, kmap, offs, cnts, NP, NI, _, _ = _tables(kind)
+        err = np.zeros(x.shape[0], np.int32)
+        _iq3_rows(xxs, x, qw, weighted, gq, kmap, offs, cnts, NP, NI, out, err)
+        if err.any():
+            row = int(np.flatnonzero(err)[0])
+            raise InputError(
+                f"{name}: row {row} cannot be quantized: its weighted distances overflow float32 "
+                f"(values or importance weights too large), where ggml's quantizer aborts"
+            )
+
+    return (staticmethod(lambda x, out: run(x, _NOQW, False, out)),
+            staticmethod(lambda x, qw, out: run(x, qw, True, out)))
 
 
-def _dequantize(cls, kind: str, data: np.ndarray, n_per_row: int) -> np.ndarray:
-    *_, dgrid, ksigns = _tables(kind)
-    q = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, cls.row_bytes(n_per_row))
-    out = np.empty((q.shape[0], n_per_row), np.float32)
-    if kind == "iq3xxs":
-        _iq3_xxs_dec(q, dgrid, ksigns, out)
-    else:
-        _iq3_s_dec(q, dgrid, out)
-    return out
+def _iq3_xxs_decode(q, out):
+    *_, dgrid, ksigns = _tables("iq3xxs")
+    _iq3_xxs_dec(q, dgrid, ksigns, out)
 
 
-class IQ3_XXS(QuantType, qtype=GGMLQuantizationType.IQ3_XXS, takes_imatrix=True):
-    @classmethod
-    def quantize_rows(cls, x, imatrix):
-        return _quantize(cls, "iq3xxs", True, x, imatrix)
-
-    @classmethod
-    def dequantize_rows(cls, data, n_per_row):
-        return _dequantize(cls, "iq3xxs", data, n_per_row)
+def _iq3_s_decode(q, out):
+    *_, dgrid, _ = _tables("iq3s")
+    _iq3_s_dec(q, dgrid, out)
 
 
-class IQ3_S(QuantType, qtype=GGMLQuantizationType.IQ3_S, takes_imatrix=True):
-    @classmethod
-    def quantize_rows(cls, x, imatrix):
-        return _quantize(cls, "iq3s", False, x, imatrix)
+class IQ3_XXS(QuantType, qtype=GGMLQuantizationType.IQ3_XXS):
+    _ref, _impl = _encoder("IQ3_XXS", "iq3xxs", True)
+    _dec = staticmethod(_iq3_xxs_decode)
 
-    @classmethod
-    def dequantize_rows(cls, data, n_per_row):
-        return _dequantize(cls, "iq3s", data, n_per_row)
+
+class IQ3_S(QuantType, qtype=GGMLQuantizationType.IQ3_S):
+    _ref, _impl = _encoder("IQ3_S", "iq3s", False)
+    _dec = staticmethod(_iq3_s_decode)
 
 
 assert IQ3_XXS.type_size == 98 and IQ3_XXS.block_size == 256

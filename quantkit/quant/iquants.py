@@ -245,25 +245,19 @@ def _iq4_xs_dec(q, out):
 _NOQW = np.zeros(1, np.float32)
 
 
-def _encode(sbs, tsize):
-    def quantize_rows(x, imatrix):
-        out = np.zeros((x.shape[0], x.shape[1] // sbs * tsize), np.uint8)
-        if imatrix is None:
-            _iq4_rows(x, _NOQW, False, sbs, tsize, out)
-        else:
-            _iq4_rows(x, imatrix, True, sbs, tsize, out)
-        return out
-
-    return staticmethod(quantize_rows)
+def _encoders(sbs, tsize):
+    """(_ref, _impl) for the IQ4 type of super-block ``sbs`` and ``tsize`` bytes."""
+    return (staticmethod(lambda x, out: _iq4_rows(x, _NOQW, False, sbs, tsize, out)),
+            staticmethod(lambda x, qw, out: _iq4_rows(x, qw, True, sbs, tsize, out)))
 
 
-class IQ4_NL(QuantType, qtype=GGMLQuantizationType.IQ4_NL, takes_imatrix=True):
-    quantize_rows = _encode(32, 18)
+class IQ4_NL(QuantType, qtype=GGMLQuantizationType.IQ4_NL):
+    _ref, _impl = _encoders(32, 18)
     _dec = staticmethod(_iq4_nl_dec)
 
 
-class IQ4_XS(QuantType, qtype=GGMLQuantizationType.IQ4_XS, takes_imatrix=True):
-    quantize_rows = _encode(256, 136)
+class IQ4_XS(QuantType, qtype=GGMLQuantizationType.IQ4_XS):
+    _ref, _impl = _encoders(256, 136)
     _dec = staticmethod(_iq4_xs_dec)
 
 

@@ -205,10 +205,9 @@ def _q2_K_impl_rows(x, qw, out):
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def _q2_K_dequant_rows(data, n):
-    nrows = data.shape[0]
+def _q2_K_dequant_rows(data, y):
+    nrows, n = y.shape
     nb = n // QK_K
-    y = np.empty((nrows, n), np.float32)
     for r in prange(nrows):
         for i in range(nb):
             b = data[r, i * 84 : (i + 1) * 84]
@@ -228,15 +227,11 @@ def _q2_K_dequant_rows(data, n):
                             q = (np.int64(b[16 + 32 * h + 16 * half + l]) >> shift) & 3
                             y[r, o] = dl * F(q) - ml
                             o += 1
-    return y
 
 
-class Q2_K(QuantType, qtype=GGMLQuantizationType.Q2_K, takes_imatrix=True):
+class Q2_K(QuantType, qtype=GGMLQuantizationType.Q2_K):
     _ref, _impl = staticmethod(_q2_K_ref_rows), staticmethod(_q2_K_impl_rows)
-
-    @staticmethod
-    def dequantize_rows(data, n_per_row):
-        return _q2_K_dequant_rows(data, n_per_row)
+    _dec = staticmethod(_q2_K_dequant_rows)
 
 
 # ==========================================================================
@@ -385,10 +380,9 @@ def _q3_K_impl_rows(x, qw, out):
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def _q3_K_dequant_rows(data, n):
-    nrows = data.shape[0]
+def _q3_K_dequant_rows(data, y):
+    nrows, n = y.shape
     nb = n // QK_K
-    y = np.empty((nrows, n), np.float32)
     for r in prange(nrows):
         for i in range(nb):
             b = data[r, i * 110 : (i + 1) * 110]
@@ -416,15 +410,11 @@ def _q3_K_dequant_rows(data, n):
                             y[r, o] = dl * F(q)
                             o += 1
                     m <<= 1
-    return y
 
 
-class Q3_K(QuantType, qtype=GGMLQuantizationType.Q3_K, takes_imatrix=True):
+class Q3_K(QuantType, qtype=GGMLQuantizationType.Q3_K):
     _ref, _impl = staticmethod(_q3_K_ref_rows), staticmethod(_q3_K_impl_rows)
-
-    @staticmethod
-    def dequantize_rows(data, n_per_row):
-        return _q3_K_dequant_rows(data, n_per_row)
+    _dec = staticmethod(_q3_K_dequant_rows)
 
 
 # ==========================================================================
@@ -650,10 +640,9 @@ def _k4_impl_rows(x, qw, out, bsize, nmax, five):
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def _k4_dequant_rows(data, n, bsize, five):
-    nrows = data.shape[0]
+def _k4_dequant_rows(data, y, bsize, five):
+    nrows, n = y.shape
     nb = n // QK_K
-    y = np.empty((nrows, n), np.float32)
     qs_off = 48 if five else 16
     for r in prange(nrows):
         for i in range(nb):
@@ -679,37 +668,18 @@ def _k4_dequant_rows(data, n, bsize, five):
                         q += 16
                     y[r, o + 32 + l] = d2 * F(q) - mm2
                 o += 64
-    return y
 
 
-class Q4_K(QuantType, qtype=GGMLQuantizationType.Q4_K, takes_imatrix=True):
-    @staticmethod
-    def quantize_rows(x, imatrix):
-        out = np.empty((x.shape[0], x.shape[1] // QK_K * 144), np.uint8)
-        if imatrix is None:
-            _k4_ref_rows(x, out, 144, 15, _M1_0, _P0_1, 20, False)
-        else:
-            _k4_impl_rows(x, imatrix, out, 144, 15, False)
-        return out
-
-    @staticmethod
-    def dequantize_rows(data, n_per_row):
-        return _k4_dequant_rows(data, n_per_row, 144, False)
+class Q4_K(QuantType, qtype=GGMLQuantizationType.Q4_K):
+    _ref = staticmethod(lambda x, out: _k4_ref_rows(x, out, 144, 15, _M1_0, _P0_1, 20, False))
+    _impl = staticmethod(lambda x, qw, out: _k4_impl_rows(x, qw, out, 144, 15, False))
+    _dec = staticmethod(lambda q, out: _k4_dequant_rows(q, out, 144, False))
 
 
-class Q5_K(QuantType, qtype=GGMLQuantizationType.Q5_K, takes_imatrix=True):
-    @staticmethod
-    def quantize_rows(x, imatrix):
-        out = np.empty((x.shape[0], x.shape[1] // QK_K * 176), np.uint8)
-        if imatrix is None:
-            _k4_ref_rows(x, out, 176, 31, _M0_5, _P0_1, 15, True)
-        else:
-            _k4_impl_rows(x, imatrix, out, 176, 31, True)
-        return out
-
-    @staticmethod
-    def dequantize_rows(data, n_per_row):
-        return _k4_dequant_rows(data, n_per_row, 176, True)
+class Q5_K(QuantType, qtype=GGMLQuantizationType.Q5_K):
+    _ref = staticmethod(lambda x, out: _k4_ref_rows(x, out, 176, 31, _M0_5, _P0_1, 15, True))
+    _impl = staticmethod(lambda x, qw, out: _k4_impl_rows(x, qw, out, 176, 31, True))
+    _dec = staticmethod(lambda q, out: _k4_dequant_rows(q, out, 176, True))
 
 
 # ==========================================================================
@@ -806,10 +776,9 @@ def _q6_K_impl_rows(x, qw, out):
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def _q6_K_dequant_rows(data, n):
-    nrows = data.shape[0]
+def _q6_K_dequant_rows(data, y):
+    nrows, n = y.shape
     nb = n // QK_K
-    y = np.empty((nrows, n), np.float32)
     for r in prange(nrows):
         for i in range(nb):
             b = data[r, i * 210 : (i + 1) * 210]
@@ -829,12 +798,8 @@ def _q6_K_dequant_rows(data, n):
                     y[r, o + l + 32] = d * F(_as_i8(np.int64(b[192 + is_ + 2]))) * F(q2)
                     y[r, o + l + 64] = d * F(_as_i8(np.int64(b[192 + is_ + 4]))) * F(q3)
                     y[r, o + l + 96] = d * F(_as_i8(np.int64(b[192 + is_ + 6]))) * F(q4)
-    return y
 
 
-class Q6_K(QuantType, qtype=GGMLQuantizationType.Q6_K, takes_imatrix=True):
+class Q6_K(QuantType, qtype=GGMLQuantizationType.Q6_K):
     _ref, _impl = staticmethod(_q6_K_ref_rows), staticmethod(_q6_K_impl_rows)
-
-    @staticmethod
-    def dequantize_rows(data, n_per_row):
-        return _q6_K_dequant_rows(data, n_per_row)
+    _dec = staticmethod(_q6_K_dequant_rows)

@@ -401,23 +401,23 @@ def _q8_0_dec(q, out):
 
 
 # ------------------------------------------------------------- registry
-class Q4_0(QuantType, qtype=GGMLQuantizationType.Q4_0, takes_imatrix=True):
+class Q4_0(QuantType, qtype=GGMLQuantizationType.Q4_0):
     _ref, _impl, _dec = staticmethod(_q4_0_ref), staticmethod(_q4_0_impl), staticmethod(_q4_0_dec)
 
 
-class Q4_1(QuantType, qtype=GGMLQuantizationType.Q4_1, takes_imatrix=True):
+class Q4_1(QuantType, qtype=GGMLQuantizationType.Q4_1):
     _ref, _impl, _dec = staticmethod(_q4_1_ref), staticmethod(_q4_1_impl), staticmethod(_q4_1_dec)
 
 
-class Q5_0(QuantType, qtype=GGMLQuantizationType.Q5_0, takes_imatrix=True):
+class Q5_0(QuantType, qtype=GGMLQuantizationType.Q5_0):
     _ref, _impl, _dec = staticmethod(_q5_0_ref), staticmethod(_q5_0_impl), staticmethod(_q5_0_dec)
 
 
-class Q5_1(QuantType, qtype=GGMLQuantizationType.Q5_1, takes_imatrix=True):
+class Q5_1(QuantType, qtype=GGMLQuantizationType.Q5_1):
     _ref, _impl, _dec = staticmethod(_q5_1_ref), staticmethod(_q5_1_impl), staticmethod(_q5_1_dec)
 
 
-class Q8_0(QuantType, qtype=GGMLQuantizationType.Q8_0, takes_imatrix=False):
+class Q8_0(QuantType, qtype=GGMLQuantizationType.Q8_0):
     _ref, _dec = staticmethod(_q8_0_ref), staticmethod(_q8_0_dec)
 
 

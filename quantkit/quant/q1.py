@@ -105,7 +105,7 @@ def _q1_0_dec(q, out):
                     out[r, o + 8 * k + i] = d if (v >> i) & 1 else nd
 
 
-class Q1_0(QuantType, qtype=GGMLQuantizationType.Q1_0, takes_imatrix=False):
+class Q1_0(QuantType, qtype=GGMLQuantizationType.Q1_0):
     _ref, _dec = staticmethod(_q1_0_ref), staticmethod(_q1_0_dec)
 
 

@@ -135,11 +135,11 @@ def _tq2_0_dec(q, out):
                         out[r, o + 128 * g + 32 * k + m] = F(t - 1) * d
 
 
-class TQ1_0(QuantType, qtype=GGMLQuantizationType.TQ1_0, takes_imatrix=False):
+class TQ1_0(QuantType, qtype=GGMLQuantizationType.TQ1_0):
     _ref, _dec = staticmethod(_tq1_0_ref), staticmethod(_tq1_0_dec)
 
 
-class TQ2_0(QuantType, qtype=GGMLQuantizationType.TQ2_0, takes_imatrix=False):
+class TQ2_0(QuantType, qtype=GGMLQuantizationType.TQ2_0):
     _ref, _dec = staticmethod(_tq2_0_ref), staticmethod(_tq2_0_dec)
 
 

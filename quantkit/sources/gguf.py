@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 
 from ..errors import InputError, UnsupportedError
 from .base import Source, TensorRef
@@ -74,8 +74,7 @@ def dequantize(data: np.ndarray, qt: GGMLQuantizationType, shape: tuple[int, ...
             pass
     from gguf import quants as gq
 
-    bs, ts = GGML_QUANT_SIZES[qt]
-    rows = data.reshape(-1, shape[-1] // bs * ts) if shape else data.reshape(1, -1)
+    rows = data.reshape(-1, quant.row_bytes(qt, shape[-1])) if shape else data.reshape(1, -1)
     try:
         return np.asarray(gq.dequantize(rows, qt), dtype=np.float32).reshape(shape)
     except NotImplementedError:

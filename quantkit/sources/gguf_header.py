@@ -40,10 +40,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType
 
 from ..errors import InputError, UnsupportedError
 from ..model import KV
+from ..quant import TYPES, nbytes
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -365,7 +366,7 @@ def _parse(mm, size: int, path: Path, array_keep: int | None) -> GGUFHeader:
         rel = c.u64(f"tensor {name!r} offset")
         try:
             qtype = GGMLQuantizationType(tid)
-            block, tsize = GGML_QUANT_SIZES[qtype]
+            block = TYPES[qtype].block_size
         except (ValueError, KeyError):
             raise InputError(f"{path}: corrupt GGUF: tensor {name!r} has unknown type id {tid}") from None
         if name in names:
@@ -378,7 +379,7 @@ def _parse(mm, size: int, path: Path, array_keep: int | None) -> GGUFHeader:
         n_el = 1
         for d in ne:
             n_el *= d
-        infos.append((name, qtype, ne, rel, n_el, n_el // block * tsize))
+        infos.append((name, qtype, ne, rel, n_el, nbytes(qtype, ne)))
 
     data_offset = -(-c.pos // alignment) * alignment
     data_size = size - data_offset
