@@ -32,6 +32,7 @@ from gguf import GGMLQuantizationType, GGUFValueType, TokenType
 
 from . import arch as _arch_specs
 from .errors import InputError, OutputError, QuantkitError, UnsupportedError
+from .quant import row_bytes as quant_row_bytes
 from .sources.gguf_header import GGUFHeader, TensorInfo, read_header
 from .writer import check_output_dir
 
@@ -177,7 +178,7 @@ def dequantize_tensor(hdr: GGUFHeader, t: TensorInfo, rows: tuple[int, int] | No
     ``rows=(r0, r1)`` only those rows of the 2-D view (n_rows, row length)."""
     n_per_row = int(t.ne[0])
     n_rows = t.n_elements // n_per_row if n_per_row else 0
-    row_bytes = t.n_bytes // n_rows if n_rows else 0
+    row_bytes = quant_row_bytes(t.qtype, n_per_row) if n_rows else 0
     r0, r1 = rows if rows is not None else (0, n_rows)
     raw = np.asarray(hdr.tensor_data(t))[r0 * row_bytes:r1 * row_bytes].reshape(r1 - r0, row_bytes)
     shape = t.shape if rows is None else (r1 - r0, n_per_row)
