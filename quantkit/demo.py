@@ -61,13 +61,8 @@ def find_demo_gguf() -> Path:
 
 def _kernel_ready(qtype) -> bool:
     from . import quant
-    from .quant.registry import QuantType
 
-    try:
-        qt = quant.get_type(qtype)
-    except QuantkitError:
-        return False
-    return qt.quantize_rows is not QuantType.quantize_rows
+    return qtype in quant.writable()
 
 
 def best_preset(checkpoint: Path) -> str:

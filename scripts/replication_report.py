@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from quantkit.passes import replicate as R  # noqa: E402
 from quantkit.passes import search as S  # noqa: E402
 
-LADDER = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0"]
+LADDER = [p for p in S.LADDER if p != "F16"]  # the quantized presets of the registry-derived ladder
 
 
 def thirds(text: str) -> tuple[str, str, str]:
