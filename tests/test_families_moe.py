@@ -205,3 +205,27 @@ def test_forward_pass_refuses_moe_files(random_checkpoint, tmp_path, capsys):
         rc = main(["perplexity", str(out), "--text", str(text), "--ctx", "16", "--chunks", "1"])
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert rc == 4 and len(err) == 1 and err[0].startswith("error: "), (name, err)
+
+
+# ------------------------------------------------------------------ per-arch quantize facts live in arch/
+
+def test_per_arch_quantize_rules_are_family_facts():
+    """mixrules keeps no per-architecture table: llama-quantize's arch rules come from
+    quantkit.arch.quant_rules (a Family's ``quant``, or arch/quant_only.py for GGUF-only
+    archs), and families sharing a GGUF arch (Llama, Mistral, Mixtral) declare the same."""
+    from quantkit import mixrules
+    from quantkit.arch import SPECS, quant_rules
+    from quantkit.arch.quant_only import QUANT_ONLY
+
+    assert not [n for n in vars(mixrules) if n.endswith("_BY_ARCH")]
+    for f in SPECS:
+        assert quant_rules(f.arch_name) == f.quant, f.name
+    for arch, r in QUANT_ONLY.items():
+        assert arch not in {f.arch_name for f in SPECS} and r.reason
+        assert r.expert_categories is None or {mixrules.Cat(c) for c in r.expert_categories}
+    # what mixrules reads: bailingmoe3's experts are FFN tensors only, glm5-next keeps its hc_ tensors
+    assert mixrules.expert_categories("bailingmoe3") == {mixrules.Cat.FFN_UP, mixrules.Cat.FFN_GATE,
+                                                         mixrules.Cat.FFN_DOWN}
+    assert mixrules.expert_categories("qwen2moe") is None
+    assert mixrules.allows_quantization("blk.0.hc_attn_fn.weight", (256, 256), "glm5-next", False)
+    assert mixrules.allows_quantization("blk.0.hc_attn_fn.weight", (256, 256), "llama", False) is None

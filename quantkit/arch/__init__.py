@@ -19,7 +19,8 @@ from ..errors import InputError, UnsupportedError
 from ..model import ModelStream
 from . import gemma, granite, llama, mixtral, olmo, phi, qwen, qwen_moe, smollm3
 from .graph import BlockGraph
-from .spec import Family
+from .quant_only import QUANT_ONLY
+from .spec import Family, QuantRules
 
 # every family, in the order docs/families.md lists them
 SPECS: tuple[Family, ...] = (*llama.FAMILIES, *qwen.FAMILIES, *gemma.FAMILIES, *phi.FAMILIES,
@@ -46,6 +47,16 @@ def graph_for(gguf_arch: str) -> BlockGraph:
         raise UnsupportedError(
             f"forward pass: architecture {gguf_arch!r} is not supported{why} (supported: {', '.join(sorted(GRAPHS))})")
     return g
+
+
+def quant_rules(gguf_arch: str) -> QuantRules:
+    """llama-quantize's per-architecture rules for a GGUF arch: its family's
+    ``Family.quant`` (families sharing an arch declare the same), else the
+    GGUF-only table (arch/quant_only.py), else none."""
+    for fam in SPECS:
+        if fam.arch_name == gguf_arch:
+            return fam.quant
+    return QUANT_ONLY.get(gguf_arch, QuantRules())
 
 
 def supported_architectures() -> list[str]:
@@ -87,4 +98,4 @@ def to_stream(source: Any, vocab_pre: str | None = None) -> ModelStream:
 
 
 __all__ = ["to_stream", "supported_architectures", "family_for", "graph_for", "FAMILIES", "GRAPHS",
-           "DECLARED_GRAPHS", "EXPORTS", "SPECS"]
+           "DECLARED_GRAPHS", "EXPORTS", "SPECS", "quant_rules"]
