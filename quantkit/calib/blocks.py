@@ -71,11 +71,13 @@ def swa_layers(graph: BlockGraph, get: Get, n_layer: int) -> tuple[int, list[boo
         return 0, [False] * n_layer
     pat = get("attention.sliding_window_pattern", None)
     if isinstance(pat, (list, tuple)) or hasattr(pat, "ndim") and getattr(pat, "ndim", 0):
+        # llama_model_loader::get_arr into is_swa_impl (LLAMA_MAX_LAYERS entries, all false before):
+        # a shorter array leaves the later layers global, entries past n_layer are not read
         flags = [bool(x) for x in pat]
-        if len(flags) != n_layer:
+        if len(flags) > 512:
             raise InputError(f"{graph.arch}.attention.sliding_window_pattern has {len(flags)} entries "
-                             f"for {n_layer} layers")
-        return window, flags
+                             "(llama.cpp reads at most 512)")
+        return window, (flags + [False] * n_layer)[:n_layer]
     n = int(graph.swa_pattern if pat is None else pat)
     return window, [n == 0 or (il % n < n - 1) for il in range(n_layer)]
 
