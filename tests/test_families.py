@@ -37,6 +37,8 @@ CHECKPOINTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "SmolLM3": (("smollm3-bf16",), ("smollm3-hf",)),
     "Granite": (("granite-bf16",), ("granite-hf",)),
     "OLMo 2": (("olmo2-f32", "olmo2-bf16-mha"), ("olmo2-hf",)),
+    "EXAONE 4": (("exaone4-bf16", "exaone4-f32-llama3", "exaone4-f16-lllg"), ("exaone4-hf",)),
+    "GLM-4": (("glm4-bf16", "glm4-f16-tied-nobias"), ("glm4-hf",)),
     # mixture of experts (quantize types/bytes, llama.cpp loading, bad expert tensors: test_families_moe.py)
     "Mixtral": (("mixtral-bf16", "mixtral-f16-sharded", "mixtral-kq"), ("mixtral-hf",)),
     "Qwen2-MoE": (("qwen2moe-bf16", "qwen2moe-kq"), ("qwen2moe-hf",)),
@@ -45,7 +47,7 @@ CHECKPOINTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 # the representative subset CI runs: every family once, each tensor dtype, both builders
 CI = [("gemma2-bf16-spm", "bf16"), ("gemma3-bf16", "bf16"), ("phi3-f32-longrope", "bf16"), ("phi4-bf16", "f16"),
       ("smollm3-bf16", "bf16"), ("granite-bf16", "bf16"), ("olmo2-bf16-mha", "f32"),
-      ("gemma3-mm-hf", "bf16"), ("phi3-hf", "f16"),
+      ("gemma3-mm-hf", "bf16"), ("phi3-hf", "f16"), ("exaone4-f32-llama3", "f16"), ("glm4-bf16", "bf16"),
       ("mixtral-f16-sharded", "f16"), ("qwen2moe-hf", "bf16"), ("qwen3moe-bf16", "f32")]
 ALL = [(n, t) for np_, hf in CHECKPOINTS.values() for n in np_ + hf for t in TYPES]
 CASES = ALL if FULL else CI
@@ -118,6 +120,8 @@ def test_unsupported_architecture_lists_every_family(random_checkpoint, tmp_path
     ("granite-bf16", "vocab_size"),
     ("olmo2-f32", "intermediate_size"),
     ("smollm3-bf16", "hidden_size"),
+    ("exaone4-bf16", "num_key_value_heads"),   # Exaone4Config derives none
+    ("glm4-bf16", "intermediate_size"),
 ])
 def test_config_key_a_family_needs_is_named(name, key, random_checkpoint, tmp_path, capsys):
     """A key the family needs, set to null (absent keys take transformers' defaults, as in the converter)."""
@@ -131,6 +135,22 @@ def test_config_key_of_wrong_type_is_named(random_checkpoint, tmp_path, capsys):
     d = _edited(random_checkpoint, "phi4-bf16", tmp_path, num_key_value_heads="four")
     rc, line = _convert_error(d, tmp_path, capsys)
     assert rc == 3 and "num_key_value_heads" in line, line
+
+
+def test_glm4_tokenizer_without_its_special_tokens_is_named(random_checkpoint, tmp_path, capsys):
+    """GLM-4's converter looks up <|user|> (eot) among the added tokens: a tokenizer without it is refused."""
+    d = tmp_path / "glm4"
+    shutil.copytree(random_checkpoint("glm4-bf16"), d)
+    for f in ("tokenizer.json", "tokenizer_config.json"):  # the same BPE without <|user|>
+        shutil.copy(random_checkpoint("exaone4-bf16") / f, d / f)
+    rc, line = _convert_error(d, tmp_path, capsys)
+    assert rc == 3 and "<|user|>" in line, line
+
+
+def test_glm4_mrope_is_refused(random_checkpoint, tmp_path, capsys):
+    d = _edited(random_checkpoint, "glm4-bf16", tmp_path, rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1]})
+    rc, line = _convert_error(d, tmp_path, capsys)
+    assert rc == 4 and "mrope_section" in line, line
 
 
 def test_missing_family_tensor_is_named(random_checkpoint, tmp_path, capsys):
