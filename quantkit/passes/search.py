@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import UsageError
+from ..quant import float_types
 from . import replicate as R
 
 
@@ -197,7 +198,7 @@ class Evaluator:
         return plain + self.plan_bytes(preset, repeat) - self.plan_bytes(preset, None)
 
     def _imatrix(self, repeat: str | None, preset: str = ""):
-        if not self.imatrix_text or preset in ("F32", "F16", "BF16"):
+        if not self.imatrix_text or preset in {t.name for t in float_types()}:  # nothing to quantize
             return None
         from ..calib import calibrate
 
