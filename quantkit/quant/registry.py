@@ -148,7 +148,10 @@ del R
 
 
 # ----------------------------------------------------------------- lookups
-def record(t: "T | str | int") -> TypeRecord:
+def record(t: "T | str | int | type[QuantType]") -> TypeRecord:
+    """The record of a type given as a GGMLQuantizationType, its id, its name or its kernel class."""
+    if isinstance(t, type) and issubclass(t, QuantType):
+        return t.record
     if isinstance(t, str):
         try:
             t = T[t.upper()]
