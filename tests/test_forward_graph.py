@@ -199,6 +199,7 @@ def test_every_written_key_is_declared(random_checkpoint, tmp_path):
 
     for name in ("llama-f32", "llama3-rope", "mistral-bf16", "qwen2-f16-sharded", "qwen3-bf16", "gemma2-bf16-spm",
                  "gemma3-bf16", "gemma3-f16-spm-untied", "phi3-bf16-spm", "phi3-f32-longrope", "phi4-bf16",
-                 "smollm3-bf16", "granite-bf16", "olmo2-f32"):
+                 "smollm3-bf16", "granite-bf16", "olmo2-f32", "exaone4-bf16", "exaone4-f32-llama3", "exaone4-f16-lllg",
+                 "glm4-bf16", "glm4-f16-tied-nobias"):
         s = to_stream(open_source(str(random_checkpoint(name))), VOCAB_PRE)
         GRAPHS[s.arch].check(s.metadata, [t.name for t in s.tensors])

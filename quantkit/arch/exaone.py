@@ -19,7 +19,7 @@ from gguf import GGUFWriter, MODEL_ARCH
 
 from . import features as F
 from .common import tensor_name
-from .graph import ROPE_NEOX, BlockGraph, block
+from .graph import LLAMA_GRAPH_KEYS, ROPE_NEOX, SWA_KEYS, BlockGraph, block
 from .spec import Family, Model
 
 # transformers 4.57.6 Exaone4Config defaults for keys the converter reads
@@ -95,7 +95,8 @@ EXAONE4 = Family(
                      block_tensors=block("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
                                          "attn_q_norm.weight", "attn_k_norm.weight", "post_attention_norm.weight",
                                          "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight", "post_ffw_norm.weight"),
-                     forward=False, norm="post", qk_norm="head", swa="n_layer_64", swa_window=4096, swa_pattern=4,
+                     keys=LLAMA_GRAPH_KEYS | SWA_KEYS, array_keys=frozenset({"attention.sliding_window_pattern"}),
+                     norm="post", qk_norm="head", swa="n_layer_64", swa_window=4096, swa_pattern=4,
                      swa_rope="inherit", nope="full_when_swa", rope_factors="llama3"),
     config_defaults=EXAONE4_DEFAULTS,
     computed=(),  # Exaone4Config keeps a null num_key_value_heads null

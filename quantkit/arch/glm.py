@@ -83,7 +83,7 @@ GLM4 = Family(
                                          "attn_output.weight", "post_attention_norm.weight", "ffn_norm.weight",
                                          "ffn_up.weight", "ffn_down.weight", "post_ffw_norm.weight"),
                      optional_block_tensors=block("attn_q.bias", "attn_k.bias", "attn_v.bias"),
-                     optional_top_tensors=("output.weight",), forward=False, norm="sandwich", fused_gate_up=True),
+                     optional_top_tensors=("output.weight",), norm="sandwich", fused_gate_up=True),
     config_defaults=GLM4_DEFAULTS,
     computed=(),  # Glm4Config derives nothing
     shapes=(F.top, F.pre_norms, F.post_norms, F.attention, F.qkv_bias_if_attention_bias, F.fused_gated_ffn),
