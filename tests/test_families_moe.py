@@ -1,5 +1,7 @@
 """Mixture-of-experts families (issue 10): Mixtral (GGUF ``llama`` with experts),
-Qwen2-MoE (``qwen2moe``: shared expert + its sigmoid gate), Qwen3-MoE (``qwen3moe``).
+Qwen2-MoE (``qwen2moe``: shared expert + its sigmoid gate), Qwen3-MoE (``qwen3moe``),
+gpt-oss (``gpt-oss``: float experts fused as transformers stores them, attention
+sinks, biases; its MXFP4-block checkpoints are refused, exit 4).
 
 Conversion parity with llama.cpp's converter (BF16/F16/F32, numpy-built,
 transformers-built and sharded checkpoints) runs in tests/test_families.py
@@ -34,7 +36,7 @@ from quantkit.mixrules import Preset
 
 VOCAB_PRE = "smollm"
 FULL = bool(os.environ.get("QUANTKIT_FULL_PARITY"))
-KQ = {"Mixtral": "mixtral-kq", "Qwen2-MoE": "qwen2moe-kq", "Qwen3-MoE": "qwen3moe-kq"}
+KQ = {"Mixtral": "mixtral-kq", "Qwen2-MoE": "qwen2moe-kq", "Qwen3-MoE": "qwen3moe-kq", "gpt-oss": "gptoss-kq"}
 PRESETS = [p.name for p in Preset]
 BYTES_PRESETS = ["Q4_K_M", "MXFP4_MOE"] + (["Q2_K", "Q6_K"] if FULL else [])
 
@@ -83,7 +85,7 @@ def test_bytes_match_llama_quantize(name, preset, f32_ref, tmp_path):
     assert llama_quantize(ref, theirs, mix.resolve_preset(preset).ftype) == 0
     ours = tmp_path / "ours.gguf"
     res = convert(ConvertOptions(src=str(ckpt), type=preset, out=ours, vocab_pre=VOCAB_PRE, threads=2, quiet=True))
-    types = {tp.qtype.name for tp in res.plan if "_exps." in tp.name}
+    types = {tp.qtype.name for tp in res.plan if tp.name.endswith("_exps.weight")}
     if preset == "MXFP4_MOE":
         assert types == {"MXFP4"}
     assert diff(ours, theirs) == []
@@ -146,15 +148,18 @@ def _rewritten(random_checkpoint, name: str, tmp_path: Path, edit) -> Path:
     return d
 
 
-MISSING = [("mixtral-f16-sharded", "model.layers.1.block_sparse_moe.experts.2.w2.weight"),
-           ("qwen2moe-bf16", "model.layers.0.mlp.experts.3.up_proj.weight")]
+MISSING = [  # (checkpoint, HF tensor left out, what the error names)
+    ("mixtral-f16-sharded", "model.layers.1.block_sparse_moe.experts.2.w2.weight", None),
+    ("qwen2moe-bf16", "model.layers.0.mlp.experts.3.up_proj.weight", None),
+    ("gptoss-bf16", "model.layers.1.mlp.experts.down_proj", "blk.1.ffn_down_exps.weight"),  # fused: its GGUF name
+]
 
 
-@pytest.mark.parametrize("name,drop", MISSING)
-def test_missing_expert_tensor_is_named(name, drop, random_checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize("name,drop,named", MISSING)
+def test_missing_expert_tensor_is_named(name, drop, named, random_checkpoint, tmp_path, capsys):
     d = _rewritten(random_checkpoint, name, tmp_path, lambda ts: [(n, a) for n, a in ts if n != drop])
     rc, line = _convert_error(d, tmp_path, capsys)
-    assert rc == 3 and drop in line and "missing" in line, line
+    assert rc == 3 and (named or drop) in line and "missing" in line, line
 
 
 @pytest.mark.parametrize("name,old,new", [
@@ -181,7 +186,8 @@ def test_expert_of_another_shape_is_named(random_checkpoint, tmp_path, capsys):
 @pytest.mark.parametrize("name,key", [
     ("mixtral-bf16", "num_local_experts"), ("mixtral-bf16", "num_experts_per_tok"),
     ("qwen2moe-bf16", "num_experts"), ("qwen2moe-bf16", "moe_intermediate_size"),
-    ("qwen3moe-bf16", "num_experts_per_tok"),
+    ("qwen3moe-bf16", "num_experts_per_tok"), ("gptoss-bf16", "sliding_window"),
+    ("gptoss-bf16", "num_local_experts"),
 ])
 def test_moe_config_key_is_named(name, key, random_checkpoint, tmp_path, capsys):
     """Set to null (an absent key takes transformers' default, as in the converter)."""
@@ -192,6 +198,16 @@ def test_moe_config_key_is_named(name, key, random_checkpoint, tmp_path, capsys)
     (d / "config.json").write_text(json.dumps(cfg))
     rc, line = _convert_error(d, tmp_path, capsys)
     assert rc == 3 and key in line, line
+
+
+def test_gpt_oss_mxfp4_checkpoint_is_refused(random_checkpoint, tmp_path, capsys):
+    d = tmp_path / "gptoss"
+    shutil.copytree(random_checkpoint("gptoss-bf16"), d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (d / "config.json").write_text(json.dumps(cfg))
+    rc, line = _convert_error(d, tmp_path, capsys)
+    assert rc == 4 and "mxfp4" in line, line  # README: exit 4, unsupported
 
 
 def test_forward_pass_refuses_moe_files(random_checkpoint, tmp_path, capsys):

@@ -24,8 +24,8 @@ from gguf import GGUFWriter, MODEL_ARCH
 from ..errors import InputError
 from ..model import KV
 from ..sources.base import TensorRef
-from .common import (add_general_metadata, converter_keeps_f32, effective_hparams, hf_name_filter, name_map,
-                     new_recorder, param_counts, quiet_gguf_logs, recorded, require_int, rope_parameters,
+from .common import (HPARAM_KEYS, add_general_metadata, converter_keeps_f32, effective_hparams, hf_name_filter,
+                     name_map, new_recorder, param_counts, quiet_gguf_logs, recorded, require_int, rope_parameters,
                      skip_hf_tensor)
 from .graph import BlockGraph
 
@@ -272,12 +272,12 @@ class Model:
         return None
 
     def expert_count(self) -> int:
-        for st in self.spec.stacks:
-            for k in st.count_keys:
-                if self.hp.get(k) is not None:
-                    return require_int(self.hp, k)
-            raise InputError(f"config.json: {st.count_keys[0]} is not set; {self.spec.name} models need it")
-        raise InputError(f"{self.spec.name} has no experts")
+        """The expert count: the stack's keys, else TextModel's (num_local_experts, num_experts, ...)."""
+        keys = self.spec.stacks[0].count_keys if self.spec.stacks else HPARAM_KEYS["expert_count"]
+        for k in keys:
+            if self.hp.get(k) is not None:
+                return require_int(self.hp, k)
+        raise InputError(f"config.json: {keys[0]} is not set; {self.spec.name} models need it")
 
     def _hf_hint(self, gguf_name: str) -> str:
         base, _, suffix = gguf_name.rpartition(".")

@@ -1,0 +1,141 @@
+"""GptOssForCausalLM -> GGUF ``gpt-oss``, as llama.cpp's conversion/gpt_oss.py
+(GptOssModel) for checkpoints whose experts are stored as floats (what
+transformers' save_pretrained writes for a model built from its config):
+
+- ``self_attn.sinks`` -> ``attn_sinks.weight`` (filter_tensors adds ".weight");
+- ``mlp.experts.gate_up_proj`` (experts, n_embd, 2 * n_ff; gate and up
+  interleaved along the last axis) -> transposed, even rows ``ffn_gate_exps``,
+  odd rows ``ffn_up_exps``; its bias likewise (even / odd columns);
+- ``mlp.experts.down_proj`` (experts, n_ff, n_embd) -> transposed ``ffn_down_exps``;
+- ``mlp.router`` -> ``ffn_gate_inp`` (weight kept F32, bias 1-D);
+- TextModel's hyperparameters (YaRN rope scaling, expert counts, key/value
+  length from head_dim), then ``sliding_window`` and
+  ``expert_feed_forward_length`` = intermediate_size; byte-level BPE vocabulary.
+
+Checkpoints with ``quantization_config.quant_method == "mxfp4"`` (the
+released gpt-oss weights: experts as MXFP4 blocks + scales, which the
+converter copies into the GGUF as MXFP4 and for which it sets the file type
+MXFP4_MOE) are refused for now, in one line (exit 4).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from gguf import MODEL_ARCH
+
+from ..errors import UnsupportedError
+from ..sources.base import TensorRef
+from . import features as F
+from .common import tensor_name
+from .graph import ROPE_NEOX, BlockGraph, block
+from .spec import Family, Model
+
+T = F.T
+
+# transformers 4.57.6 GptOssConfig defaults for keys the converter reads
+GPT_OSS_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 201088, "hidden_size": 2880, "intermediate_size": 2880, "num_hidden_layers": 36,
+    "num_attention_heads": 64, "num_local_experts": 128, "sliding_window": 128, "num_experts_per_tok": 4,
+    "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 150000.0,
+    "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                     "original_max_position_embeddings": 4096},
+    "head_dim": 64, "attention_bias": True, "max_position_embeddings": 131072, "tie_word_embeddings": False,
+}
+
+
+def _refuse_mxfp4(hp: dict[str, Any]) -> None:
+    qc = hp.get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") == "mxfp4":
+        raise UnsupportedError("gpt-oss checkpoint with MXFP4 experts (quantization_config.quant_method=mxfp4) "
+                               "is not supported yet; a checkpoint with float experts converts")
+
+
+def _shapes(m: Model, b: int | None) -> dict:
+    """post_attention_norm, biases of every projection, per-head sinks, router with bias, expert biases."""
+    if b is None:
+        return {}
+    d, e, n = m.dims, m.dims.n_embd, m.expert_count()
+    ff = m.hp["intermediate_size"]
+    out = {tensor_name(T.ATTN_NORM, b): (e,), tensor_name(T.ATTN_POST_NORM, b): (e,),
+           tensor_name(T.ATTN_SINKS, b): (d.n_head,), tensor_name(T.ATTN_OUT, b, ".bias"): (e,),
+           tensor_name(T.FFN_GATE_INP, b, ".bias"): (n,), tensor_name(T.FFN_GATE_EXP, b, ".bias"): (n, ff),
+           tensor_name(T.FFN_UP_EXP, b, ".bias"): (n, ff), tensor_name(T.FFN_DOWN_EXP, b, ".bias"): (n, e)}
+    out.update(F.experts(m, b, ff))
+    return out
+
+
+def _sinks(m: Model, ref: TensorRef):
+    """GptOssModel.filter_tensors: "sinks" gets a ".weight" suffix."""
+    return [(ref.name + ".weight", ref.shape, lambda x: x)]
+
+
+def _gate_up(m: Model, ref: TensorRef):
+    """gate_up_proj (E, n_embd, 2 n_ff) -> transposed; gate = even rows, up = odd rows."""
+    if len(ref.shape) != 3 or ref.shape[-1] % 2:
+        return None
+    n, e, ff2 = ref.shape
+    base = ref.name[: -len(".gate_up_proj")]
+    return [(f"{base}.{p}.weight", (n, ff2 // 2, e),
+             lambda x, o=o: np.ascontiguousarray(x.swapaxes(-1, -2)[:, o::2, :])) for p, o in (("gate_proj", 0), ("up_proj", 1))]
+
+
+def _gate_up_bias(m: Model, ref: TensorRef):
+    if len(ref.shape) != 2 or ref.shape[-1] % 2:
+        return None
+    base = ref.name[: -len(".gate_up_proj_bias")]
+    return [(f"{base}.{p}.bias", (ref.shape[0], ref.shape[1] // 2), lambda x, o=o: np.ascontiguousarray(x[..., o::2]))
+            for p, o in (("gate_proj", 0), ("up_proj", 1))]
+
+
+def _down(m: Model, ref: TensorRef):
+    if len(ref.shape) != 3:
+        return None
+    n, ff, e = ref.shape
+    return [(ref.name + ".weight", (n, e, ff), lambda x: np.ascontiguousarray(x.swapaxes(-1, -2)))]
+
+
+def _down_bias(m: Model, ref: TensorRef):
+    return [(ref.name[: -len("_bias")] + ".bias", ref.shape, lambda x: x)]
+
+
+def gpt_oss_params(m: Model, w) -> None:
+    """GptOssModel.set_gguf_parameters' additions."""
+    w.add_sliding_window(m.hp["sliding_window"])
+    w.add_expert_feed_forward_length(m.hp["intermediate_size"])
+
+
+GPT_OSS = Family(
+    name="gpt-oss",
+    hf_architectures=("GptOssForCausalLM",),
+    arch=MODEL_ARCH.GPT_OSS,
+    # llama.cpp src/models/openai-moe-iswa.cpp: rotate-half YaRN rope, attention sinks, biases everywhere,
+    # sliding window on alternate layers, softmax over the top-k router logits (weights after selection),
+    # SwiGLU-OAI experts (clamped, alpha 1.702) with biases; not computed by quantkit's forward pass yet
+    graph=BlockGraph("gpt-oss", ROPE_NEOX,
+                     block_tensors=block("attn_norm.weight", "attn_q.weight", "attn_q.bias", "attn_k.weight",
+                                         "attn_k.bias", "attn_v.weight", "attn_v.bias", "attn_output.weight",
+                                         "attn_output.bias", "attn_sinks.weight", "post_attention_norm.weight",
+                                         "ffn_gate_inp.weight", "ffn_gate_inp.bias", "ffn_gate_exps.weight",
+                                         "ffn_gate_exps.bias", "ffn_up_exps.weight", "ffn_up_exps.bias",
+                                         "ffn_down_exps.weight", "ffn_down_exps.bias"),
+                     forward=False),
+    config_defaults=GPT_OSS_DEFAULTS,
+    required=("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size",
+              "num_local_experts", "num_experts_per_tok", "sliding_window", "head_dim"),
+    adjust=_refuse_mxfp4,
+    shapes=(F.top, F.attention, F.qkv_bias, _shapes),
+    optional=(F.tied_output,),
+    splits=((r"self_attn\.sinks$", _sinks, "GptOssModel.filter_tensors names it sinks.weight"),
+            (r"mlp\.experts\.gate_up_proj$", _gate_up,
+             "GptOssModel.modify_tensors: transposed, gate = even rows, up = odd rows"),
+            (r"mlp\.experts\.gate_up_proj_bias$", _gate_up_bias, "as gate_up_proj: even / odd columns"),
+            (r"mlp\.experts\.down_proj$", _down, "GptOssModel.modify_tensors: transposed to (E, n_embd, n_ff)"),
+            (r"mlp\.experts\.down_proj_bias$", _down_bias, "renamed down_proj.bias")),
+    stacks=(),
+    params=(F.text_params, gpt_oss_params),
+    vocab=F.gpt2_vocab,
+    export=None,
+)
+
+FAMILIES = (GPT_OSS,)
