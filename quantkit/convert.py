@@ -260,6 +260,7 @@ class _Job:
     imatrix: dict | None
     target: Path | None = None
     output: Any = None  # writer.GGUFOutput
+    notes: list = field(default_factory=list)
 
 
 def convert(opts: ConvertOptions) -> ConvertResult:
@@ -332,9 +333,12 @@ def convert_ladder(opts: ConvertOptions) -> list[ConvertResult]:
                               _producer(source, refs[tp.name], tp, used_im,
                                         replicate_mod.raw_source_name(stream, refs[tp.name]) if replicate_mod else None))
                     for tp in rows]
-            if split is not None and not opts.dry_run:
-                plan_split(outs, split)  # a limit smaller than a tensor: refused before any file exists
-            jobs.append(_Job(preset, plan, md, rows, outs, used_im, target))
+            job = _Job(preset, plan, md, rows, outs, used_im, target)
+            if split is not None:  # a limit smaller than a tensor: refused before any file exists
+                n_files = len(plan_split(outs, split))
+                if opts.dry_run:
+                    job.notes.append(f"{preset}: a split set of {n_files} files")
+            jobs.append(job)
         notes = list(stream.notes)
         if opts.dry_run:
             return [_result(j, None, [], sum(t.nbytes for t in j.outs), t0, notes) for j in jobs]
@@ -365,7 +369,8 @@ def _check_targets(targets: list[Path], force: bool, split) -> None:
 def _result(j: _Job, out: Path | None, files: list[Path], n_bytes: int, t0: float, notes: list[str]) -> ConvertResult:
     n_params = sum(int(np.prod(t.shape, dtype=np.int64)) for t in j.outs)
     return ConvertResult(out, int(j.plan.file_type), len(j.outs), n_bytes, n_params, time.perf_counter() - t0,
-                         j.rows, notes + list(getattr(j.plan, "notes", []) or []), preset=j.preset, files=files)
+                         j.rows, notes + list(getattr(j.plan, "notes", []) or []) + j.notes, preset=j.preset,
+                         files=files)
 
 
 def _write_pass(jobs: list[_Job]) -> None:

@@ -4,6 +4,14 @@ same file, measured in the same run (the anchor), ratio printed.
     python scripts/bench_convert.py                        # Q4_K_M on smollm2 and bench, 2 threads
     python scripts/bench_convert.py --types Q4_K_M,Q6_K --models smollm2 --threads 2 --reference
     python scripts/bench_convert.py --types f32,bf16,q8_0 --models kquant   # float: vs convert_hf_to_gguf.py
+    python scripts/bench_convert.py --ladder --types Q4_K_M,Q5_K_M,Q6_K,Q8_0 --models smollm2 [--calib-text F]
+
+Ladder (--ladder): `quantkit convert HF_DIR --type A,B,C` (one read, one
+importance matrix with --calib-text) beside one `quantkit convert --type X`
+per preset, in the same run: time is the sum of the separate runs, peak RSS
+their largest; "same" says every ladder output is byte-identical to its
+separate run. With --calib-text both sides use --no-calib-cache, so each
+separate run calibrates as it would on its own.
 
 Quantized presets: `quantkit convert HF_DIR --type T` end to end, beside
   llama (our BF16): `quantkit convert HF_DIR --type BF16`, then llama_model_quantize
@@ -130,6 +138,26 @@ def bench_float(model: str, t: str, threads: int, d: Path) -> list[tuple]:
     return rows
 
 
+def bench_ladder(model: str, types: list[str], threads: int, calib: Path | None, d: Path) -> list[tuple]:
+    ckpt, pre = checkpoint(model)
+    extra = ["--calib-text", str(calib), "--no-calib-cache"] if calib else []
+    lad = d / "ladder"
+    lad.mkdir()
+    cmd = quantkit_cmd(ckpt, ",".join(types), lad / "m-{type}.gguf", pre, threads) + extra
+    s, m = run(cmd, cwd=d)
+    label = f"{len(types)} types"
+    rows = [(model, label, "quantkit ladder", s, m, None)]
+    total, peak, same = 0.0, 0.0, True
+    for t in types:
+        out = d / f"single-{t}.gguf"
+        s1, m1 = run(quantkit_cmd(ckpt, t, out, pre, threads) + extra, cwd=d)
+        total, peak = total + s1, max(peak, m1)
+        same = same and out.read_bytes() == (lad / f"m-{t}.gguf").read_bytes()
+        out.unlink()
+    rows.append((model, label, "separate runs", total, peak, same))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--types", default="Q4_K_M")
@@ -138,10 +166,20 @@ def main() -> None:
     ap.add_argument("--reference", action="store_true", help="also time convert_hf_to_gguf.py (torch) + quantize")
     ap.add_argument("--float", dest="float_", action="store_true",
                     help="f32/f16/bf16/q8_0: compare with convert_hf_to_gguf.py's own output")
+    ap.add_argument("--ladder", action="store_true", help="--type A,B,C in one run against one run per preset")
+    ap.add_argument("--calib-text", type=Path, default=None, help="with --ladder: calibrate on this text")
     a = ap.parse_args()
     print(f"{'model':8s} {'type':7s} {'route':20s} {'wall s':>8s} {'peak MiB':>9s} {'same':>5s}   "
           f"quantkit: speed-up, RSS ratio", flush=True)
     for m in a.models.split(","):
+        if a.ladder:
+            with tempfile.TemporaryDirectory(dir=os.environ.get("QUANTKIT_BENCH_TMP")) as d:
+                rows = bench_ladder(m, a.types.split(","), a.threads, a.calib_text, Path(d))
+            for r in rows:
+                same = "" if r[5] is None else ("yes" if r[5] else "NO")
+                cmp = "" if r is rows[0] else f"   {r[3] / rows[0][3]:.2f}x faster, {rows[0][4] / r[4]:.2f}x the RSS"
+                print(f"{r[0]:8s} {r[1]:7s} {r[2]:20s} {r[3]:8.1f} {r[4]:9.0f} {same:>5s}{cmp}", flush=True)
+            continue
         for t in a.types.split(","):
             with tempfile.TemporaryDirectory(dir=os.environ.get("QUANTKIT_BENCH_TMP")) as d:
                 rows = (bench_float(m, t, a.threads, Path(d)) if a.float_ or t.lower() in FLOAT_TYPES
