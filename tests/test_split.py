@@ -93,6 +93,7 @@ def test_split_names_keys_and_limits(made):
     assert [len(read_header(p, whole_set=False).tensors) for p in b[:-1]] == [20] * (len(b) - 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,args", [("Q4_K_M", ["--split-max-size", "1M"]), ("BF16", ["--split-max-tensors", "20"])])
 def test_split_equals_llama_gguf_split(kind, args, made, llama_tools, tmp_path):
     """llama-gguf-split --split of our unsplit file, same limit: the same files, byte for byte."""
@@ -106,6 +107,7 @@ def test_split_equals_llama_gguf_split(kind, args, made, llama_tools, tmp_path):
         assert a.read_bytes() == b.read_bytes(), f"{a.name} differs from llama-gguf-split's {b.name}"
 
 
+@pytest.mark.slow
 def test_merge_gives_unsplit_tensors_and_keys(made, llama_tools, tmp_path):
     merged = tmp_path / "merged.gguf"
     r = subprocess.run([str(llama_tools / "llama-gguf-split"), "--merge", str(made["split-Q4_K_M"][0]), str(merged)],
