@@ -17,12 +17,16 @@ load-proof measure of per-core speed). Then the one-off costs, each in a fresh P
 process: cold start (NUMBA_CACHE_DIR pointed at an empty temp dir: compile)
 and warm start (same dir again: load the cached kernels), as the time from
 interpreter start to the first quantized tensor and to the last of the
-Q4_K_M kernels (Q4_K, Q6_K and the Q5_0/Q8_0 fallbacks).
+Q4_K_M kernels (Q4_K, Q6_K and the Q5_0/Q8_0 fallbacks); with --cold-each,
+the same per measured type (its kernels alone: the first-use compile cost of
+one encoder). The load average is taken right after each row's all-threads
+measurement (on a shared machine it says how many cores that run could get).
 
 Prints a markdown table (for the README). A benchmark, not a test.
 
     python scripts/bench_quant.py                 # everything (~minutes)
     python scripts/bench_quant.py --types Q4_K,Q6_K --repeat 2
+    python scripts/bench_quant.py --types IQ2_XXS,IQ3_S --cold-each
 """
 from __future__ import annotations
 
@@ -134,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="best of N runs per figure")
     ap.add_argument("--types", default="", help="comma-separated subset (default: every registered type)")
     ap.add_argument("--no-one-off", action="store_true", help="skip the cold/warm start measurements")
+    ap.add_argument("--cold-each", action="store_true",
+                    help="one-off costs per measured type (its kernels alone) instead of the Q4_K_M set")
     args = ap.parse_args(argv)
 
     import numba
@@ -168,9 +174,11 @@ def main(argv: list[str] | None = None) -> int:
             tg, cg = best_time(lambda: ggml.quantize(int(qt.qtype), x, im), args.repeat)
             quant.set_threads(0)
             tn, cn = best_time(lambda: quant.quantize(x, qt, imatrix=im), args.repeat)
+            load_n = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
             tp = None if (gpy is None or weighted) else best_time(lambda: gpy(x), max(1, args.repeat - 1))
             r = dict(name=name, weighted=weighted, same=same, q1=mb / t1, q1c=mb / c1, g=mb / tg, gc=mb / cg,
-                     qn=mb / tn, work=cn / c1, p=None if tp is None else mb / tp[0], pc=None if tp is None else mb / tp[1])
+                     qn=mb / tn, work=cn / c1, load=load_n, p=None if tp is None else mb / tp[0],
+                     pc=None if tp is None else mb / tp[1])
             rows.append(r)
             print(f"# {name:7s} {'imatrix' if weighted else 'ref':7s} qk1 {r['q1']:7.1f} ({r['q1c']:7.1f} cpu)  "
                   f"ggml {r['g']:7.1f} ({r['gc']:7.1f} cpu)  qk{nthreads} {r['qn']:7.1f}  "
@@ -185,16 +193,28 @@ def main(argv: list[str] | None = None) -> int:
           f"{nthreads}T/1T is wall clock; work = CPU seconds with {nthreads} threads / with 1 (1.00 = no "
           "parallel overhead).\n")
     print(f"| type | weights | quantkit 1T | ggml 1T | gguf-py 1T | quantkit/ggml | gguf-py/ggml "
-          f"| quantkit {nthreads}T (wall) | {nthreads}T/1T | work | bytes = ggml |")
-    print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|:-:|")
+          f"| quantkit {nthreads}T (wall) | {nthreads}T/1T | {nthreads}T/ggml 1T | load | work | bytes = ggml |")
+    print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|:-:|")
     for r in rows:
         gp = None if r["pc"] is None else f"{r['p']:.0f} / {r['pc']:.0f}"
         print(f"| {r['name']} | {'imatrix' if r['weighted'] else '—'} | {r['q1']:.0f} / {r['q1c']:.0f} "
               f"| {r['g']:.0f} / {r['gc']:.0f} | {gp or '—'} | **{r['q1c'] / r['gc']:.2f}x** "
               f"| {fmt(None if r['pc'] is None else r['pc'] / r['gc'], '{:.2f}x')} | {r['qn']:.0f} "
-              f"| {r['qn'] / r['q1']:.2f}x | {r['work']:.2f} | {'yes' if r['same'] else 'NO'} |")
+              f"| {r['qn'] / r['q1']:.2f}x | {r['qn'] / r['g']:.2f}x | {r['load']:.1f} | {r['work']:.2f} "
+              f"| {'yes' if r['same'] else 'NO'} |")
 
-    if not args.no_one_off:
+    if not args.no_one_off and args.cold_each:
+        print("\nFirst use, fresh process per type (empty numba cache: compile; then the same cache again: "
+              "load); seconds from interpreter start to the first 8 x 4096 tensor quantized (CPU seconds of "
+              "the process in brackets):\n")
+        print("| type | weights | import quantkit | cold: first tensor | warm: first tensor |")
+        print("|---|---|--:|--:|--:|")
+        for name in dict.fromkeys(r["name"] for r in rows):
+            weighted = any(r["weighted"] for r in rows if r["name"] == name)
+            cold, warm = one_off([name], weighted)
+            print(f"| {name} | {'imatrix' if weighted else '—'} | {cold['import']:.2f} "
+                  f"| {cold['first']:.2f} ({cold['cpu']:.1f} CPU) | {warm['first']:.2f} ({warm['cpu']:.1f} CPU) |")
+    elif not args.no_one_off:
         print(f"\nOne-off costs, fresh process each, kernels for Q4_K_M ({', '.join(COLD_TYPES)}); "
               "seconds from interpreter start (CPU seconds of the process in brackets):\n")
         print("| start | weights | import quantkit | first tensor (Q4_K) | all four types |")
