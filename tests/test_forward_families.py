@@ -69,7 +69,7 @@ CASES: dict[str, tuple[str, dict, int, str]] = {
     "olmo2": ("olmo2-f32", {}, CTX, "post-norms, full-width q/k norms, GQA"),
     "olmo2-mha": ("olmo2-bf16-mha", {}, CTX, "MHA, sharded checkpoint"),
     "smollm3": ("smollm3-bf16", {LAYERS: 4}, CTX, "blocks repeated to 4 layers: the 4th is NoPE"),
-    # run once their family specs compute the forward pass (graph forward=True), skipped before
+    # (a case whose family's graph is forward=False is skipped, naming it)
     "exaone4": ("exaone4-bf16", {}, CTX, "post-norms, per-head q/k norms; 4 layers: no windows (only the 64-layer one)"),
     "exaone4-swa": ("exaone4-bf16", {LAYERS: 64, "exaone4.attention.sliding_window_pattern": (
         [(i + 1) % 4 != 0 for i in range(64)], GGUFValueType.ARRAY, GGUFValueType.BOOL)}, CTX,

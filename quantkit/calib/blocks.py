@@ -187,7 +187,8 @@ def gelu_tanh(x: np.ndarray, emulate: bool = True) -> np.ndarray:
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    return x / (1.0 + np.exp(-x))
+    with np.errstate(over="ignore"):  # exp(-x) = inf for x < -88: x / inf = -0, as ggml's silu gives
+        return x / (1.0 + np.exp(-x))
 
 
 ACTIVATIONS = {"silu": lambda x, emulate: silu(x), "gelu_tanh": gelu_tanh}
