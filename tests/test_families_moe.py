@@ -148,6 +148,49 @@ def _rewritten(random_checkpoint, name: str, tmp_path: Path, edit) -> Path:
     return d
 
 
+def _fuse_qwen_experts(ts):
+    """Per-expert Qwen MoE tensors -> transformers 5's fused layout: per block one
+    (E, 2 n_ff, n_embd) mlp.experts.gate_up_proj and one (E, n_embd, n_ff) mlp.experts.down_proj,
+    where the block's first expert tensor was."""
+    import re
+
+    pat = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight")
+    groups: dict = {}
+    for n, a in ts:
+        if (m := pat.fullmatch(n)):
+            groups.setdefault(m.group(1), {}).setdefault(m.group(3), {})[int(m.group(2))] = a
+    out, done = [], set()
+    for n, a in ts:
+        m = pat.fullmatch(n)
+        if m is None:
+            out.append((n, a))
+        elif m.group(1) not in done:
+            done.add(m.group(1))
+            g = {k: np.stack([v[e] for e in sorted(v)]) for k, v in groups[m.group(1)].items()}
+            out += [(m.group(1) + ".gate_up_proj", np.concatenate([g["gate"], g["up"]], axis=1)),
+                    (m.group(1) + ".down_proj", g["down"])]
+    return out
+
+
+@pytest.mark.parametrize("name,outtype", [("qwen2moe-bf16", "f32"), ("qwen3moe-bf16", "bf16")])
+def test_fused_qwen_experts_convert_as_the_converter_does(name, outtype, random_checkpoint, reference_gguf, tmp_path,
+                                                         capsys):
+    """transformers 5 stores a Qwen MoE block's experts fused (gate_up_proj, down_proj): the converter
+    splits gate_up on dim -2; quantkit's file is the converter's, byte for byte."""
+    d = _rewritten(random_checkpoint, name, tmp_path, _fuse_qwen_experts)
+    from quantkit.sources import open_source
+
+    with open_source(str(d)) as src:
+        assert any(t.name.endswith("mlp.experts.gate_up_proj") for t in src.tensors())
+    ref = reference_gguf(d, outtype, VOCAB_PRE)
+    out = tmp_path / "ours.gguf"
+    capsys.readouterr()
+    rc = main(["convert", str(d), "--type", outtype.upper(), "-o", str(out), "--vocab-pre", VOCAB_PRE, "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    assert diff(out, ref) == []
+    assert filecmp.cmp(out, ref, shallow=False)
+
+
 MISSING = [  # (checkpoint, HF tensor left out, what the error names)
     ("mixtral-f16-sharded", "model.layers.1.block_sparse_moe.experts.2.w2.weight", None),
     ("qwen2moe-bf16", "model.layers.0.mlp.experts.3.up_proj.weight", None),

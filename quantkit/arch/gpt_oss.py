@@ -77,7 +77,8 @@ def _gate_up(m: Model, ref: TensorRef):
     n, e, ff2 = ref.shape
     base = ref.name[: -len(".gate_up_proj")]
     return [(f"{base}.{p}.weight", (n, ff2 // 2, e),
-             lambda x, o=o: np.ascontiguousarray(x.swapaxes(-1, -2)[:, o::2, :])) for p, o in (("gate_proj", 0), ("up_proj", 1))]
+             lambda x, o=o: np.ascontiguousarray(x.swapaxes(-1, -2)[:, o::2, :]))
+            for p, o in (("gate_proj", 0), ("up_proj", 1))]
 
 
 def _gate_up_bias(m: Model, ref: TensorRef):

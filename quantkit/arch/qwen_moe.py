@@ -17,10 +17,14 @@ does); the shared expert's output is scaled by sigmoid(shared_expert_gate · x).
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
+import numpy as np
 from gguf import MODEL_ARCH
 
+from ..errors import InputError
+from ..sources.base import TensorRef
 from . import features as F
 from .graph import ROPE_NEOX, BlockGraph, block
 from .spec import Family, Model
@@ -51,6 +55,31 @@ def _qkv_bias(m: Model, b: int | None) -> dict:
     return F.qkv_bias(m, b) if m.hp.get("qkv_bias", True) else {}
 
 
+def _fused_gate_up(m: Model, ref: TensorRef):
+    """Qwen2MoeModel.modify_tensors: a fused (E, 2 n_ff, n_embd) gate_up_proj (transformers 5's layout)
+    splits on axis -2: gate the first half, up the second."""
+    if len(ref.shape) < 3 or ref.shape[-2] % 2:
+        raise InputError(f"tensor {ref.name!r} has shape {list(ref.shape)}; a fused gate_up_proj is "
+                         "(experts, 2 * moe_intermediate_size, hidden_size)")
+    n = ref.shape[-2] // 2
+    base = re.sub(r"\.gate_up_proj(\.weight)?$", "", ref.name)
+    shape = (*ref.shape[:-2], n, ref.shape[-1])
+    return [(f"{base}.gate_proj.weight", shape, lambda x: np.ascontiguousarray(x[..., :n, :])),
+            (f"{base}.up_proj.weight", shape, lambda x: np.ascontiguousarray(x[..., n:, :]))]
+
+
+def _fused_down(m: Model, ref: TensorRef):
+    """A fused (E, n_embd, n_ff) down_proj is taken as it is (named down_proj.weight)."""
+    name = ref.name if ref.name.endswith(".weight") else ref.name + ".weight"
+    return [(name, tuple(ref.shape), lambda x: x)]
+
+
+# transformers 5 stores a block's experts fused; 4.57 (and the released checkpoints) one module each
+FUSED_EXPERTS = ((r"mlp\.experts\.gate_up_proj(\.weight)?$", _fused_gate_up,
+                  "Qwen2MoeModel.modify_tensors splits a fused gate_up_proj on dim -2"),
+                 (r"mlp\.experts\.down_proj(\.weight)?$", _fused_down,
+                  "Qwen2MoeModel.modify_tensors maps a fused down_proj as it is"))
+
 QWEN2MOE = Family(
     name="Qwen2-MoE",
     hf_architectures=("Qwen2MoeForCausalLM",),
@@ -68,6 +97,7 @@ QWEN2MOE = Family(
     shapes=(F.top, F.pre_norms, F.attention, _qkv_bias, F.qwen_moe_ffn),
     optional=(F.tied_output,),
     stacks=(F.QWEN_MOE_EXPERTS,),
+    splits=FUSED_EXPERTS,
     params=(F.text_params, F.expert_ff_params),
     vocab=F.gpt2_vocab,
     export=None,
@@ -88,6 +118,7 @@ QWEN3MOE = Family(
     shapes=(F.top, F.pre_norms, F.attention, F.head_qk_norm, F.qkv_bias_if_attention_bias, F.qwen_moe_ffn),
     optional=(F.tied_output,),
     stacks=(F.QWEN_MOE_EXPERTS,),
+    splits=FUSED_EXPERTS,
     params=(F.text_params, F.expert_ff_params),
     vocab=F.gpt2_vocab,
     export=None,
