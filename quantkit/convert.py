@@ -12,6 +12,14 @@ Stages, each in its own module:
   4. quantkit.mix.make_plan(stream, type, mix)    -> Plan (per-tensor types)
   5. quantize each tensor (quantkit.quant) and stream it to quantkit.writer
 
+Several presets (``--type A,B,C``, convert_ladder) run stages 1-3 and the
+importance matrix once, plan each preset, then make one pass over the tensors:
+each is loaded once (``_producer``'s ``ref``/``rebind`` let the pass hand every
+encoding the same loaded array) and encoded once per distinct (type,
+importance vector), written to every output holding it (writer.OutputSet:
+data at planned offsets, so outputs with different tensor orders fill in the
+same pass). A split limit makes each output a split set (writer.plan_split).
+
 File layout: for F32/F16/BF16 (the types llama.cpp's convert_hf_to_gguf.py
 writes) tensors and key/values keep the converter's order. For quantized
 presets the file is laid out as llama-quantize writes it from such a file:
@@ -240,8 +248,9 @@ def output_targets(out: Path | None, presets: list[str], name: str | None) -> li
         return [Path(str(out).replace(TYPE_FIELD, p)) for p in presets]
     if out is not None and not out.is_dir():
         if len(presets) > 1:
-            raise UsageError(f"-o {out}: with several presets in --type, give a directory or a name containing "
-                             f"{TYPE_FIELD} (e.g. -o out/model-{TYPE_FIELD}.gguf)")
+            missing = " (no such directory)" if not out.exists() and out.suffix.lower() != ".gguf" else ""
+            raise UsageError(f"-o {out}{missing}: with several presets in --type, give an existing directory or a "
+                             f"name containing {TYPE_FIELD} (e.g. -o out/model-{TYPE_FIELD}.gguf)")
         return [out]
     if name is None:
         return None
