@@ -353,8 +353,11 @@ class _Experts:
         dtype = refs[0].dtype if len(dtypes) == 1 else "F32"
         name = st.merged.format(bid=bid, proj=proj)
 
-        def load(refs=tuple(refs)):
-            return np.stack([r.load() for r in refs], axis=0)
+        def load(refs=tuple(refs), shape=shape):
+            out = np.empty((len(refs), *shape), np.float32)  # one expert in memory besides the stack
+            for i, r in enumerate(refs):
+                out[i] = r.load()
+            return out
 
         return name, TensorRef(name, (len(refs), *shape), dtype, load)
 
