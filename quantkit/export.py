@@ -11,10 +11,21 @@ Writes, into a temporary directory renamed into place only on success:
   tokenizer.model        for SentencePiece vocabularies ("llama")
   tokenizer_config.json  special tokens, add_bos/add_eos, chat template
 
-For ``llama`` the Q/K row permutation llama.cpp's converter applies
-(conversion/llama.py ``LlamaModel.permute``) is undone. Keys that the GGUF
-lacks are left out of config.json / tokenizer_config.json so that converting
-the export again reproduces the same GGUF metadata.
+Each family's ``Export`` record (quantkit/arch, the spec's inverse map) says
+how: for ``llama`` (and granite, smollm3) the Q/K row permutation llama.cpp's
+converter applies (conversion/llama.py ``LlamaModel.permute``) is undone;
+Gemma's baked-in ``+1`` is taken off every norm weight; fused tensors the
+converter kept fused (Phi-3's qkv_proj and gate_up_proj, GLM-4's
+gate_up_proj) stay fused, as the HF model stores them; tensors the converter
+generated from config.json (Phi-3's LongRoPE factors) go back into it. Keys
+that the GGUF lacks are left out of config.json / tokenizer_config.json so
+that converting the export again reproduces the same GGUF metadata.
+
+Not invertible, refused (exit 4): llama3-style ``rope_freqs`` (several
+rope_scaling settings give the same factors). Lost in conversion, so not
+restored: embedding rows Gemma 3's converter cut past the tokenizer's
+tokens, and keys llama.cpp never stores (Gemma's query_pre_attn_scalar is
+written as the head_dim llama.cpp scales by).
 """
 from __future__ import annotations
 
@@ -46,7 +57,8 @@ ARCHS: dict[str, tuple[str, str, bool]] = {
     a: (f.export.hf_architecture, f.export.model_type, f.export.undo_permute) for a, f in _arch_specs.EXPORTS.items()
 }
 
-# GGUF tensor name -> HF name (the inverse of gguf-py's TensorNameMap for these archs).
+# GGUF tensor name -> HF name (the inverse of gguf-py's TensorNameMap for llama; a family's
+# Export.names overrides BLOCK_NAMES where its HF modules are named otherwise).
 TOP_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -147,14 +159,16 @@ class ExportResult:
 
 # ---------------------------------------------------------------- tensors
 
-def hf_tensor_name(gguf_name: str) -> str:
+def hf_tensor_name(gguf_name: str, names: dict[str, str] | None = None) -> str:
     m = _BLOCK_RE.match(gguf_name)
-    if m and m.group(2) in BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    block = {**BLOCK_NAMES, **(names or {})}
+    if m and m.group(2) in block:
+        return f"model.layers.{m.group(1)}.{block[m.group(2)]}.{m.group(3)}"
     m = _TOP_RE.match(gguf_name)
     if m and m.group(1) in TOP_NAMES:
         return f"{TOP_NAMES[m.group(1)]}.{m.group(2)}"
-    raise UnsupportedError(f"tensor {gguf_name!r} has no Hugging Face name quantkit knows (export supports llama, qwen2, qwen3)")
+    raise UnsupportedError(f"tensor {gguf_name!r} has no Hugging Face name quantkit knows "
+                           f"(export supports {', '.join(ARCHS)})")
 
 
 def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -222,9 +236,10 @@ def _write_safetensors(path: Path, hdr: GGUFHeader, plan: list[tuple[str, Tensor
     item = np.dtype(np_dtype).itemsize
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     pos = 0
-    for hf_name, t, _fix in plan:
-        n = t.n_elements * item
-        header[hf_name] = {"dtype": st_name, "shape": list(t.shape), "data_offsets": [pos, pos + n]}
+    for hf_name, t, fix in plan:
+        shape = getattr(fix, "shape", t.shape)  # _pad_rows changes it
+        n = int(np.prod(shape)) * item
+        header[hf_name] = {"dtype": st_name, "shape": list(shape), "data_offsets": [pos, pos + n]}
         pos += n
     hjson = json.dumps(header, separators=(",", ":")).encode()
     hjson += b" " * (-len(hjson) % 8)
@@ -262,11 +277,33 @@ def _arch(hdr: GGUFHeader) -> str:
     return arch
 
 
+class ExportView:
+    """What a family's ``Export.derive`` reads: {arch}.* metadata and the tensors."""
+
+    def __init__(self, hdr: GGUFHeader, arch: str):
+        self.hdr, self.arch = hdr, arch
+        self.names = {t.name for t in hdr.tensors}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The raw value of ``{arch}.key``."""
+        return self.hdr.get(f"{self.arch}.{key}", default)
+
+    def num(self, key: str, kind: str = "int") -> Any:
+        return _num(self.hdr, f"{self.arch}.{key}", kind)
+
+    def values(self, name: str) -> np.ndarray:
+        t = next((t for t in self.hdr.tensors if t.name == name), None)
+        if t is None:
+            raise InputError(f"{self.hdr.path}: tensor {name!r} is missing")
+        return dequantize_tensor(self.hdr, t)
+
+
 def build_config(hdr: GGUFHeader, dtype: str) -> dict:
     arch = _arch(hdr)
     hf_arch, model_type, _ = ARCHS[arch]
+    spec = _arch_specs.EXPORTS[arch].export
     cfg: dict[str, Any] = {"architectures": [hf_arch], "model_type": model_type, "hidden_act": "silu"}
-    for key, gkey, kind in HPARAMS:
+    for key, gkey, kind in HPARAMS + list(spec.keys):
         v = _num(hdr, f"{arch}.{gkey}", kind)
         if v is not None:
             cfg[key] = v
@@ -282,7 +319,10 @@ def build_config(hdr: GGUFHeader, dtype: str) -> dict:
         raise InputError(f"{hdr.path}: tensor 'token_embd.weight' is missing")
     vocab = _num(hdr, f"{arch}.vocab_size", "int")
     if vocab is None:
-        vocab = next(t.shape[0] for t in hdr.tensors if t.name == "token_embd.weight")
+        # the converter writes one token per id up to config.json's vocab_size; Gemma 3's then cuts
+        # token_embd to the tokenizer's rows (the export pads them back with zeros: _tensor_plan)
+        rows = next(t.shape[0] for t in hdr.tensors if t.name == "token_embd.weight")
+        vocab = max(rows, len(_array(hdr, "tokenizer.ggml.tokens", {GGUFValueType.STRING}) or ()))
     cfg["vocab_size"] = vocab
     cfg["tie_word_embeddings"] = "output.weight" not in names
     scaling = hdr.get(f"{arch}.rope.scaling.type")
@@ -299,8 +339,10 @@ def build_config(hdr: GGUFHeader, dtype: str) -> dict:
         v = _num(hdr, f"tokenizer.ggml.{key}", "int")
         if v is not None:
             cfg[f"{typ}_token_id"] = v
-    for k, v in _arch_specs.EXPORTS[arch].export.config_extra.items():
+    for k, v in spec.config_extra.items():
         cfg.setdefault(k, v)
+    if spec.derive is not None:
+        spec.derive(cfg, ExportView(hdr, arch))
     cfg["torch_dtype"] = DTYPES[dtype][2]
     return cfg
 
@@ -513,12 +555,15 @@ def tokenizer_files(hdr: GGUFHeader) -> tuple[dict[str, bytes], dict]:
 
 def _tensor_plan(hdr: GGUFHeader, cfg: dict, arch: str) -> list[tuple[str, TensorInfo, Callable]]:
     undo = ARCHS[arch][2]
+    spec = _arch_specs.EXPORTS[arch].export
     n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     ident = _identity
     plan = []
     seen: dict[str, str] = {}
     for t in hdr.tensors:
-        hf = hf_tensor_name(t.name)
+        if t.name in spec.generated:  # made from config.json by the converter: derive put it back there
+            continue
+        hf = hf_tensor_name(t.name, spec.names)
         if hf in seen:
             raise InputError(f"{hdr.path}: tensors {seen[hf]!r} and {t.name!r} both map to {hf!r}")
         seen[hf] = t.name
@@ -527,8 +572,21 @@ def _tensor_plan(hdr: GGUFHeader, cfg: dict, arch: str) -> list[tuple[str, Tenso
             fix = lambda x, h=n_head: unpermute(x, h)  # noqa: E731
         elif undo and re.search(r"\.attn_k\.(weight|bias)$", t.name):
             fix = lambda x, h=n_kv: unpermute(x, h)  # noqa: E731
+        elif spec.norm_offset and t.name.endswith("norm.weight"):
+            fix = lambda x, d=np.float32(spec.norm_offset): x + d  # noqa: E731
+        elif t.name in ("token_embd.weight", "output.weight") and t.shape[0] < cfg["vocab_size"]:
+            fix = _pad_rows(cfg["vocab_size"], t.shape)
         plan.append((hf, t, fix))
     return plan
+
+
+def _pad_rows(n: int, shape: tuple[int, ...]) -> Callable[[np.ndarray], np.ndarray]:
+    """Zero rows up to ``n`` (embedding rows the converter cut: see build_config); ``.shape`` is the result's."""
+    def fix(x: np.ndarray) -> np.ndarray:
+        return np.concatenate([x, np.zeros((n - x.shape[0], *x.shape[1:]), dtype=x.dtype)])
+
+    fix.shape = (n, *shape[1:])  # type: ignore[attr-defined]
+    return fix
 
 
 def _prepare_out(out_dir: Path, force: bool) -> None:
@@ -591,4 +649,4 @@ def export_gguf(path: "str | os.PathLike[str]", out_dir: "str | os.PathLike[str]
 
 
 __all__ = ["EXPORT_FORMAT", "export_gguf", "tokenizer_files", "build_sentencepiece", "ExportResult", "build_config", "build_tokenizer", "hf_tensor_name", "permute", "unpermute",
-           "dequantize_tensor", "ARCHS", "PRE_TOKENIZERS"]
+           "dequantize_tensor", "ARCHS", "PRE_TOKENIZERS", "ExportView"]

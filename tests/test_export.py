@@ -723,3 +723,103 @@ def test_sentencepiece_field_numbers():
             "model_type": 3, "vocab_size": 4, "byte_fallback": 35, "unk_id": 40, "bos_id": 41, "eos_id": 42,
             "pad_id": 43, "name": 1, "add_dummy_prefix": 3, "remove_extra_whitespaces": 4, "escape_whitespaces": 5}
     assert {k: number(k) for k in want} == want
+
+
+# ------------------------------------------------- issue 10: the dense families' round trip
+
+# (checkpoint, GGUF type, logits checked): transformers-built ("-hf") and numpy-built checkpoints.
+# Gemma's query_pre_attn_scalar is not in the GGUF (llama.cpp scales q by head_dim): the export writes
+# head_dim, so logits are compared only where the original has query_pre_attn_scalar == head_dim
+# (gemma2-hf keeps transformers' default 256 with head_dim 16). gemma3-bf16's 8 padding rows of the
+# embedding are cut by the converter (the export pads them back with zeros): logits are compared over
+# the tokenizer's 512 tokens. exaone4-f16-lllg's config ("LLLG" pattern) is one transformers itself
+# cannot load (the converter falls back to config.json); its export has explicit layer_types.
+FAMILY_ROUND_TRIPS = [
+    ("gemma2-hf", "BF16", False), ("gemma2-bf16-spm", "F32", True), ("gemma3-hf", "F32", False),
+    ("gemma3-bf16", "BF16", True), ("phi3-hf", "BF16", True), ("phi3-f32-longrope", "F32", True),
+    ("phi4-bf16", "BF16", True), ("smollm3-hf", "BF16", True), ("granite-hf", "F32", True),
+    ("olmo2-hf", "BF16", True), ("exaone4-hf", "BF16", True), ("exaone4-f16-lllg", "F32", False),
+    ("glm4-hf", "BF16", True), ("glm4-bf16", "BF16", True), ("glm4-f16-tied-nobias", "F32", True),
+]
+# CI: Gemma's norm offset with transformers' logits (one torch run), GLM-4's renamed norms, biases and
+# fused gate_up without; QUANTKIT_FULL_PARITY=1: all of the above (15 passed, every logits diff 0.0)
+FAMILY_ROUND_TRIPS_CI = [("gemma2-bf16-spm", "F32", True), ("glm4-bf16", "BF16", False)]
+
+_LOGITS = r"""
+import json, sys, torch, transformers as T
+a, b, n_rows = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ids = torch.tensor([[1, 5, 17, 42, 99, 3, 250, 7, 64, 128, 300, 11]])
+out = []
+for d in (a, b):
+    cfg = T.AutoConfig.from_pretrained(d)
+    for c in (cfg, getattr(cfg, "text_config", None)):
+        if c is not None and isinstance(c.pad_token_id, int) and c.pad_token_id >= c.vocab_size:
+            c.pad_token_id = None  # class defaults of a full-size model (numpy-built configs leave it out)
+    m = T.AutoModelForCausalLM.from_pretrained(d, config=cfg, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        out.append(m(input_ids=ids).logits[0])
+n = min(out[0].shape[-1], out[1].shape[-1], n_rows)
+x, y = out[0][:, :n], out[1][:, :n]
+print(json.dumps({"max_abs_diff": float((x - y).abs().max()), "max_abs_logit": float(x.abs().max()),
+                  "n_vocab": [out[0].shape[-1], out[1].shape[-1]]}))
+"""
+
+
+def _hf_logits_diff(original: Path, exported: Path, n_rows: int) -> dict:
+    import subprocess
+
+    from fixtures.reference_converter import ensure_venv
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    r = subprocess.run([str(ensure_venv()), "-c", _LOGITS, str(original), str(exported), str(n_rows)], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name,qtype,logits", FAMILY_ROUND_TRIPS if os.environ.get("QUANTKIT_FULL_PARITY")
+                         else FAMILY_ROUND_TRIPS_CI, ids=lambda v: str(v))
+def test_family_round_trip(random_checkpoint, tmp_path, name, qtype, logits):
+    """convert(export(convert(ckpt))) == convert(ckpt), and transformers loads the export with the
+    original's logits (the weights come back bit for bit: same values, same dtype)."""
+    from fixtures.random_checkpoints import VOCAB_PRE
+
+    from quantkit.convert import ConvertOptions, convert
+
+    if name.endswith("-hf"):
+        from fixtures.hf_checkpoints import cached
+
+        ckpt = cached(name)
+    else:
+        ckpt = random_checkpoint(name)
+    x = tmp_path / "x.gguf"
+    convert(ConvertOptions(src=str(ckpt), type=qtype, out=x, vocab_pre=VOCAB_PRE, quiet=True, progress=False))
+    hf = tmp_path / "rt" / ckpt.name  # same directory name: same general.name
+    hf.parent.mkdir()
+    export_gguf(x, hf, dtype=ROUND_TRIP_DTYPE[qtype])
+    cfg = json.loads((hf / "config.json").read_text())
+    assert cfg["architectures"][0] == json.loads((ckpt / "config.json").read_text())["architectures"][0].replace(
+        "Gemma3ForConditionalGeneration", "Gemma3ForCausalLM")
+    y = tmp_path / "y.gguf"
+    convert(ConvertOptions(src=str(hf), type=qtype, out=y, vocab_pre=VOCAB_PRE, quiet=True, progress=False))
+    _assert_same_gguf(x, y)
+    if logits:
+        rows = next(t.shape[-1] for t in GGUFReader(x).tensors if t.name == "token_embd.weight")
+        d = _hf_logits_diff(ckpt, hf, int(rows))  # over the rows the GGUF has
+        print(f"{name} {qtype}: logits {d}")
+        assert d["max_abs_diff"] <= 1e-5 * max(1.0, d["max_abs_logit"]), d
+
+
+def test_exaone4_llama3_rope_factors_unsupported(random_checkpoint, tmp_path, capsys):
+    """EXAONE 4's rope_freqs (llama3 rope_scaling, factor 16) has no unique config.json: refused, nothing written."""
+    from fixtures.random_checkpoints import VOCAB_PRE
+
+    from quantkit.convert import ConvertOptions, convert
+
+    x = tmp_path / "x.gguf"
+    convert(ConvertOptions(src=str(random_checkpoint("exaone4-f32-llama3")), type="F32", out=x, vocab_pre=VOCAB_PRE,
+                           quiet=True, progress=False))
+    code, _, err = _run(["export", str(x), "-o", str(tmp_path / "hf")], capsys)
+    assert "rope" in _assert_one_line(err, code, 4)
+    assert not (tmp_path / "hf").exists()

@@ -16,8 +16,9 @@ between them is their tensors: Gemma 2 has no output.weight (token_embd takes
 the output rule), Phi-3 fuses q/k/v (attn_qkv counts as attn_v) and gate/up,
 GLM-4 fuses gate/up and has q/k/v biases (1-D, kept).
 
-CI: every preset's types on gemma2-kq and glm4-kq, Q4_K_M bytes on gemma3-kq;
-QUANTKIT_FULL_PARITY=1: every family, every preset, all four byte cases.
+CI: every preset's types and Q4_K_M bytes on gemma2-kq (one converter run);
+QUANTKIT_FULL_PARITY=1: every family, every preset, all four byte cases
+(342 passed, 795 s on 2 shared cores, first run: fixtures and converter runs included).
 """
 from __future__ import annotations
 
@@ -37,10 +38,10 @@ VOCAB_PRE = "smollm"
 PRESETS = [p.name for p in Preset]
 MODELS = ["gemma2-kq", "gemma3-kq", "phi3-kq", "phi4-kq", "smollm3-kq", "granite-kq", "olmo2-kq", "exaone4-kq",
           "glm4-kq"]
-TYPE_MODELS = MODELS if FULL else ["gemma2-kq", "glm4-kq"]
+TYPE_MODELS = MODELS if FULL else ["gemma2-kq"]
 TYPE_CASES = [(m, p) for m in TYPE_MODELS for p in PRESETS]
 BYTES_PRESETS = ["Q4_K_M", "Q2_K", "Q6_K", "Q4_K_M+imatrix"]
-BYTES_CASES = [(m, p) for m in MODELS for p in BYTES_PRESETS] if FULL else [("gemma3-kq", "Q4_K_M")]
+BYTES_CASES = [(m, p) for m in MODELS for p in BYTES_PRESETS] if FULL else [("gemma2-kq", "Q4_K_M")]
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from gguf import GGUFWriter, MODEL_ARCH
 from . import features as F
 from .common import tensor_name
 from .graph import LLAMA_GRAPH_KEYS, ROPE_NEOX, SWA_KEYS, BlockGraph, block
-from .spec import Family, Model
+from .spec import Export, Family, Model
 
 # transformers 4.57.6 Exaone4Config defaults for keys the converter reads
 EXAONE4_DEFAULTS: dict[str, Any] = {
@@ -82,6 +82,18 @@ def exaone4_rope_freqs(m: Model, w: GGUFWriter):
     return []
 
 
+def _exaone4_export(cfg: dict[str, Any], v: Any) -> None:
+    """The window and its pattern back into sliding_window / layer_types (no window: all global)."""
+    pat = v.get("attention.sliding_window_pattern")
+    if "sliding_window" not in cfg:
+        cfg["sliding_window"] = None
+        pat = None
+    n = cfg["num_hidden_layers"]
+    cfg["layer_types"] = (["sliding_attention" if p else "full_attention" for p in pat] if pat is not None
+                          else ["full_attention"] * n if cfg["sliding_window"] is None
+                          else ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(n)])
+
+
 EXAONE4 = Family(
     name="EXAONE 4",
     hf_architectures=("Exaone4ForCausalLM",),
@@ -107,7 +119,9 @@ EXAONE4 = Family(
     generated=(exaone4_rope_freqs,),
     params=(F.text_params, exaone4_params),
     vocab=F.gpt2_vocab,  # Exaone4Model.set_vocab is _set_vocab_gpt2's body
-    export=None,
+    export=Export("Exaone4ForCausalLM", "exaone4", undo_permute=False,
+                  names={"post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
+                  derive=_exaone4_export),
 )
 
 FAMILIES = (EXAONE4,)

@@ -129,6 +129,20 @@ def _gemma3_top(m: Model, b: int | None):
     return {} if b is not None else {"output_norm.weight": (m.dims.n_embd,)}
 
 
+# quantkit export: Gemma's HF names for the sandwich norms (the rest as llama's)
+GEMMA_EXPORT_NAMES = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+                "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+
+
+def _gemma_export(cfg: dict[str, Any], fam: "Family") -> None:
+    """config.json keys llama.cpp does not store: GeGLU, and query_pre_attn_scalar as the
+    q scale llama.cpp uses (head_dim; n_embd / n_head for the 27B layer count)."""
+    cfg["hidden_act"] = cfg["hidden_activation"] = "gelu_pytorch_tanh"
+    alt = fam.graph.q_scale_alt_n_layer and cfg["num_hidden_layers"] == fam.graph.q_scale_alt_n_layer
+    cfg["query_pre_attn_scalar"] = (cfg["hidden_size"] // cfg["num_attention_heads"] if alt
+                                    else cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+
+
 GEMMA2 = Family(
     name="Gemma 2",
     hf_architectures=("Gemma2ForCausalLM",),
@@ -151,7 +165,10 @@ GEMMA2 = Family(
     rules=(F.NORM_PLUS_ONE,),
     params=(gemma2_params,),
     vocab=gemma2_vocab,
-    export=None,
+    export=Export("Gemma2ForCausalLM", "gemma2", undo_permute=False, names=GEMMA_EXPORT_NAMES,
+                  keys=(("attn_logit_softcapping", "attn_logit_softcapping", "float"),
+                        ("final_logit_softcapping", "final_logit_softcapping", "float")),
+                  norm_offset=-1.0, derive=lambda cfg, v: _gemma_export(cfg, GEMMA2)),
 )
 
 GEMMA3 = Family(
@@ -180,7 +197,10 @@ GEMMA3 = Family(
            F.NORM_PLUS_ONE),
     params=(gemma3_params,),
     vocab=gemma3_vocab,
-    export=None,
+    export=Export("Gemma3ForCausalLM", "gemma3_text", undo_permute=False, names=GEMMA_EXPORT_NAMES,
+                  keys=(("final_logit_softcapping", "final_logit_softcapping", "float"),
+                        ("rope_local_base_freq", "rope.freq_base_swa", "float")),
+                  norm_offset=-1.0, derive=lambda cfg, v: _gemma_export(cfg, GEMMA3)),
 )
 
 FAMILIES = (GEMMA2, GEMMA3)

@@ -18,7 +18,7 @@ from ..errors import InputError, UnsupportedError
 from . import features as F
 from . import vocab
 from .graph import ROPE_NORM, BlockGraph, block
-from .spec import Family, Model
+from .spec import Export, Family, Model
 
 # transformers 4.57.6 Glm4Config defaults for keys the converter reads
 GLM4_DEFAULTS: dict[str, Any] = {
@@ -71,6 +71,14 @@ def glm4_vocab(m: Model, w: GGUFWriter) -> None:
     sv.add_to_gguf(w)
 
 
+def _glm4_export(cfg: dict[str, Any], v: Any) -> None:
+    """The rope fraction and the biases back into config.json."""
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    if (n_rot := v.num("rope.dimension_count")) is not None:
+        cfg["partial_rotary_factor"] = n_rot / hd
+    cfg["attention_bias"] = "blk.0.attn_q.bias" in v.names
+
+
 GLM4 = Family(
     name="GLM-4",
     hf_architectures=("Glm4ForCausalLM",),
@@ -90,7 +98,12 @@ GLM4 = Family(
     optional=(F.tied_output,),
     params=(F.text_params, glm4_params),
     vocab=glm4_vocab,
-    export=None,
+    # HF's Glm4 keeps gate_up_proj fused too: exported as it is
+    export=Export("Glm4ForCausalLM", "glm4", undo_permute=False,
+                  names={"attn_norm": "input_layernorm", "post_attention_norm": "post_self_attn_layernorm",
+                         "ffn_norm": "post_attention_layernorm", "post_ffw_norm": "post_mlp_layernorm",
+                         "ffn_up": "mlp.gate_up_proj"},
+                  config_extra={"pad_token_id": None}, derive=_glm4_export),
 )
 
 FAMILIES = (GLM4,)

@@ -14,7 +14,7 @@ from gguf import GGUFWriter, MODEL_ARCH
 from ..errors import UnsupportedError
 from . import features as F
 from .graph import INERT_KEYS, LLAMA_GRAPH_KEYS, ROPE_NORM, BlockGraph, block
-from .spec import Family, Model
+from .spec import Export, Family, Model
 
 # transformers 4.57.6 GraniteConfig defaults for keys the converter reads
 GRANITE_DEFAULTS: dict[str, Any] = {
@@ -42,6 +42,12 @@ def granite_params(m: Model, w: GGUFWriter) -> None:
         raise UnsupportedError("Granite 4 Vision checkpoints (deepstack layers) are not supported")
 
 
+def _granite_export(cfg: dict[str, Any], v: Any) -> None:
+    """A multiplier the converter left out was 0 (it writes each only when non-zero)."""
+    for key, _ in MULTIPLIERS:
+        cfg.setdefault(key, 0.0)
+
+
 GRANITE = Family(
     name="Granite",
     hf_architectures=("GraniteForCausalLM",),
@@ -67,7 +73,10 @@ GRANITE = Family(
     generated=(F.llama3_rope_freqs,),
     params=(F.text_params, F.llama_params, granite_params),
     vocab=F.llama_vocab,
-    export=None,
+    export=Export("GraniteForCausalLM", "granite", undo_permute=True,
+                  keys=(("attention_multiplier", "attention.scale", "float"), ("embedding_multiplier", "embedding_scale", "float"),
+                        ("residual_multiplier", "residual_scale", "float"), ("logits_scaling", "logit_scale", "float")),
+                  derive=_granite_export),
 )
 
 FAMILIES = (GRANITE,)

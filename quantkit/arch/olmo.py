@@ -12,7 +12,7 @@ from gguf import GGUFWriter, MODEL_ARCH
 
 from . import features as F
 from .graph import LLAMA_GRAPH_KEYS, LLAMA_TOP, ROPE_NEOX, SWA_KEYS, BlockGraph, block
-from .spec import Family, Model
+from .spec import Export, Family, Model
 
 # transformers 4.57.6 Olmo2Config defaults for keys the converter reads
 OLMO2_DEFAULTS: dict[str, Any] = {
@@ -34,6 +34,17 @@ def olmo2_params(m: Model, w: GGUFWriter) -> None:
         w.add_sliding_window_pattern(pattern)
 
 
+# quantkit export: OLMo 2's HF names for its post norms (the rest as llama's)
+OLMO2_EXPORT_NAMES = {"post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+
+
+def _olmo2_export(cfg: dict[str, Any], v: Any) -> None:
+    """A window's per-layer pattern back into layer_types."""
+    pat = v.get("attention.sliding_window_pattern")
+    if "sliding_window" in cfg and pat is not None:
+        cfg["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pat]
+
+
 OLMO2 = Family(
     name="OLMo 2",
     hf_architectures=("Olmo2ForCausalLM",),
@@ -52,7 +63,7 @@ OLMO2 = Family(
     optional=(F.tied_output,),
     params=(F.text_params, olmo2_params),
     vocab=F.gpt2_vocab,
-    export=None,
+    export=Export("Olmo2ForCausalLM", "olmo2", undo_permute=False, names=OLMO2_EXPORT_NAMES, derive=_olmo2_export),
 )
 
 FAMILIES = (OLMO2,)

@@ -23,7 +23,7 @@ from . import features as F
 from . import vocab
 from .common import find_hparam, tensor_name
 from .graph import INERT_KEYS, ROPE_NEOX, BlockGraph, block
-from .spec import Family, Model
+from .spec import Export, Family, Model
 
 # transformers 4.57.6 Phi3Config defaults for keys the converter reads
 PHI3_DEFAULTS: dict[str, Any] = {
@@ -173,6 +173,20 @@ def phi3_vocab(m: Model, w: GGUFWriter) -> None:
     vocab.SpecialVocab(d, n_vocab=len(tokens)).add_to_gguf(w)
 
 
+def _phi3_export(cfg: dict[str, Any], v: Any) -> None:
+    """quantkit export: the keys Phi3MiniModel turned into metadata and tensors, back into config.json."""
+    if not cfg.get("sliding_window"):
+        cfg["sliding_window"] = None  # written as 0 for a null window (Phi-4)
+    n_rot, n_embd, n_head = v.num("rope.dimension_count"), cfg["hidden_size"], cfg["num_attention_heads"]
+    if n_rot is not None and n_rot * n_head != n_embd:
+        cfg["partial_rotary_factor"] = n_rot * n_head / n_embd
+    if "rope_factors_long.weight" in v.names:
+        def f32s(name: str) -> list[float]:
+            return [float(str(x)) for x in v.values(name).astype(np.float32)]
+        cfg["rope_scaling"] = {"type": "longrope", "long_factor": f32s("rope_factors_long.weight"),
+                               "short_factor": f32s("rope_factors_short.weight")}
+
+
 PHI3 = Family(
     name="Phi-3 / Phi-4",
     hf_architectures=("Phi3ForCausalLM",),
@@ -193,7 +207,12 @@ PHI3 = Family(
     generated=(longrope_factors,),
     params=(phi3_params,),
     vocab=phi3_vocab,
-    export=None,
+    # HF's Phi3 keeps qkv_proj and gate_up_proj fused too: exported as they are
+    export=Export("Phi3ForCausalLM", "phi3", undo_permute=False,
+                  names={"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+                  keys=(("original_max_position_embeddings", "rope.scaling.original_context_length", "int"),),
+                  generated=("rope_factors_long.weight", "rope_factors_short.weight"),
+                  config_extra={"pad_token_id": None}, derive=_phi3_export),
 )
 
 FAMILIES = (PHI3,)

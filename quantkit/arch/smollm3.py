@@ -11,7 +11,7 @@ from gguf import MODEL_ARCH
 
 from . import features as F
 from .graph import ROPE_NORM, BlockGraph
-from .spec import Family
+from .spec import Export, Family
 
 # transformers 4.57.6 SmolLM3Config defaults for keys the converter reads
 SMOLLM3_DEFAULTS: dict[str, Any] = {
@@ -35,7 +35,7 @@ SMOLLM3 = Family(
     generated=(F.llama3_rope_freqs,),
     params=(F.text_params, F.llama_params),
     vocab=F.llama_vocab,
-    export=None,
+    export=Export("SmolLM3ForCausalLM", "smollm3", undo_permute=True, config_extra={"pad_token_id": None}),
 )
 
 FAMILIES = (SMOLLM3,)

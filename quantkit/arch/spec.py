@@ -94,11 +94,21 @@ class QuantRules:
 @dataclass(frozen=True)
 class Export:
     """The way back (quantkit export): config.json's architecture and model_type,
-    whether the Q/K row permutation is undone, and keys config.json gets as is."""
+    whether the Q/K row permutation is undone, keys config.json gets as is, the
+    HF names of block tensors whose names differ from llama's, config keys read
+    from {arch}.* metadata, the offset the converter baked into norm weights,
+    tensors the converter generated from the config (read back by ``derive``,
+    not written) and ``derive(config, view)`` for keys computed from the file
+    (``view``: quantkit.export.ExportView)."""
     hf_architecture: str
     model_type: str
     undo_permute: bool
     config_extra: dict[str, Any] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)      # GGUF block tensor stem -> HF module, over llama's
+    keys: tuple[tuple[str, str, str], ...] = ()              # (config key, {arch}.* key, "int" | "float")
+    norm_offset: float = 0.0                                 # added back to every *norm.weight (gemma: -1)
+    generated: tuple[str, ...] = ()                          # GGUF tensors made from config.json
+    derive: Callable[[dict[str, Any], Any], None] | None = None
 
 
 @dataclass(frozen=True)
