@@ -32,7 +32,11 @@ SPECS: tuple[Family, ...] = (*llama.FAMILIES, *qwen.FAMILIES, *gemma.FAMILIES, *
 FAMILIES: dict[str, Family] = {name: fam for fam in SPECS for name in fam.hf_architectures}
 
 # GGUF architecture -> the block graph llama.cpp builds for it (each family declares its own)
-DECLARED_GRAPHS: dict[str, BlockGraph] = {fam.graph.arch: fam.graph for fam in SPECS}
+# (the first family of an arch declares it: Mixtral's llama-with-experts variant, forward=False, does not
+# replace Llama's; a Mixtral file reaches Llama's graph, which refuses its expert keys)
+DECLARED_GRAPHS: dict[str, BlockGraph] = {}
+for _fam in SPECS:
+    DECLARED_GRAPHS.setdefault(_fam.graph.arch, _fam.graph)
 # ... and those quantkit's forward pass (calib/forward.py) computes
 GRAPHS: dict[str, BlockGraph] = {a: g for a, g in DECLARED_GRAPHS.items() if g.forward}
 

@@ -9,12 +9,13 @@ block's last expert tensor is read).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from gguf import MODEL_ARCH
 
 from . import features as F
-from .llama import GRAPH
+from .llama import GRAPH as LLAMA_GRAPH
 from .spec import Family
 
 # transformers 4.57.6 MixtralConfig defaults for keys the converter reads
@@ -26,8 +27,10 @@ MIXTRAL_DEFAULTS: dict[str, Any] = {
 }
 
 # llama.cpp builds Mixtral with the llama graph (src/models/llama.cpp, n_expert > 0: softmax
-# router, top-k renormalised, SwiGLU experts). One GGUF arch, one declared graph: Llama's,
-# whose check refuses llama.expert_count (the forward pass computes no experts yet, exit 4).
+# router, top-k renormalised, SwiGLU experts): Llama's graph, not computed with experts yet
+# (forward=False here; arch.DECLARED_GRAPHS keeps Llama's for "llama", whose check refuses
+# llama.expert_count, exit 4)
+GRAPH = replace(LLAMA_GRAPH, forward=False)
 MIXTRAL = Family(
     name="Mixtral",
     hf_architectures=("MixtralForCausalLM",),
