@@ -736,13 +736,14 @@ def test_sentencepiece_field_numbers():
 # cannot load (the converter falls back to config.json); its export has explicit layer_types.
 FAMILY_ROUND_TRIPS = [
     ("gemma2-hf", "BF16", False), ("gemma2-bf16-spm", "F32", True), ("gemma3-hf", "F32", False),
+    ("gemma3-mm-hf", "BF16", False),  # the text model of Gemma3ForConditionalGeneration -> Gemma3ForCausalLM
     ("gemma3-bf16", "BF16", True), ("phi3-hf", "BF16", True), ("phi3-f32-longrope", "F32", True),
     ("phi4-bf16", "BF16", True), ("smollm3-hf", "BF16", True), ("granite-hf", "F32", True),
     ("olmo2-hf", "BF16", True), ("exaone4-hf", "BF16", True), ("exaone4-f16-lllg", "F32", False),
     ("glm4-hf", "BF16", True), ("glm4-bf16", "BF16", True), ("glm4-f16-tied-nobias", "F32", True),
 ]
 # CI: Gemma's norm offset with transformers' logits (one torch run), GLM-4's renamed norms, biases and
-# fused gate_up without; QUANTKIT_FULL_PARITY=1: all of the above (15 passed, every logits diff 0.0)
+# fused gate_up without; QUANTKIT_FULL_PARITY=1: all of the above (16 passed, every logits diff 0.0)
 FAMILY_ROUND_TRIPS_CI = [("gemma2-bf16-spm", "F32", True), ("glm4-bf16", "BF16", False)]
 
 _LOGITS = r"""
