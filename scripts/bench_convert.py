@@ -67,14 +67,17 @@ def checkpoint(name: str) -> tuple[Path, str | None]:
     return rc.cached({"tiny": "llama-f32"}.get(name, name)), rc.VOCAB_PRE
 
 
-def run(cmd: list[str], cwd: Path | None = None, env: dict | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of one subprocess."""
+def run(cmd: list[str], cwd: Path | None = None, env: dict | None = None,
+        cpu: list | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one subprocess; its CPU seconds (user + system) appended to ``cpu``."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     err = p.stderr.read()
     _, status, ru = os.wait4(p.pid, 0)
     dt = time.perf_counter() - t0
     p.returncode = os.waitstatus_to_exitcode(status)
+    if cpu is not None:
+        cpu.append(ru.ru_utime + ru.ru_stime)
     if p.returncode:
         raise SystemExit(f"failed ({p.returncode}): {' '.join(map(str, cmd))}\n{err.decode(errors='replace')[-3000:]}")
     return dt, ru.ru_maxrss / 1024.0
@@ -144,17 +147,18 @@ def bench_ladder(model: str, types: list[str], threads: int, calib: Path | None,
     lad = d / "ladder"
     lad.mkdir()
     cmd = quantkit_cmd(ckpt, ",".join(types), lad / "m-{type}.gguf", pre, threads) + extra
-    s, m = run(cmd, cwd=d)
+    cpu: list[float] = []
+    s, m = run(cmd, cwd=d, cpu=cpu)
     label = f"{len(types)} types"
-    rows = [(model, label, "quantkit ladder", s, m, None)]
-    total, peak, same = 0.0, 0.0, True
+    rows = [(model, label, "quantkit ladder", s, m, None, cpu[0])]
+    total, peak, same, cpu = 0.0, 0.0, True, []
     for t in types:
         out = d / f"single-{t}.gguf"
-        s1, m1 = run(quantkit_cmd(ckpt, t, out, pre, threads) + extra, cwd=d)
+        s1, m1 = run(quantkit_cmd(ckpt, t, out, pre, threads) + extra, cwd=d, cpu=cpu)
         total, peak = total + s1, max(peak, m1)
         same = same and out.read_bytes() == (lad / f"m-{t}.gguf").read_bytes()
         out.unlink()
-    rows.append((model, label, "separate runs", total, peak, same))
+    rows.append((model, label, "separate runs", total, peak, same, sum(cpu)))
     return rows
 
 
@@ -175,10 +179,12 @@ def main() -> None:
         if a.ladder:
             with tempfile.TemporaryDirectory(dir=os.environ.get("QUANTKIT_BENCH_TMP")) as d:
                 rows = bench_ladder(m, a.types.split(","), a.threads, a.calib_text, Path(d))
-            for r in rows:
+            for r in rows:  # CPU seconds too: a steadier measure than wall time on a shared machine
                 same = "" if r[5] is None else ("yes" if r[5] else "NO")
-                cmp = "" if r is rows[0] else f"   {r[3] / rows[0][3]:.2f}x faster, {rows[0][4] / r[4]:.2f}x the RSS"
-                print(f"{r[0]:8s} {r[1]:7s} {r[2]:20s} {r[3]:8.1f} {r[4]:9.0f} {same:>5s}{cmp}", flush=True)
+                cmp = ("" if r is rows[0] else f"   {r[3] / rows[0][3]:.2f}x faster, {r[6] / rows[0][6]:.2f}x less CPU, "
+                       f"{rows[0][4] / r[4]:.2f}x the RSS")
+                print(f"{r[0]:8s} {r[1]:7s} {r[2]:20s} {r[3]:8.1f} {r[4]:9.0f} {same:>5s}   cpu {r[6]:7.1f} s{cmp}",
+                      flush=True)
             continue
         for t in a.types.split(","):
             with tempfile.TemporaryDirectory(dir=os.environ.get("QUANTKIT_BENCH_TMP")) as d:
