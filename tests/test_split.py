@@ -66,6 +66,8 @@ def made(ckpt, tmp_path_factory):
         assert main([*base, "--type", t, "-o", str(files[t])]) == 0
     assert main([*base, "--type", "Q4_K_M", "-o", str(d / "s-Q4_K_M.gguf"), "--split-max-size", "1M"]) == 0
     assert main([*base, "--type", "BF16", "-o", str(d / "s-BF16"), "--split-max-tensors", "20"]) == 0
+    assert main([*base, "--type", "BF16", "-o", str(d / "one-BF16"), "--split-max-size", "1G"]) == 0
+    files["one-BF16"] = sorted(d.glob("one-BF16-*-of-*.gguf"))
     files["split-Q4_K_M"] = sorted(d.glob("s-Q4_K_M-*-of-*.gguf"))
     files["split-BF16"] = sorted(d.glob("s-BF16-*-of-*.gguf"))
     files["dir"] = d
@@ -105,6 +107,16 @@ def test_split_equals_llama_gguf_split(kind, args, made, llama_tools, tmp_path):
     assert [p.name[1:] for p in theirs] == [p.name[len(f"s-{kind}"):] for p in ours]
     for a, b in zip(ours, theirs):
         assert a.read_bytes() == b.read_bytes(), f"{a.name} differs from llama-gguf-split's {b.name}"
+
+
+@pytest.mark.slow
+def test_one_file_set_equals_llama_gguf_split(made, llama_tools, tmp_path):
+    """A limit the whole model fits in: one file, still named and keyed as a set (as the tool writes it)."""
+    assert [p.name for p in made["one-BF16"]] == ["one-BF16-00001-of-00001.gguf"]
+    r = subprocess.run([str(llama_tools / "llama-gguf-split"), "--split", "--split-max-size", "1G", str(made["BF16"]),
+                        str(tmp_path / "t")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "t-00001-of-00001.gguf").read_bytes() == made["one-BF16"][0].read_bytes()
 
 
 @pytest.mark.slow
