@@ -158,8 +158,12 @@ def main() -> None:
     ap.add_argument("--presets", default="Q2_K,Q3_K_M,Q4_K_M")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--calib-chunks", type=int, default=32)
+    ap.add_argument("--gram-chunks", type=int, default=0,
+                    help="chunks for the Gram matrices (default: --calib-chunks; the first ones of the same text)")
     ap.add_argument("--eval-chunks", type=int, default=40)
     ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--anchors-only", action="store_true", help="make and evaluate the llama.cpp files only")
+    ap.add_argument("--no-plain", action="store_true", help="skip the presets without imatrix")
     ap.add_argument("--one-shot", action="store_true", help="Gram matrices from the float model")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--json", action="store_true")
@@ -194,6 +198,8 @@ def main() -> None:
         quantkit("calibrate", str(bf16), "--text", str(calib_txt), "-o", str(im), "--ctx", str(a.ctx),
                  "--chunks", str(a.calib_chunks), "--force")
 
+    gram_chunks = a.gram_chunks or a.calib_chunks
+    grams = float_grams(bf16, calib_txt, a.ctx, gram_chunks) if a.one_shot and not a.anchors_only else None
     ppl_bin = str(tools() / "llama-perplexity")
     base_kld = work / f"{tag}.e{a.eval_chunks}.kld"
     eargs = ["-f", str(eval_txt), "-c", str(a.ctx), "--chunks", str(a.eval_chunks), "-t", str(os.cpu_count() or 2)]
@@ -211,28 +217,42 @@ def main() -> None:
         return r
 
     base_memo = base_kld.with_name(base_kld.name + ".ppl")
+    lock = base_kld.with_name(base_kld.name + ".lock")  # another run of this script is writing the base
+    while lock.exists():
+        time.sleep(10)
     if not (base_kld.exists() and base_memo.exists()):
         log("BF16 perplexity + KLD base...")
-        _, out = run(["nice", "-n", "5", ppl_bin, "-m", str(bf16), *eargs, "--kl-divergence-base", str(base_kld)])
-        base_memo.write_text(re.search(r"Final estimate: PPL = ([0-9.]+)", out).group(1))
+        lock.write_text(str(os.getpid()))
+        try:
+            _, out = run(["nice", "-n", "5", ppl_bin, "-m", str(bf16), *eargs, "--kl-divergence-base", str(base_kld)])
+            base_memo.write_text(re.search(r"Final estimate: PPL = ([0-9.]+)", out).group(1))
+        finally:
+            lock.unlink()
     bf16_ppl = float(base_memo.read_text())
-    res = {"model": tag, "ctx": a.ctx, "calib_chunks": a.calib_chunks, "eval_chunks": a.eval_chunks,
+    res = {"model": tag, "ctx": a.ctx, "calib_chunks": a.calib_chunks, "gram_chunks": gram_chunks, "eval_chunks": a.eval_chunks,
            "damp": a.damp, "one_shot": a.one_shot, "bf16": {"ppl": bf16_ppl, "size": bf16.stat().st_size},
            "rows": []}
-    grams = float_grams(bf16, calib_txt, a.ctx, a.calib_chunks) if a.one_shot else None
     for p in [p for p in a.presets.split(",") if p]:
         row = {"preset": p}
         plain = work / f"{tag}-{p}.gguf"
         imat = work / f"{tag}-{p}-imatrix.gguf"
         efp = work / f"{tag}-{p}-ef{'-oneshot' if a.one_shot else ''}.gguf"
         log(f"{p}: llama.cpp presets (quantkit convert, without and with imatrix)...")
-        if not plain.exists():
+        if not plain.exists() and not a.no_plain:
             quantkit("convert", str(bf16), "--type", p, "-o", str(plain), "--quiet", "--force")
         if not imat.exists():
             quantkit("convert", str(bf16), "--type", p, "--imatrix", str(im), "-o", str(imat), "--quiet", "--force")
+        if a.anchors_only:
+            for key, f in (("plain", plain), ("imatrix", imat)):
+                if not (key == "plain" and a.no_plain):
+                    row[key] = evaluate(f)
+            log(json.dumps(row))
+            continue
         log(f"{p}: error feedback...")
-        row["ef_build"] = build_ef(bf16, imat, efp, p, im, calib_txt, a.ctx, a.calib_chunks, a.damp, grams)
+        row["ef_build"] = build_ef(bf16, imat, efp, p, im, calib_txt, a.ctx, gram_chunks, a.damp, grams)
         for key, f in (("plain", plain), ("imatrix", imat), ("ef", efp)):
+            if key == "plain" and a.no_plain:
+                continue
             log(f"{p}: evaluate {key}...")
             row[key] = evaluate(f)
         gap = row["imatrix"]["ppl"] - bf16_ppl
@@ -247,8 +267,8 @@ def main() -> None:
 
 def render(res: dict) -> None:
     b = res["bf16"]
-    print(f"SmolLM2-135M zero-padded to width 768, ctx {res['ctx']}: calibration {res['calib_chunks']} chunks of "
-          f"the first half of pydoc topics, evaluation {res['eval_chunks']} chunks of the second half "
+    print(f"SmolLM2-135M zero-padded to width 768, ctx {res['ctx']}: imatrix from {res['calib_chunks']} chunks of "
+          f"the first half of pydoc topics, Gram matrices from the first {res.get('gram_chunks', res['calib_chunks'])}, evaluation {res['eval_chunks']} chunks of the second half "
           f"(llama-perplexity); Gram matrices {'one-shot from the float model' if res['one_shot'] else 'sequential through the quantized earlier layers'}, damp {res['damp']}")
     print(f"BF16: PPL {b['ppl']:.4f}, {b['size'] / 2**20:.1f} MiB")
     print()
@@ -256,7 +276,9 @@ def render(res: dict) -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in res["rows"]:
         for key, label in (("plain", "llama.cpp"), ("imatrix", "llama.cpp + imatrix"), ("ef", "error feedback")):
-            e = r[key]
+            e = r.get(key)
+            if e is None:
+                continue
             gc = f"{100 * r['gap_closed']:+.1f}%" if key == "ef" and r["gap_closed"] is not None else ""
             print(f"| {r['preset']} | {label} | {e['size'] / 2**20:.2f} | {e['ppl']:.4f} | "
                   f"{100 * (e['ppl'] / b['ppl'] - 1):+.2f}% | {e['kld']:.5f} | {e['same_top']:.2f}% | {gc} |")

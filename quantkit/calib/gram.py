@@ -34,7 +34,8 @@ class _Seen(Exception):
 
 
 class GramCollector:
-    """Hook: accumulates X^T X (float64) for the weight names it is asked for."""
+    """Hook: accumulates X^T X for the weight names it is asked for (each
+    chunk's product in float32, the sum over chunks in float64)."""
 
     def __init__(self, names, stop: bool = True):
         self.want = set(names)
@@ -42,17 +43,22 @@ class GramCollector:
         self.n: dict[str, int] = {}
         self.stop = stop
         self._seen: set[str] = set()
+        self._last = None
 
     def __call__(self, name: str, x: np.ndarray) -> None:
         w = name if name.endswith(".weight") else name + ".weight"
         if w not in self.want:
             return
-        x64 = np.asarray(x, dtype=np.float64)
-        g = x64.T @ x64
+        if self._last is not None and self._last[0] is x:  # q/k/v, gate/up: one input, one product
+            g = self._last[1]
+        else:
+            x32 = np.asarray(x, dtype=np.float32)
+            g = (x32.T @ x32).astype(np.float64)  # float32 per chunk, summed over chunks in float64
+            self._last = (x, g)
         if w in self.H:
             self.H[w] += g
         else:
-            self.H[w] = g
+            self.H[w] = g.copy()
         self.n[w] = self.n.get(w, 0) + x.shape[0]
         self._seen.add(w)
         if self.stop and self._seen >= self.want:
@@ -61,6 +67,7 @@ class GramCollector:
 
     def new_chunk(self) -> None:
         self._seen = set()
+        self._last = None
 
 
 def _block(m: Model, i: int, x: np.ndarray, hook) -> np.ndarray:
