@@ -100,6 +100,35 @@ def _down_bias(m: Model, ref: TensorRef):
     return [(ref.name[: -len("_bias")] + ".bias", ref.shape, lambda x: x)]
 
 
+# ---------------------------------------------------------------- MXFP4 experts (the released checkpoints)
+# HF stores each expert matrix as <name>_blocks (..., n_blocks, 16) uint8 (two E2M1 codes a byte, element
+# 2j in the low nibble of byte j) and <name>_scales (..., n_blocks) uint8 (E8M0 exponents). ggml's
+# block_mxfp4 is 17 bytes: the scale, then 16 bytes with element j in the low nibble of byte j and element
+# j + 16 in its high nibble. The converter's repack_mxfp4 moves the bits (no rounding); these are the
+# pieces a passthrough needs (not wired into convert yet: such checkpoints are refused above).
+
+def repack_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """GptOssModel.repack_mxfp4's bytes: (..., n_blocks, 16) + (..., n_blocks) -> (..., n_blocks * 17) uint8."""
+    blocks = np.asarray(blocks, dtype=np.uint8)
+    scales = np.asarray(scales, dtype=np.uint8)
+    if blocks.shape[-1] != 16 or blocks.shape[:-1] != scales.shape:
+        raise ValueError(f"MXFP4 blocks {blocks.shape} and scales {scales.shape} do not pair up")
+    lo, hi = blocks & 0x0F, blocks >> 4          # codes of elements 2j and 2j + 1
+    codes = np.stack([lo, hi], axis=-1).reshape(*blocks.shape[:-1], 32)
+    packed = codes[..., :16] | (codes[..., 16:] << 4)
+    out = np.concatenate([scales[..., None], packed.astype(np.uint8)], axis=-1)
+    return np.ascontiguousarray(out.reshape(*blocks.shape[:-2], blocks.shape[-2] * 17))
+
+
+def decode_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The float32 values of HF MXFP4 blocks + scales, (..., n_blocks * 32), via quantkit's MXFP4 decoder."""
+    from .. import quant
+
+    raw = repack_mxfp4(blocks, scales)
+    shape = (*raw.shape[:-1], raw.shape[-1] // 17 * 32)
+    return quant.dequantize(raw, "MXFP4", shape)
+
+
 def gpt_oss_params(m: Model, w) -> None:
     """GptOssModel.set_gguf_parameters' additions."""
     w.add_sliding_window(m.hp["sliding_window"])
