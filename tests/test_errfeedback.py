@@ -8,6 +8,8 @@ diagonal case and as the error anchor; a plain forward pass for the Grams.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as G
@@ -17,7 +19,10 @@ from quantkit import quant
 from quantkit.errors import UnsupportedError
 from quantkit.passes import errfeedback as ef
 
-TYPES = ef.supported()
+TYPES = ef.supported()  # every type's bytes are checked against gguf-py in CI
+# the bookkeeping and error checks: Q2_K (min, 16-blocks), Q4_K (min, 32-blocks), Q6_K (symmetric) in CI;
+# Q3_K and Q5_K too with QUANTKIT_FULL_PARITY=1 (CI time)
+CI_TYPES = TYPES if os.environ.get("QUANTKIT_FULL_PARITY") else ["Q2_K", "Q4_K", "Q6_K"]
 
 
 def _layer(seed: int, rows: int = 16, cols: int = 768, n: int = 1024, corr: float = 0.9):
@@ -71,7 +76,7 @@ def _dense_gptq(W, t, H, weights, damp=0.01):
     return data, values
 
 
-@pytest.mark.parametrize("t", TYPES)
+@pytest.mark.parametrize("t", CI_TYPES)
 def test_lazy_batches_equal_dense_reference(t):
     W, X, H = _layer(1)
     w = (np.diag(H) / X.shape[0]).astype(np.float32)
@@ -91,7 +96,7 @@ def test_bytes_decode_to_what_the_encoder_wrote(t):
     assert np.array_equal(quant.dequantize(data, t, W.shape), w_hat)
 
 
-@pytest.mark.parametrize("t", TYPES)
+@pytest.mark.parametrize("t", CI_TYPES)
 def test_uncorrelated_inputs_give_ggml_bytes(t):
     """H diagonal: no error moves between columns; the result is ggml's
     weighted quantization, byte for byte (so no worse than it)."""
@@ -106,7 +111,7 @@ def test_uncorrelated_inputs_give_ggml_bytes(t):
         assert ef.gram_error(H, W, w_hat) <= ef.gram_error(H, W, p)
 
 
-@pytest.mark.parametrize("t", TYPES)
+@pytest.mark.parametrize("t", CI_TYPES)
 def test_correlated_inputs_lower_output_error_than_ggml_imatrix(t):
     W, X, H = _layer(5)
     imatrix = (np.sum(X.astype(np.float64) ** 2, axis=0) / X.shape[0]).astype(np.float32)

@@ -259,10 +259,8 @@ def damped(H: np.ndarray, damp: float = 0.01) -> np.ndarray:
 def inverse_factor(H: np.ndarray, damp: float = 0.01) -> np.ndarray:
     """U, upper triangular, U^T U = (damped H)^-1 (GPTQ's Hinv)."""
     Hd = damped(H, damp)
-    L = np.linalg.cholesky(Hd)
-    Linv = np.linalg.solve(L, np.eye(L.shape[0]))  # Hd^-1 = Linv^T Linv
-    Hinv = Linv.T @ Linv
-    return np.linalg.cholesky(Hinv).T.copy()
+    Hinv = np.linalg.inv(Hd)
+    return np.linalg.cholesky((Hinv + Hinv.T) * 0.5).T.copy()
 
 
 def block_grid(t: str, Wb: np.ndarray, weights: np.ndarray | None):
@@ -321,9 +319,9 @@ def encode(W: np.ndarray, t: str, U: np.ndarray, weights: np.ndarray | None = No
 
 def encode_tensor(W: np.ndarray, t: str, H: np.ndarray, weights: np.ndarray | None = None,
                   damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
-    """encode() from the Gram matrix H; ``weights`` default: diag(H) / trace
-    scale-free (ggml's search is invariant to a common factor up to rounding,
-    so the imatrix, which is diag(H) / n_tokens, is what to pass for parity)."""
+    """encode() from the Gram matrix H. ``weights`` (the scale search's
+    importance) default: diag(H). ggml's search is invariant to a common factor
+    up to float rounding; pass the imatrix (diag(H) / tokens) for its bytes."""
     if weights is None:
         weights = np.diag(np.asarray(H, dtype=np.float64)).astype(np.float32)
     return encode(W, t, inverse_factor(H, damp), weights)
@@ -337,4 +335,4 @@ def output_error(X: np.ndarray, W: np.ndarray, W_hat: np.ndarray) -> float:
 def gram_error(H: np.ndarray, W: np.ndarray, W_hat: np.ndarray) -> float:
     """The same from H = X^T X: sqrt(trace(dW H dW^T))."""
     dW = np.asarray(W, np.float64) - W_hat
-    return float(np.sqrt(max(np.einsum("ij,jk,ik->", dW, np.asarray(H, np.float64), dW), 0.0)))
+    return float(np.sqrt(max(float(np.sum((dW @ np.asarray(H, np.float64)) * dW)), 0.0)))
