@@ -137,7 +137,7 @@ def test_type_sizes_match_ggml(t):
 
 
 def test_threads_do_not_change_bytes():
-    """prange over rows: 1 thread and all threads give the same bytes."""
+    """prange over rows: 1 thread and all threads give the same bytes (and a small tensor, run serially)."""
     import numba
 
     x = np.random.default_rng(7).standard_normal((64, 512)).astype(np.float32)
@@ -148,6 +148,11 @@ def test_threads_do_not_change_bytes():
             one = quant.quantize(x, t, imatrix=w)
             quant.set_threads(0)
             assert np.array_equal(one, quant.quantize(x, t, imatrix=w)), t.name
+            # a tensor below quant.SERIAL_BELOW is encoded on one thread: the same rows' bytes, threads restored
+            small = quant.quantize(x[:8], t, imatrix=w)
+            assert x[:8].size < quant.SERIAL_BELOW <= x.size
+            assert np.array_equal(small, one[:8]), t.name
+            assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 

@@ -112,8 +112,29 @@ def check_finite(x: np.ndarray, name: str | None = None) -> None:
         )
 
 
+# Below this many elements a tensor (norms, biases, sinks, a router's bias) is checked and encoded on the
+# calling thread alone: a parallel region costs more than the work there, and on a loaded machine far more
+# (numba's OpenMP workers spin while waiting to be scheduled: ~8 ms of CPU per call at load 20 on 2 cores,
+# two calls per tensor). Every kernel is row-independent, so the bytes are the same.
+SERIAL_BELOW = 1 << 15
+
+
 def quantize(x: np.ndarray, t, imatrix: np.ndarray | None = None, name: str | None = None) -> np.ndarray:
     """Quantize float32 ``x`` (..., n_per_row) to type ``t``; returns uint8 (rows, row_bytes)."""
+    if np.size(x) < SERIAL_BELOW:
+        import numba
+
+        n = numba.get_num_threads()
+        if n > 1:
+            numba.set_num_threads(1)
+            try:
+                return _quantize(x, t, imatrix, name)
+            finally:
+                numba.set_num_threads(n)
+    return _quantize(x, t, imatrix, name)
+
+
+def _quantize(x: np.ndarray, t, imatrix: np.ndarray | None, name: str | None) -> np.ndarray:
     qt = get_type(t)
     x = np.ascontiguousarray(x, dtype=np.float32)
     n_per_row = x.shape[-1] if x.ndim else 1
