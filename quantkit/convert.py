@@ -147,6 +147,9 @@ def _producer(source, ref, tp, imatrix: dict | None, raw_name: str | None = None
     from . import quant
 
     def produce() -> np.ndarray:
+        raw = getattr(ref.loader, "raw", None)
+        if getattr(tp, "copy", False) and raw is not None:  # an HF tensor already in the planned type (MXFP4)
+            return raw()
         if (getattr(tp, "copy", False) and getattr(source, "kind", "") == "gguf" and ref.name == tp.name
                 and raw_name != ""):
             # stored bytes, unchanged (raw_name: the source tensor of a replicated block; "" = computed values)
@@ -437,6 +440,8 @@ class _SharedLoad:
             if self._x is None:
                 self._x = ref.load()
             return self._x
+        if hasattr(ref.loader, "raw"):  # stored bytes a copy writes unchanged (gpt-oss MXFP4 experts)
+            load.raw = ref.loader.raw  # type: ignore[attr-defined]
         return load
 
     def release(self) -> None:

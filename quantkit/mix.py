@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
-from gguf import GGMLQuantizationType
+from gguf import GGMLQuantizationType, LlamaFileType
 
 from .errors import InputError, UnsupportedError, UsageError
 from .mixrules import (
@@ -441,7 +441,10 @@ def make_plan(stream: ModelStream, preset: str, opts: MixOptions | None = None) 
         r = refs[k]
         shape = tuple(int(d) for d in r.shape)
         stored = _stored_type(r.dtype, r.name)
-        t, wanted, reason = ch.choose(r.name, shape, stored)
+        if _converter_keeps(p, r, stored):
+            t, wanted, reason = stored, None, "kept (convert_hf_to_gguf writes MXFP4 expert bytes at every outtype)"
+        else:
+            t, wanted, reason = ch.choose(r.name, shape, stored)
         if t != stored and not fits(t, int(shape[-1])):
             opt = "--output-tensor-type" if "output-tensor" in reason else (
                 "--token-embedding-type" if "token-embedding" in reason else "the type")
@@ -487,4 +490,13 @@ def make_plan(stream: ModelStream, preset: str, opts: MixOptions | None = None) 
     if nfb:
         notes.append(f"{nfb} of {len(tensors)} tensor(s) fell back to another type: their rows do not fit "
                      f"the block of the wanted type")
-    return Plan(file_type=int(p.ftype), tensors=tensors, preset=p.name, notes=notes, imatrix=used)
+    ftype = int(p.ftype)
+    if not is_quantized(p.default) and any(tp.reason.startswith("kept (convert_hf_to_gguf") for tp in tensors):
+        ftype = int(LlamaFileType.MOSTLY_MXFP4_MOE)  # ModelBase.prepare_metadata: F32/F16/BF16 + _is_mxfp4
+    return Plan(file_type=ftype, tensors=tensors, preset=p.name, notes=notes, imatrix=used)
+
+
+def _converter_keeps(p: Preset, r, stored: T) -> bool:
+    """convert_hf_to_gguf.py's own types (F32/F16/BF16) keep a checkpoint's MXFP4 experts as stored (gpt-oss:
+    the HF ref's loader carries their ggml bytes as ``loader.raw``); llama-quantize's presets decide as usual."""
+    return not is_quantized(p.default) and stored == T.MXFP4 and getattr(r.loader, "raw", None) is not None

@@ -50,3 +50,158 @@ def test_repack_and_decode_match_converter_and_transformers(tmp_path):
     vals = decode_mxfp4(blocks, scales)
     want = ref["vals"].transpose(0, 2, 1)  # transformers returns (experts, in, out), its matmul layout
     assert np.array_equal(vals, want), np.abs(vals - want).max()
+
+
+# ---------------------------------------------------------------- MXFP4 checkpoints, end to end
+# A released-layout gpt-oss checkpoint: the random float checkpoint's experts replaced by random E2M1 codes
+# (every code, -0 included, so a decode + re-encode would not give the same bytes) and E8M0 scales, stored as
+# transformers' Mxfp4 integration does: gate_up_proj_blocks (E, 2 n_ff, n_embd / 32, 16), down_proj_blocks
+# (E, n_embd, n_ff / 32, 16), the scales (..., n_blocks), uint8; config quantization_config.quant_method mxfp4.
+
+import filecmp  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+
+FULL = bool(os.environ.get("QUANTKIT_FULL_PARITY"))
+VOCAB_PRE = "smollm"
+OUTTYPES = ["BF16", "F16", "F32"] if FULL else ["BF16"]
+PRESETS = ["Q4_K_M", "MXFP4_MOE", "Q6_K"] if FULL else ["Q4_K_M"]
+
+
+def _mxfp4_checkpoint(random_checkpoint, name: str, dest) -> "os.PathLike":
+    from quantkit.sources import open_source
+    from quantkit.sources.safetensors_ import write_safetensors
+
+    d = dest / f"{name}-mxfp4"
+    shutil.copytree(random_checkpoint(name), d)
+    rng = np.random.default_rng(11)
+    items = []
+    with open_source(str(d)) as src:
+        for t in src.tensors():
+            x = t.load()
+            if t.name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+                n, cols, rows = x.shape  # float layout (E, in, out): blocks run along "in"
+                scales = rng.integers(118, 127, (n, rows, cols // 32), dtype=np.uint8)
+                blocks = rng.integers(0, 256, (n, rows, cols // 32, 16), dtype=np.uint8)
+                items += [(t.name + "_blocks", "U8", blocks.shape, lambda a=blocks: a),
+                          (t.name + "_scales", "U8", scales.shape, lambda a=scales: a)]
+            else:
+                items.append((t.name, "F32", x.shape, lambda a=x: a))
+    for p in list(d.glob("*.safetensors")) + list(d.glob("*.safetensors.index.json")):
+        p.unlink()
+    write_safetensors(d / "model.safetensors", items, metadata={"format": "pt"})
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4",
+                                  "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                             "model.embed_tokens", "lm_head"]}
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.fixture(scope="module")
+def mxfp4_ckpt(random_checkpoint, tmp_path_factory):
+    made: dict = {}
+
+    def get(name: str):
+        if name not in made:
+            made[name] = _mxfp4_checkpoint(random_checkpoint, name, tmp_path_factory.mktemp("mxfp4"))
+        return made[name]
+    return get
+
+
+@pytest.mark.parametrize("outtype", OUTTYPES)
+def test_mxfp4_checkpoint_converts_as_the_converter_does(outtype, mxfp4_ckpt, reference_gguf, tmp_path):
+    """--type BF16|F16|F32 == convert_hf_to_gguf.py: MXFP4 experts first, as stored bytes, file type MXFP4_MOE."""
+    from gguf import GGUFReader, LlamaFileType
+
+    from gguf_compare import diff
+    from quantkit.convert import ConvertOptions, convert
+
+    ckpt = mxfp4_ckpt("gptoss-bf16")
+    ref = reference_gguf(ckpt, outtype.lower(), VOCAB_PRE)
+    ours = tmp_path / "ours.gguf"
+    res = convert(ConvertOptions(src=str(ckpt), type=outtype, out=ours, vocab_pre=VOCAB_PRE, threads=2, quiet=True))
+    assert res.file_type == LlamaFileType.MOSTLY_MXFP4_MOE
+    assert diff(ours, ref) == []
+    assert filecmp.cmp(ours, ref, shallow=False)
+    r = GGUFReader(str(ref))  # what the comparison covered: 6 MXFP4 expert tensors, written first
+    kinds = [t.tensor_type.name for t in r.tensors]
+    assert kinds[:6] == ["MXFP4"] * 6 and "MXFP4" not in kinds[6:]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_mxfp4_checkpoint_presets_match_llama_quantize(preset, mxfp4_ckpt, reference_gguf, tmp_path):
+    """checkpoint -> PRESET == converter BF16 GGUF -> llama_model_quantize: MXFP4 experts copied where the
+    plan keeps MXFP4, else decoded and requantized (both only with --allow-requantize)."""
+    from gguf_compare import diff
+    from llama_oracle import llama_quantize
+    from quantkit import mix
+    from quantkit.convert import ConvertOptions, convert
+    from quantkit.errors import UsageError
+
+    ckpt = mxfp4_ckpt("gptoss-kq")
+    ref = reference_gguf(ckpt, "bf16", VOCAB_PRE)
+    ftype = mix.resolve_preset(preset).ftype
+    requant = preset != "MXFP4_MOE"
+    theirs = tmp_path / "llama.gguf"
+    if requant:  # llama-quantize refuses to requantize the MXFP4 experts by default; so does quantkit
+        assert llama_quantize(ref, theirs, ftype) != 0
+        with pytest.raises(UsageError, match="already quantized \\(MXFP4\\)"):
+            convert(ConvertOptions(src=str(ckpt), type=preset, out=tmp_path / "no.gguf", vocab_pre=VOCAB_PRE,
+                                   quiet=True))
+        assert not (tmp_path / "no.gguf").exists()
+    assert llama_quantize(ref, theirs, ftype, allow_requantize=requant) == 0
+    ours = tmp_path / "ours.gguf"
+    opts = mix.MixOptions(allow_requantize=requant)
+    res = convert(ConvertOptions(src=str(ckpt), type=preset, out=ours, vocab_pre=VOCAB_PRE, threads=2, quiet=True,
+                                 mix=opts))
+    exps = {tp.qtype.name for tp in res.plan if tp.name.endswith("_exps.weight")}
+    assert (exps == {"MXFP4"}) == (not requant) and all(tp.copy for tp in res.plan if tp.qtype.name == "MXFP4")
+    assert diff(ours, theirs) == []
+    assert filecmp.cmp(ours, theirs, shallow=False)
+
+
+def _edited(ckpt, dest, edit):
+    """A copy of an MXFP4 checkpoint with its (name, dtype, array) list passed through edit."""
+    from quantkit.sources import open_source
+    from quantkit.sources.safetensors_ import write_safetensors
+
+    d = dest / "edited"
+    shutil.copytree(ckpt, d)
+    with open_source(str(d)) as src:
+        items = edit([(t.name, t.dtype, t.load().astype(np.uint8 if t.dtype == "U8" else np.float32))
+                      for t in src.tensors()])
+    (d / "model.safetensors").unlink()
+    write_safetensors(d / "model.safetensors", [(n, dt, a.shape, (lambda a=a: a)) for n, dt, a in items],
+                      metadata={"format": "pt"})
+    return d
+
+
+_P = "model.layers.1.mlp.experts."
+
+
+@pytest.mark.parametrize("case", ["scales-without-blocks", "blocks-without-scales", "scales-of-another-shape"])
+def test_bad_mxfp4_experts_are_named(case, mxfp4_ckpt, tmp_path, capsys):
+    """One line, exit 3 (invalid input), nothing written; the message names the tensor."""
+    from quantkit.cli import main
+
+    def edit(items):
+        if case == "scales-without-blocks":
+            return [it for it in items if it[0] != _P + "down_proj_blocks"]
+        if case == "blocks-without-scales":
+            return [it for it in items if it[0] != _P + "down_proj_scales"]
+        return [(n, dt, a[:, :, :-1] if n == _P + "gate_up_proj_scales" else a) for n, dt, a in items]
+
+    d = _edited(mxfp4_ckpt("gptoss-bf16"), tmp_path, edit)
+    out = tmp_path / "o.gguf"
+    capsys.readouterr()
+    rc = main(["convert", str(d), "--type", "BF16", "-o", str(out), "--vocab-pre", VOCAB_PRE])
+    cap = capsys.readouterr()
+    lines = [ln for ln in cap.err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), cap.err
+    assert rc == 3 and not out.exists(), lines[0]
+    named = {"scales-without-blocks": _P + "down_proj_scales", "blocks-without-scales": "blk.1.ffn_down_exps.weight",
+             "scales-of-another-shape": _P + "gate_up_proj_scales"}[case]
+    assert named in lines[0], lines[0]

@@ -13,9 +13,17 @@ transformers' save_pretrained writes for a model built from its config):
   ``expert_feed_forward_length`` = intermediate_size; byte-level BPE vocabulary.
 
 Checkpoints with ``quantization_config.quant_method == "mxfp4"`` (the
-released gpt-oss weights: experts as MXFP4 blocks + scales, which the
-converter copies into the GGUF as MXFP4 and for which it sets the file type
-MXFP4_MOE) are refused for now, in one line (exit 4).
+released gpt-oss weights: experts as ``<proj>_blocks`` + ``<proj>_scales``)
+convert as the converter's generate_extra_tensors does: every expert matrix is
+repacked into ggml MXFP4 bytes and written first (in the order its scales come
+in the checkpoint; gate_up's even rows gate, odd rows up), then the other
+tensors; the blocks and scales themselves are dropped; dequant_model is
+skipped. The MXFP4 tensors keep their bytes at every --outtype and the file
+type becomes MOSTLY_MXFP4_MOE (mix.py); quantized presets decode them with
+quant.dequantize(..., "MXFP4") and requantize (llama-quantize: only with
+--allow-requantize, unless the planned type is MXFP4: copied). A config
+saying mxfp4 over float experts is refused (exit 4): the converter would label
+that file MXFP4_MOE, which quantkit does not follow.
 """
 from __future__ import annotations
 
@@ -24,10 +32,10 @@ from typing import Any
 import numpy as np
 from gguf import MODEL_ARCH
 
-from ..errors import UnsupportedError
+from ..errors import InputError, UnsupportedError
 from ..sources.base import TensorRef
 from . import features as F
-from .common import tensor_name
+from .common import hf_name_filter, tensor_name
 from .graph import ROPE_NEOX, BlockGraph, block
 from .spec import Family, Model
 
@@ -44,11 +52,10 @@ GPT_OSS_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _refuse_mxfp4(hp: dict[str, Any]) -> None:
+def _is_mxfp4(hp: dict[str, Any]) -> bool:
+    """ModelBase.prepare_tensors: _is_mxfp4 = quantization_config.quant_method == "mxfp4"."""
     qc = hp.get("quantization_config")
-    if isinstance(qc, dict) and qc.get("quant_method") == "mxfp4":
-        raise UnsupportedError("gpt-oss checkpoint with MXFP4 experts (quantization_config.quant_method=mxfp4) "
-                               "is not supported yet; a checkpoint with float experts converts")
+    return isinstance(qc, dict) and qc.get("quant_method") == "mxfp4"
 
 
 def _shapes(m: Model, b: int | None) -> dict:
@@ -105,7 +112,7 @@ def _down_bias(m: Model, ref: TensorRef):
 # 2j in the low nibble of byte j) and <name>_scales (..., n_blocks) uint8 (E8M0 exponents). ggml's
 # block_mxfp4 is 17 bytes: the scale, then 16 bytes with element j in the low nibble of byte j and element
 # j + 16 in its high nibble. The converter's repack_mxfp4 moves the bits (no rounding); these are the
-# pieces a passthrough needs (not wired into convert yet: such checkpoints are refused above).
+# pieces of the passthrough (mxfp4_experts below).
 
 def repack_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """GptOssModel.repack_mxfp4's bytes: (..., n_blocks, 16) + (..., n_blocks) -> (..., n_blocks * 17) uint8."""
@@ -127,6 +134,73 @@ def decode_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     raw = repack_mxfp4(blocks, scales)
     shape = (*raw.shape[:-1], raw.shape[-1] // 17 * 32)
     return quant.dequantize(raw, "MXFP4", shape)
+
+
+def _mxfp4_ref(name: str, blocks: TensorRef, scales: TensorRef, rows: slice | None) -> TensorRef:
+    """One expert matrix as MXFP4: ``loader.raw()`` its ggml bytes (written as they are when the plan keeps
+    MXFP4), ``load()`` their float values through quantkit's one dequantize path (requantizing presets)."""
+    from .. import quant
+
+    if len(blocks.shape) != 4 or tuple(blocks.shape[:-1]) != tuple(scales.shape) or blocks.shape[-1] != 16:
+        raise InputError(f"MXFP4 tensors {blocks.name!r} {list(blocks.shape)} and {scales.name!r} "
+                         f"{list(scales.shape)} do not pair up (blocks (experts, rows, n_blocks, 16))")
+    n, r, nb, _ = blocks.shape
+    r = len(range(r)[rows]) if rows is not None else r
+    shape = (int(n), int(r), int(nb) * 32)
+
+    def raw() -> np.ndarray:
+        b, s = blocks.load().astype(np.uint8), scales.load().astype(np.uint8)  # U8 values, exact in float32
+        if rows is not None:
+            b, s = b[:, rows], s[:, rows]
+        return repack_mxfp4(b, s).reshape(-1)
+
+    def load() -> np.ndarray:
+        return quant.dequantize(raw(), "MXFP4", shape)
+
+    load.raw = raw  # type: ignore[attr-defined]
+    return TensorRef(name, shape, "MXFP4", load)
+
+
+def mxfp4_experts(m: Model, w) -> list[TensorRef]:
+    """GptOssModel.generate_extra_tensors: over the checkpoint's tensors in order, a down_proj_blocks is
+    held until its scales come (then ffn_down_exps), gate_up_proj_blocks likewise (then ffn_gate_exps from
+    its even rows, ffn_up_exps from its odd rows)."""
+    if not _is_mxfp4(m.hp):
+        return []
+    out: list[TensorRef] = []
+    held: dict[str, TensorRef] = {}
+
+    def gguf(hf: str) -> str:
+        new = m.tmap.get_name(hf_name_filter(hf), try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise InputError(f"tensor {hf!r} is not part of a gpt-oss model")
+        return new
+
+    for ref in m.source.tensors():
+        name = ref.name
+        for proj in ("down_proj", "gate_up_proj"):
+            if name.endswith(f"mlp.experts.{proj}_blocks"):
+                held[proj] = ref
+            elif name.endswith(f"mlp.experts.{proj}_scales"):
+                blocks = held.pop(proj, None)
+                if blocks is None or blocks.name != name[: -len("_scales")] + "_blocks":
+                    raise InputError(f"tensor {name!r} comes without its {name[: -len('_scales')]}_blocks "
+                                     f"before it (the converter pairs them in checkpoint order)")
+                if proj == "down_proj":
+                    out.append(_mxfp4_ref(gguf(name.replace("_scales", ".weight")), blocks, ref, None))
+                else:
+                    for p, o in (("gate_proj", 0), ("up_proj", 1)):
+                        out.append(_mxfp4_ref(gguf(name.replace("gate_up_proj_scales", f"{p}.weight")),
+                                              blocks, ref, slice(o, None, 2)))
+    if not out:  # the converter would write these float experts with general.file_type MXFP4_MOE: not followed
+        raise UnsupportedError("gpt-oss checkpoint: quantization_config.quant_method is mxfp4 but no expert is "
+                               "stored as MXFP4 blocks + scales (mlp.experts.*_blocks / *_scales); not supported")
+    return out
+
+
+def _dropped(m: Model, ref: TensorRef):
+    """modify_tensors returns nothing for the blocks and scales (written by generate_extra_tensors)."""
+    return []
 
 
 def gpt_oss_params(m: Model, w) -> None:
@@ -153,10 +227,12 @@ GPT_OSS = Family(
     config_defaults=GPT_OSS_DEFAULTS,
     required=("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size",
               "num_local_experts", "num_experts_per_tok", "sliding_window", "head_dim"),
-    adjust=_refuse_mxfp4,
     shapes=(F.top, F.attention, F.qkv_bias, _shapes),
     optional=(F.tied_output,),
+    generated=(mxfp4_experts,),
     splits=((r"self_attn\.sinks$", _sinks, "GptOssModel.filter_tensors names it sinks.weight"),
+            (r"mlp\.experts\.(down|gate_up)_proj_(blocks|scales)$", _dropped,
+             "MXFP4 experts: repacked by generate_extra_tensors (mxfp4_experts), the pieces themselves dropped"),
             (r"mlp\.experts\.gate_up_proj$", _gate_up,
              "GptOssModel.modify_tensors: transposed, gate = even rows, up = odd rows"),
             (r"mlp\.experts\.gate_up_proj_bias$", _gate_up_bias, "as gate_up_proj: even / odd columns"),
