@@ -19,7 +19,14 @@ the sliding-window masks matter; LongRoPE runs both its short factors (the
 converter's original context 2048) and its long ones (original context
 rewritten to 128, context 256).
 
-CI runs Gemma 3 and Phi-3 (LongRoPE); QUANTKIT_FULL_PARITY=1 runs every case,
+The MoE cases also multiply the stacked F16 experts by SHARPEN and the F32
+routers by a per-case factor (ROUTER): the random routers are near-uniform,
+and a top-k selection decided by a last-bit difference would make the
+comparison a lottery, so the logits test asserts the smallest routing margin
+(ROUTER_GAP). Their imatrix entries are llama-imatrix's per-expert rows and
+counts (its MUL_MAT_ID branch).
+
+CI runs Gemma 3, Phi-3 (LongRoPE) and Qwen2-MoE (shared expert); QUANTKIT_FULL_PARITY=1 runs every case,
 and the transformers-built checkpoints from their HF directories.
 """
 from __future__ import annotations
@@ -48,6 +55,7 @@ pytestmark = pytest.mark.slow
 SHARPEN = 8.0
 LAYERS = "_layers"  # in a case's rewrites: repeat the blocks up to this many layers
 SCALE = "_sharpen"  # ... and another factor than SHARPEN
+ROUTER = "_router"  # ... and the (F32) expert routers ffn_gate_inp times this factor
 CTX = 128
 CHUNKS = 4
 
@@ -76,8 +84,14 @@ CASES: dict[str, tuple[str, dict, int, str]] = {
         "64 layers: windows of 64 on 3 of 4 layers, the global ones NoPE"),
     "glm4": ("glm4-bf16", {}, CTX, "sandwich norms, fused gate|up, q/k/v biases, half-rotary interleaved rope"),
     "glm4-tied": ("glm4-f16-tied-nobias", {}, CTX, "tied, MHA, head_dim 32 != 64 / 4"),
+    # mixture of experts: experts sharpened as the other matrices, the F32 routers x ROUTER so that the
+    # routing is far from uniform (top-k weights spread) and no selection is a near-tie (ROUTER_GAP)
+    "qwen2moe": ("qwen2moe-bf16", {ROUTER: 128.0}, CTX,
+                 "4 experts, top 2, not renormalised; shared expert gated by sigmoid(ffn_gate_inp_shexp)"),
+    "qwen3moe": ("qwen3moe-bf16", {ROUTER: 100.0}, CTX, "8 experts, top 2 renormalised; per-head q/k norms; tied"),
+    "mixtral": ("mixtral-bf16", {ROUTER: 128.0}, CTX, "arch llama with llama.expert_count 4: top 2 renormalised"),
 }
-CI_CASES = ["gemma3", "phi3-longrope"]
+CI_CASES = ["gemma3", "phi3-longrope", "qwen2moe"]
 RUN = list(CASES) if os.environ.get("QUANTKIT_FULL_PARITY") else CI_CASES
 
 
@@ -94,16 +108,17 @@ def _kv_items(r: GGUFReader):
 
 
 def sharpened(src: Path, dst: Path, *, vocab_from: Path | None = None, add: dict | None = None,
-              factor: float = SHARPEN) -> Path:
+              factor: float = SHARPEN, drop: tuple[str, ...] = ()) -> Path:
     """Copy an F16 GGUF with every matrix times ``factor`` (still F16), the
     tokenizer.* keys of ``vocab_from`` when given (token_embd / output cut to
-    its size), and ``add``'s keys set."""
+    its size), ``add``'s keys set and the tensors ``drop`` left out."""
     r = GGUFReader(str(src))
     arch = r.fields["general.architecture"].contents()
     w = GGUFWriter(str(dst), arch)
     # general.name neutral: llama.cpp's vocabulary loader gives "phi3"-named models Phi-3's token attributes
     add = {"general.name": ("forward-family-test", GGUFValueType.STRING), **(add or {})}
     factor = float(add.pop(SCALE, factor))
+    router = float(add.pop(ROUTER, 1.0))
     n_layer = int(r.fields[f"{arch}.block_count"].contents())
     layers = int(add.pop(LAYERS, n_layer))
     if layers != n_layer:
@@ -135,7 +150,10 @@ def sharpened(src: Path, dst: Path, *, vocab_from: Path | None = None, add: dict
             done = True
             for i in range(layers):
                 for bt in blocks[i % n_layer]:
-                    _put(w, "blk.%d." % i + bt.name.split(".", 2)[2], bt, factor)
+                    if "blk.%d." % i + bt.name.split(".", 2)[2] in drop:
+                        continue
+                    suffix = bt.name.split(".", 2)[2]
+                    _put(w, "blk.%d." % i + suffix, bt, router if suffix == "ffn_gate_inp.weight" else factor)
             continue
         _put(w, t.name, t, factor, n_vocab if t.name in ("token_embd.weight", "output.weight") else None)
     w.write_header_to_file()
@@ -148,8 +166,10 @@ def sharpened(src: Path, dst: Path, *, vocab_from: Path | None = None, add: dict
 def _put(w: GGUFWriter, name: str, t, factor: float, rows: int | None = None) -> None:
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
     a = np.asarray(t.data).reshape(shape)[:rows]
-    if len(shape) == 2 and t.tensor_type == GGMLQuantizationType.F16:
+    if len(shape) in (2, 3) and t.tensor_type == GGMLQuantizationType.F16:  # matrices, stacked experts
         a = (a.astype(np.float32) * np.float32(factor)).astype(np.float16)
+    elif name.endswith("ffn_gate_inp.weight") and t.tensor_type == GGMLQuantizationType.F32:  # routers (F32)
+        a = (a * np.float32(factor)).astype(np.float32)
     w.add_tensor(name, a, raw_dtype=t.tensor_type)
 
 
@@ -247,17 +267,38 @@ def _cos(a, b) -> float:
 # ---------------------------------------------------------------- measurements (also used for the report)
 
 
+# smallest margin, in our router logits, between the k-th and (k+1)-th expert of any token in any layer
+# that the MoE cases must keep: f32 summation order moves router logits by ~1e-3 in the sharpened
+# models, and a selection flipped by it moves that token's logits by up to 0.36 (measured on qwen3moe
+# with routers x50: margin 0.0035 at the flipped token, max |diff| 0.36 vs 0.017 with routers x100)
+ROUTER_GAP = 0.015
+
+
+def _router_gaps(model: Model) -> tuple[list, object]:
+    """(margins collected, a forward hook collecting them): top-k vs the next expert's router logit."""
+    gaps: list[np.ndarray] = []
+    k = model.hp.n_expert_used
+
+    def hook(name: str, x: np.ndarray) -> None:
+        if name.endswith(".ffn_gate_inp"):
+            lg = np.sort(x @ model.w[name + ".weight"].T, axis=-1)[:, ::-1]
+            gaps.append(lg[:, k - 1] - lg[:, k])
+    return gaps, hook
+
+
 def measure_logits(gguf: Path, ctx: int, text: str) -> dict:
     """Ours vs llama.cpp on the first CHUNKS chunks of ``text``: max |diff|,
-    the logits' spread, mean KL(llama.cpp || ours) over all positions, top-1 agreement."""
+    the logits' spread, mean KL(llama.cpp || ours) over all positions, top-1 agreement;
+    for MoE models the smallest top-k routing margin (router_gap)."""
     s = open_stream(gguf)
     tok = load_tokenizer(s, gguf)
     model = Model.from_stream(s)
     chunks = make_chunks(tok.encode(text), ctx, CHUNKS, tok.bos_id if tok.add_bos else None)
     ref = llama_logits(gguf, chunks, ctx)
+    gaps, hook = _router_gaps(model) if model.routing is not None else ([], None)
     diff, top, spread, kld, same, n = 0.0, 0.0, 0.0, 0.0, 0, 0
     for c, lr in zip(chunks, ref):
-        lo = model.forward(c)
+        lo = model.forward(c, hook=hook)
         diff = max(diff, float(np.abs(lo - lr).max()))
         top = max(top, float(np.abs(lr).max()))
         spread = max(spread, float(lr.std(axis=-1).mean()))
@@ -265,8 +306,11 @@ def measure_logits(gguf: Path, ctx: int, text: str) -> dict:
         kld += float((np.exp(pr) * (pr - po)).sum(-1).sum())
         same += int((lo.argmax(-1) == lr.argmax(-1)).sum())
         n += len(c)
-    return {"max_abs_diff": diff, "max_abs_logit": top, "logit_std": spread, "mean_kld": kld / n,
-            "same_top": same / n}
+    out = {"max_abs_diff": diff, "max_abs_logit": top, "logit_std": spread, "mean_kld": kld / n,
+           "same_top": same / n}
+    if gaps:
+        out["router_gap"] = float(np.concatenate(gaps).min())
+    return out
 
 
 # ---------------------------------------------------------------- tests
@@ -292,6 +336,7 @@ def test_logits_match_llama_cpp(case, family_file, text_file):
     assert m["max_abs_diff"] < 6e-3 * m["max_abs_logit"], m
     assert m["mean_kld"] < 5e-5, m
     assert m["same_top"] > 0.98, m
+    assert m.get("router_gap", 1.0) > ROUTER_GAP, m  # no top-k selection decided by rounding
 
 
 @pytest.mark.parametrize("case", RUN)
@@ -319,8 +364,36 @@ def test_imatrix_matches_llama_imatrix(case, family_file, text_file, llama_tools
     assert sorted(a.sums) == sorted(b.sums) and len(b.sums) > 0
     assert (a.chunk_count, a.chunk_size) == (b.chunk_count, b.chunk_size) == (CHUNKS, ctx)
     for name in b.sums:
-        assert (a.counts[name] == b.counts[name]).all(), name
+        assert a.counts[name].shape == b.counts[name].shape and (a.counts[name] == b.counts[name]).all(), name
+        assert a.sums[name].shape == b.sums[name].shape, name
         assert _cos(a.sums[name], b.sums[name]) >= 0.999, (name, _cos(a.sums[name], b.sums[name]))
+        for e in np.nonzero(b.counts[name])[0] if len(b.counts[name]) > 1 else ():  # each expert's row
+            assert _cos(a.sums[name][e], b.sums[name][e]) >= 0.999, (name, e)
+    if any(len(c) > 1 for c in b.counts.values()):  # MoE: per-expert entries, some expert routed to
+        assert any((c > 0).sum() > 1 for c in b.counts.values())
+
+
+@pytest.mark.parametrize("change,code,what", [
+    ({"qwen2moe.expert_count": (3, GGUFValueType.UINT32)}, 3, "blk.0.ffn_gate_inp.weight"),
+    ({"qwen2moe.expert_used_count": (5, GGUFValueType.UINT32)}, 3, "qwen2moe.expert_used_count"),
+    ({"qwen2moe.expert_weights_scale": (2.0, GGUFValueType.FLOAT32)}, 4, "qwen2moe.expert_weights_scale"),
+    ("blk.1.ffn_up_exps.weight", 3, "blk.1.ffn_up_exps.weight"),
+])
+def test_moe_file_the_graph_cannot_run_is_refused(change, code, what, family_file, text_file, tmp_path, capsys):
+    """Misnumbered or missing experts, a top-k over the expert count, a routing key the graph does
+    not implement: one line naming it, the documented exit code, no imatrix written."""
+    gguf, ctx = family_file("qwen2moe")
+    bad = tmp_path / "bad.gguf"
+    if isinstance(change, dict):
+        sharpened(gguf, bad, add=dict(change), factor=1.0)
+    else:
+        sharpened(gguf, bad, drop=(change,), factor=1.0)
+    out = tmp_path / "im.gguf"
+    assert main(["calibrate", str(bad), "--text", str(text_file), "-o", str(out), "--ctx", str(ctx),
+                 "--chunks", "1", "--quiet"]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and what in err[0], err
+    assert not out.exists()
 
 
 # transformers-built checkpoints (fixtures/hf_checkpoints.py: real HF layouts and initialisation, e.g.
@@ -389,8 +462,14 @@ def report(cases=None) -> list[dict]:
         m["imatrix_counts_equal"] = sorted(a.sums) == sorted(b.sums) and all(
             (a.counts[n] == b.counts[n]).all() for n in b.sums)
         m["imatrix_cos_min"] = min(_cos(a.sums[n], b.sums[n]) for n in b.sums if n in a.sums)
+        ex_rows = [(n, e) for n in b.sums if n in a.sums and len(b.counts[n]) > 1 for e in np.nonzero(b.counts[n])[0]]
+        if ex_rows:  # MoE: per-expert entries
+            m["imatrix_expert_entries"] = len({n for n, _ in ex_rows})
+            m["imatrix_expert_cos_min"] = min(_cos(a.sums[n][e], b.sums[n][e]) for n, e in ex_rows)
+            m["imatrix_expert_counts"] = {n: b.counts[n].tolist() for n in sorted(b.sums) if len(b.counts[n]) > 1
+                                          and n.startswith("blk.0.")}
         m["case"] = case
-        print(json.dumps(m), flush=True)
+        print(json.dumps(m, default=str), flush=True)
         rows.append(m)
     return rows
 

@@ -162,7 +162,7 @@ def _add_array(src: Path, dst: Path, key: str, value: list) -> None:
     ("llama.logit_scale", 8.0, GGUFValueType.FLOAT32, "llama.logit_scale"),
     ("llama.attention.causal", False, GGUFValueType.BOOL, "llama.attention.causal"),
     ("llama.attn_logit_softcapping", 50.0, GGUFValueType.FLOAT32, "llama.attn_logit_softcapping"),
-    ("llama.expert_count", 8, GGUFValueType.UINT32, "llama.expert_count"),
+    ("llama.expert_weights_scale", 2.5, GGUFValueType.FLOAT32, "llama.expert_weights_scale"),  # (Mixtral's graph: 1)
     ("llama.rope.scaling.type", "longrope", GGUFValueType.STRING, "llama.rope.scaling.type='longrope'"),
 ])
 def test_graph_changing_keys_are_refused(llama_gguf, text_file, tmp_path, capsys, key, value, vtype, what):
@@ -200,6 +200,6 @@ def test_every_written_key_is_declared(random_checkpoint, tmp_path):
     for name in ("llama-f32", "llama3-rope", "mistral-bf16", "qwen2-f16-sharded", "qwen3-bf16", "gemma2-bf16-spm",
                  "gemma3-bf16", "gemma3-f16-spm-untied", "phi3-bf16-spm", "phi3-f32-longrope", "phi4-bf16",
                  "smollm3-bf16", "granite-bf16", "olmo2-f32", "exaone4-bf16", "exaone4-f32-llama3", "exaone4-f16-lllg",
-                 "glm4-bf16", "glm4-f16-tied-nobias"):
+                 "glm4-bf16", "glm4-f16-tied-nobias", "mixtral-bf16", "qwen2moe-bf16", "qwen3moe-bf16"):
         s = to_stream(open_source(str(random_checkpoint(name))), VOCAB_PRE)
         GRAPHS[s.arch].check(s.metadata, [t.name for t in s.tensors])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import UnsupportedError
 
@@ -64,6 +64,44 @@ SWA_ROPE: dict[str, tuple[str, str, str]] = {
 }
 
 
+# {arch}.* keys of a routed FFN the forward pass implements: the expert counts and widths (the widths
+# are the tensors' shapes; they are read here so a file that declares them is not refused)
+MOE_KEYS = frozenset({"expert_count", "expert_used_count", "expert_feed_forward_length"})
+MOE_SHARED_KEYS = frozenset({"expert_shared_feed_forward_length"})
+# tensors of a routed FFN block (build_moe_ffn): router, stacked experts (E on ggml's last axis)
+MOE_BLOCK = tuple(f"blk.{{b}}.{m}.weight" for m in (
+    "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
+MOE_SHARED_BLOCK = tuple(f"blk.{{b}}.{m}.weight" for m in (
+    "ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"))
+
+# build_moe_ffn's gating_op, as quantkit/calib/moe.py names it: name -> reason
+MOE_GATINGS: dict[str, str] = {
+    "softmax": "LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX: softmax over all experts, then top-k (mixtral, qwen*moe)",
+    "softmax_topk": "LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX_WEIGHT: top-k of the logits, softmax over those (gpt-oss)",
+}
+
+
+@dataclass(frozen=True)
+class Moe:
+    """A routed FFN in place of the dense one (llama-graph.cpp build_moe_ffn)."""
+    gating: str = "softmax"          # a key of MOE_GATINGS
+    norm_w: bool = False             # weights / their sum after top-k (qwen3moe, llama: true; qwen2moe: false)
+    activation: str = "silu"         # silu (SwiGLU) | swiglu_oai (gpt-oss's clamped one)
+    shared: bool = False             # qwen2moe: + ffn_*_shexp(x) * sigmoid(ffn_gate_inp_shexp x)
+    # None: every file of the arch is MoE; "expert_count": only files with {arch}.expert_count > 0, the
+    # others dense (llama.cpp's llama arch: ffn_gate_inp loaded iff n_expert > 0, Mixtral vs Llama)
+    when: str | None = None
+    reason: str = ""
+
+    def active(self, get: Callable[[str, Any], Any]) -> bool:
+        """Whether a file (``get(key, default)`` reads "{arch}.key") has the routed FFN."""
+        return self.when is None or int(get(self.when, 0) or 0) > 0
+
+
+# the dense FFN tensors a routed FFN replaces (an arch whose MoE is conditional lists them as required)
+DENSE_FFN = tuple(f"blk.{{b}}.{m}.weight" for m in ("ffn_gate", "ffn_up", "ffn_down"))
+
+
 @dataclass(frozen=True)
 class BlockGraph:
     arch: str                                   # GGUF general.architecture
@@ -101,6 +139,7 @@ class BlockGraph:
     nope: str | None = None            # "full_when_swa": with SWA on, full-attention layers skip RoPE (exaone4)
     rope_switch: str | None = None     # {arch}.* bool key that turns RoPE off everywhere when false (granite)
     rope_factors: str | None = None    # "llama3" (rope_freqs.weight) | "longrope" (rope_factors_long/short)
+    moe: Moe | None = None             # routed FFN (every block; the dense ffn_* tensors are not read)
 
     def check(self, metadata: dict[str, Any], tensor_names: list[str]) -> None:
         """Refuse (UnsupportedError, exit 4) what this graph does not compute."""
@@ -141,8 +180,13 @@ class BlockGraph:
                   for n in self.block_tensors + self.optional_block_tensors]
         return re.compile("|".join(names))
 
-    def required(self, n_layer: int) -> list[str]:
-        return list(self.top_tensors) + [n.format(b=i) for i in range(n_layer) for n in self.block_tensors]
+    def required(self, n_layer: int, moe: bool = False) -> list[str]:
+        """Tensors a file must have; ``moe``: a file with a conditional routed FFN (Moe.when)
+        has the router and experts in place of the dense FFN."""
+        names = self.block_tensors
+        if moe and self.moe is not None and self.moe.when is not None:
+            names = tuple(n for n in names if n not in DENSE_FFN) + MOE_BLOCK
+        return list(self.top_tensors) + [n.format(b=i) for i in range(n_layer) for n in names]
 
 
 def _norm(v: Any) -> Any:

@@ -13,7 +13,7 @@ from gguf import MODEL_ARCH
 
 from . import features as F
 from .features import llama3_rope_factors, permute_qk  # noqa: F401  (re-exported: callers import them from here)
-from .graph import ROPE_NORM, BlockGraph, block
+from .graph import LLAMA_GRAPH_KEYS, MOE_BLOCK, MOE_KEYS, ROPE_NORM, BlockGraph, Moe, block
 from .spec import Export, Family
 
 # transformers 4.57.6 LlamaConfig / MistralConfig defaults for keys the converter reads
@@ -29,10 +29,13 @@ MISTRAL_DEFAULTS: dict[str, Any] = {
 }
 
 # llama.cpp src/models/llama.cpp: interleaved rope, optional biases on every
-# projection, llama3 rope_freqs; MoE (Mixtral) tensors are not in this graph
+# projection, llama3 rope_freqs; with llama.expert_count > 0 (Mixtral) a routed FFN
 GRAPH = BlockGraph("llama", ROPE_NORM, optional_block_tensors=block(
     "attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias",
-    "ffn_gate.bias", "ffn_up.bias", "ffn_down.bias"), rope_factors="llama3")
+    "ffn_gate.bias", "ffn_up.bias", "ffn_down.bias") + MOE_BLOCK, rope_factors="llama3",
+    keys=LLAMA_GRAPH_KEYS | MOE_KEYS,
+    moe=Moe("softmax", norm_w=True, when="expert_count",
+            reason="llama.cpp: n_expert > 0 -> build_moe_ffn(..., LLM_FFN_SILU, norm_w true, SOFTMAX)"))
 
 LLAMA = Family(
     name="Llama",

@@ -9,7 +9,6 @@ block's last expert tensor is read).
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from gguf import MODEL_ARCH
@@ -27,10 +26,9 @@ MIXTRAL_DEFAULTS: dict[str, Any] = {
 }
 
 # llama.cpp builds Mixtral with the llama graph (src/models/llama.cpp, n_expert > 0: softmax
-# router, top-k renormalised, SwiGLU experts): Llama's graph, not computed with experts yet
-# (forward=False here; arch.DECLARED_GRAPHS keeps Llama's for "llama", whose check refuses
-# llama.expert_count, exit 4)
-GRAPH = replace(LLAMA_GRAPH, forward=False)
+# router, top-k renormalised, SwiGLU experts): Llama's graph, whose routed FFN (Moe.when
+# "expert_count") is on for files with llama.expert_count > 0
+GRAPH = LLAMA_GRAPH
 MIXTRAL = Family(
     name="Mixtral",
     hf_architectures=("MixtralForCausalLM",),

@@ -26,7 +26,7 @@ from gguf import MODEL_ARCH
 from ..errors import InputError
 from ..sources.base import TensorRef
 from . import features as F
-from .graph import ROPE_NEOX, BlockGraph, block
+from .graph import LLAMA_GRAPH_KEYS, MOE_KEYS, MOE_SHARED_KEYS, ROPE_NEOX, BlockGraph, Moe, block
 from .spec import Family, Model
 
 # transformers 4.57.6 Qwen2MoeConfig / Qwen3MoeConfig defaults for keys the converter reads
@@ -90,7 +90,10 @@ QWEN2MOE = Family(
                      block_tensors=_ATTN + _ROUTED + block("attn_q.bias", "attn_k.bias", "attn_v.bias"),
                      optional_block_tensors=block("ffn_gate_inp_shexp.weight", "ffn_gate_shexp.weight",
                                                   "ffn_up_shexp.weight", "ffn_down_shexp.weight"),
-                     forward=False),
+                     keys=LLAMA_GRAPH_KEYS | MOE_KEYS | MOE_SHARED_KEYS,
+                     moe=Moe("softmax", norm_w=False, shared=True,
+                             reason="qwen2moe.cpp: build_moe_ffn(..., LLM_FFN_SILU, norm_w false, SOFTMAX) "
+                                    "+ build_ffn(shexp) * silu(g)/g of ffn_gate_inp_shexp")),
     config_defaults=QWEN2MOE_DEFAULTS,
     required=("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size")
     + _MOE_KEYS,
@@ -111,7 +114,10 @@ QWEN3MOE = Family(
     graph=BlockGraph("qwen3moe", ROPE_NEOX,
                      block_tensors=_ATTN + _ROUTED + block("attn_q_norm.weight", "attn_k_norm.weight"),
                      optional_block_tensors=block("attn_q.bias", "attn_k.bias", "attn_v.bias"),
-                     optional_top_tensors=("output.weight",), qk_norm="head", forward=False),
+                     optional_top_tensors=("output.weight",), qk_norm="head",
+                     keys=LLAMA_GRAPH_KEYS | MOE_KEYS,
+                     moe=Moe("softmax", norm_w=True,
+                             reason="qwen3moe.cpp: build_moe_ffn(..., LLM_FFN_SILU, norm_w true, SOFTMAX)")),
     config_defaults=QWEN3MOE_DEFAULTS,
     required=("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size")
     + _MOE_KEYS,

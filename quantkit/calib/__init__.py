@@ -133,13 +133,25 @@ class Collector:
                 self.sums[wname] = np.array(x2, dtype=np.float64).reshape(-1)
             self.counts[wname] = self.counts.get(wname, 0) + int(x.shape[0])
 
+    def expert(self, name: str, x: np.ndarray, e: int, n_expert: int) -> None:
+        """Rows routed to expert ``e`` of a stacked (3-D) expert tensor: llama-imatrix's
+        MUL_MAT_ID branch keeps one row of sums and one count per expert."""
+        x2 = np.einsum("ij,ij->j", x, x, dtype=np.float64, optimize=False) if x.shape[0] else 0
+        with self._lock:
+            if name not in self.sums:
+                self.sums[name] = np.zeros((n_expert, x.shape[1]), dtype=np.float64)
+                self.counts[name] = np.zeros(n_expert, dtype=np.int64)
+            self.sums[name][e] += x2
+            self.counts[name][e] += int(x.shape[0])
+
     def to_imatrix(self, chunk_count: int, chunk_size: int, datasets: list[str]) -> IMatrix:
         im = IMatrix(datasets=list(datasets), chunk_count=chunk_count, chunk_size=chunk_size)
         for name in sorted(self.sums):
             if not np.isfinite(self.sums[name]).all():
                 raise InputError(f"non-finite activations reaching {name}")
-            im.sums[name] = self.sums[name].astype(np.float32).reshape(1, -1)
-            im.counts[name] = np.array([self.counts[name]], dtype=np.int64)
+            s = self.sums[name]
+            im.sums[name] = s.astype(np.float32).reshape(s.shape[0] if s.ndim == 2 else 1, -1)
+            im.counts[name] = np.array(self.counts[name], dtype=np.int64).reshape(-1)
         return im
 
 

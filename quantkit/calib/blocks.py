@@ -192,3 +192,28 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 ACTIVATIONS = {"silu": lambda x, emulate: silu(x), "gelu_tanh": gelu_tanh}
+
+
+def routing(graph: BlockGraph, hp):
+    """The routed FFN's parameters (calib/moe.Routing) of a graph with ``moe`` (hp.n_expert > 0:
+    the file has it); None without."""
+    if graph.moe is None or hp.n_expert <= 0:
+        return None
+    from .moe import Routing
+
+    m = graph.moe
+    return Routing(top_k=hp.n_expert_used, norm_top_k=m.norm_w, gating=m.gating, activation=m.activation)
+
+
+def check_experts(graph: BlockGraph, w: dict[str, np.ndarray], hp) -> None:
+    """Every block's stacked experts have expert_count experts, its router expert_count rows
+    (llama-model.cpp create_tensor's shape check); one line naming the tensor otherwise."""
+    for i in range(hp.n_layer):
+        for suffix in ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+            name = f"blk.{i}.{suffix}.weight"
+            a = w.get(name)
+            if a is None:
+                raise InputError(f"model lacks tensor {name} (needed by the {graph.arch} forward pass)")
+            if a.shape[0] != hp.n_expert or (suffix != "ffn_gate_inp" and a.ndim != 3):
+                raise InputError(f"tensor {name} has shape {list(a.shape)[::-1]} (ggml order), not "
+                                 f"{hp.n_expert} experts as {graph.arch}.expert_count says")

@@ -56,6 +56,8 @@ class HParams:
     beta_fast: float
     beta_slow: float
     n_ctx_orig: int
+    n_expert: int = 0        # routed FFN (graph.moe): {arch}.expert_count
+    n_expert_used: int = 0   # {arch}.expert_used_count (top-k)
 
     @classmethod
     def from_stream(cls, s: ModelStream, n_vocab: int) -> "HParams":
@@ -91,6 +93,12 @@ class HParams:
             attn_factor = ms(f, 1.0) / ms(f, log_mul) if log_mul != 0.0 else ms(f, 1.0)
             attn_factor *= 1.0 / (1.0 + 0.1 * math.log(f))
         attn_factor *= float(s.get(f"{a}.rope.scaling.attn_factor", 1.0) or 1.0)
+        n_expert = n_used = 0
+        if graph.moe is not None and graph.moe.active(lambda k, d=None: s.get(f"{a}.{k}", d)):
+            # llama-model.cpp load_hparams: expert_used_count in 1..expert_count
+            n_expert, n_used = int(g("expert_count")), int(g("expert_used_count"))
+            if not 0 < n_used <= n_expert:
+                raise InputError(f"{a}.expert_used_count = {n_used} is not in 1..{a}.expert_count = {n_expert}")
         return cls(
             arch=a, n_vocab=n_vocab, n_embd=n_embd, n_layer=int(g("block_count")),
             n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, head_dim_v=head_dim_v,
@@ -101,6 +109,7 @@ class HParams:
             beta_fast=float(s.get(f"{a}.rope.scaling.yarn_beta_fast", 32.0) or 32.0),
             beta_slow=float(s.get(f"{a}.rope.scaling.yarn_beta_slow", 1.0) or 1.0),
             n_ctx_orig=int(s.get(f"{a}.rope.scaling.original_context_length", n_ctx_train) or n_ctx_train),
+            n_expert=n_expert, n_expert_used=n_used,
         )
 
 
@@ -288,6 +297,7 @@ class Model:
         self.tied = "output.weight" not in w
         self._rope: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self._masks: dict[tuple[int, int], np.ndarray] = {}
+        self.routing = blocks.routing(self.graph, hp)
 
     @classmethod
     def from_stream(cls, stream: ModelStream, progress: Callable[[int], None] | None = None,
@@ -309,10 +319,12 @@ class Model:
         if "token_embd.weight" not in w:
             raise InputError("model has no token_embd.weight")
         hp = HParams.from_stream(stream, n_vocab=w["token_embd.weight"].shape[0])
-        for name in graph.required(hp.n_layer):
+        for name in graph.required(hp.n_layer, moe=hp.n_expert > 0):
             if name not in w:
                 raise InputError(f"model lacks tensor {name} (needed by the {graph.arch} forward pass)")
         plan = blocks.make_plan(graph, lambda k, d=None: stream.get(f"{hp.arch}.{k}", d), hp)
+        if hp.n_expert > 0:
+            blocks.check_experts(graph, w, hp)
         return cls(hp, w, dtypes, emulate, attention, graph, plan)
 
     # -- pieces
@@ -422,7 +434,36 @@ class Model:
             m = self._masks[(T, window)] = blocks.causal_mask(T, window)
         return m
 
+    def _moe(self, i: int, x: np.ndarray, hook: Hook | None) -> np.ndarray:
+        """build_moe_ffn (calib/moe.py): router and shared expert through _lin, the
+        experts through mul_mat_id's rounding; ``hook.expert(name, x, e, n_expert)``
+        (when the hook has it) sees each expert's rows, as llama-imatrix collects them."""
+        from . import moe
+
+        p = f"blk.{i}."
+        w = {k[len(p):]: v for k, v in self.w.items() if k.startswith(p) and ("_exps" in k or "_inp" in k
+                                                                            or "_shexp" in k)}
+        per_expert = getattr(hook, "expert", None)
+
+        def mm(suffix: str, h: np.ndarray) -> np.ndarray:  # (ffn_gate_inp_shexp, one row: h @ w gives (T,))
+            return self._lin(p + suffix, h, hook)
+
+        def mm_id(suffix: str, h: np.ndarray, e: int) -> np.ndarray:
+            name = p + suffix + ".weight"
+            if per_expert is not None:
+                per_expert(name, h, e, self.hp.n_expert)
+            kind = self.act.get(name)
+            if kind is not None:
+                h = round_activations(h, kind)
+            y = h @ self.w[name][e].T
+            b = self.w.get(p + suffix + ".bias")
+            return y + b[e] if b is not None else y
+
+        return moe.routed_ffn(x, w, self.routing, mm, mm_id)
+
     def _ffn(self, i: int, x: np.ndarray, hook: Hook | None) -> np.ndarray:
+        if self.routing is not None:
+            return self._moe(i, x, hook)
         p = f"blk.{i}."
         if self.graph.fused_gate_up:  # phi3: ffn_up = gate | up, LLM_FFN_SWIGLU on the halves
             gu = self._lin(p + "ffn_up", x, hook)

@@ -19,13 +19,22 @@ transformers' blocks and llama.cpp's build_moe_ffn do:
 - a shared expert (``ffn_{gate,up,down}_shexp``), scaled by
   sigmoid(x @ ffn_gate_inp_shexp.T) when that gate exists (Qwen2-MoE).
 
-Not yet wired into calib/forward.py (the MoE graphs are declared forward=False).
+calib/forward.py calls ``routed_ffn`` with its own matrix products (``mm``
+for the router and the shared expert, ``mm_id`` for the experts: activation
+rounding as llama.cpp's mul_mat / mul_mat_id, and the imatrix hook), and in
+llama.cpp's order: the selected experts' outputs times their weights, summed
+slot by slot (build_moe_ffn's ggml_add of the views), then the shared expert.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
+
+# mm(suffix, x) -> x @ w[suffix].T (+ bias); mm_id(suffix, x, e) -> x @ w[suffix][e].T (+ bias[e])
+MatMul = Callable[[str, np.ndarray], np.ndarray]
+MatMulId = Callable[[str, np.ndarray, int], np.ndarray]
 
 GATINGS = ("softmax", "softmax_topk", "sigmoid")
 ACTIVATIONS = ("silu", "swiglu_oai")
@@ -60,49 +69,71 @@ def _silu(z: np.ndarray) -> np.ndarray:
     return z * _sigmoid(z)
 
 
-def route(x: np.ndarray, w: dict[str, np.ndarray], r: Routing) -> tuple[np.ndarray, np.ndarray]:
+def route(x: np.ndarray, w: dict[str, np.ndarray], r: Routing,
+          mm: MatMul | None = None) -> tuple[np.ndarray, np.ndarray]:
     """-> (expert indices (T, top_k), their weights (T, top_k)), largest first."""
-    logits = x @ w["ffn_gate_inp.weight"].T
-    if "ffn_gate_inp.bias" in w:
-        logits = logits + w["ffn_gate_inp.bias"]
+    logits = mm("ffn_gate_inp", x) if mm is not None else _plain(w)("ffn_gate_inp", x)
     scores = _sigmoid(logits) if r.gating == "sigmoid" else _softmax(logits) if r.gating == "softmax" else logits
     idx = np.argsort(-scores, axis=-1, kind="stable")[:, : r.top_k]
     sel = np.take_along_axis(scores, idx, axis=-1)
     if r.gating == "softmax_topk":
         sel = _softmax(sel)
-    elif r.norm_top_k:
-        sel = sel / sel.sum(axis=-1, keepdims=True)
+    elif r.norm_top_k:  # build_moe_ffn: weights / clamp(sum, 6.103515625e-5, inf)
+        sel = sel / np.maximum(sel.sum(axis=-1, keepdims=True), np.float32(6.103515625e-5))
     return idx, sel.astype(np.float32)
 
 
-def _expert(x: np.ndarray, w: dict[str, np.ndarray], e: int, act: str) -> np.ndarray:
-    gate = x @ w["ffn_gate_exps.weight"][e].T
-    up = x @ w["ffn_up_exps.weight"][e].T
-    if "ffn_gate_exps.bias" in w:
-        gate = gate + w["ffn_gate_exps.bias"][e]
-        up = up + w["ffn_up_exps.bias"][e]
+def _plain(w: dict[str, np.ndarray]) -> MatMul:
+    def mm(suffix: str, x: np.ndarray) -> np.ndarray:
+        m = w[suffix + ".weight"]
+        y = x @ (m.reshape(1, -1) if m.ndim == 1 else m).T
+        b = w.get(suffix + ".bias")
+        return y + b if b is not None else y
+    return mm
+
+
+def _plain_id(w: dict[str, np.ndarray]) -> MatMulId:
+    def mm_id(suffix: str, x: np.ndarray, e: int) -> np.ndarray:
+        y = x @ w[suffix + ".weight"][e].T
+        b = w.get(suffix + ".bias")
+        return y + b[e] if b is not None else y
+    return mm_id
+
+
+def _expert(x: np.ndarray, e: int, act: str, mm_id: MatMulId) -> np.ndarray:
+    up = mm_id("ffn_up_exps", x, e)
+    gate = mm_id("ffn_gate_exps", x, e)
     if act == "silu":
         h = _silu(gate) * up
-    else:
+    else:  # ggml_swiglu_oai: x = min(gate, limit), y = clamp(up, -limit, limit); out = x*sigmoid(alpha x) * (y + 1)
         g = np.minimum(gate, OAI_LIMIT)
-        h = (np.clip(up, -OAI_LIMIT, OAI_LIMIT) + np.float32(1)) * (g * _sigmoid(g * OAI_ALPHA))
-    y = h @ w["ffn_down_exps.weight"][e].T
-    if "ffn_down_exps.bias" in w:
-        y = y + w["ffn_down_exps.bias"][e]
-    return y
+        h = (g * _sigmoid(g * OAI_ALPHA)) * (np.clip(up, -OAI_LIMIT, OAI_LIMIT) + np.float32(1))
+    return mm_id("ffn_down_exps", np.ascontiguousarray(h, dtype=np.float32), e)
 
 
-def routed_ffn(x: np.ndarray, w: dict[str, np.ndarray], r: Routing) -> np.ndarray:
+def routed_ffn(x: np.ndarray, w: dict[str, np.ndarray], r: Routing, mm: MatMul | None = None,
+               mm_id: MatMulId | None = None) -> np.ndarray:
     """The block's output for tokens x (T, n_embd), float32."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    idx, wt = route(x, w, r)
-    out = np.zeros_like(x)
+    mm = mm or _plain(w)
+    mm_id = mm_id or _plain_id(w)
+    idx, wt = route(x, w, r, mm)
+    T = x.shape[0]
+    ys: np.ndarray | None = None  # (top_k, T, n_out): each slot's weighted expert output
     for e in np.unique(idx):
         rows, slot = np.nonzero(idx == e)
-        out[rows] += _expert(x[rows], w, int(e), r.activation) * wt[rows, slot][:, None]
+        y = _expert(x[rows], int(e), r.activation, mm_id) * wt[rows, slot][:, None]
+        if ys is None:
+            ys = np.zeros((r.top_k, T, y.shape[1]), dtype=np.float32)
+        ys[slot, rows] = y
+    out = ys[0].copy()
+    for k in range(1, r.top_k):  # slot by slot, as build_moe_ffn adds the views
+        out += ys[k]
     if "ffn_gate_shexp.weight" in w:
-        sh = (_silu(x @ w["ffn_gate_shexp.weight"].T) * (x @ w["ffn_up_shexp.weight"].T)) @ w["ffn_down_shexp.weight"].T
+        h = _silu(mm("ffn_gate_shexp", x)) * mm("ffn_up_shexp", x)
+        sh = mm("ffn_down_shexp", np.ascontiguousarray(h, dtype=np.float32))
         if "ffn_gate_inp_shexp.weight" in w:
-            sh = sh * _sigmoid(x @ w["ffn_gate_inp_shexp.weight"].reshape(1, -1).T)
+            g = mm("ffn_gate_inp_shexp", x).reshape(T, 1)
+            sh = sh * _sigmoid(g)
         out = out + sh
     return out
