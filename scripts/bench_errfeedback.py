@@ -111,12 +111,17 @@ def build_ef(bf16: Path, plain: Path, out: Path, preset: str, imatrix: Path, cal
     reader = GGUFReader(plain)
     anchor = {t.name: t for t in reader.tensors}
     new: dict[str, np.ndarray] = {}
+    factors: dict = {}
     stats = {"encoded": 0, "kept": 0, "gram_err_ratio": []}
 
     def quantize(name, W, H, n):
         t = types[name]
         if t in ef.SPECS:
-            data, w_hat = ef.encode(W, t, ef.inverse_factor(H, damp), (np.diag(H) / n).astype(np.float32))
+            key = (H.shape, n, H.tobytes()[:4096], float(H.sum()))  # q/k/v and gate/up share one input
+            if key not in factors:
+                factors.clear()
+                factors[key] = ef.inverse_factor(H, damp)
+            data, w_hat = ef.encode(W, t, factors[key], (np.diag(H) / n).astype(np.float32))
             new[name] = data
             stats["encoded"] += 1
             a = dequantize(anchor[name].data, anchor[name].tensor_type).reshape(W.shape)
