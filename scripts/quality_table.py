@@ -217,13 +217,13 @@ def render(res: dict) -> None:
           f"imatrix from the first half")
     if res.get("imatrix_only"):
         anchor = next((r.get("plain_ppl") for r in rows if r["type"] == "BF16"), None)
-        print("| type | size (MiB) | bits/weight | PPL (imatrix) | vs BF16 |" + (" bytes = llama-quantize |"
+        print("| type | size (MiB) | bits/weight | PPL (imatrix) | PPL / BF16 |" + (" bytes = llama-quantize |"
                                                                                if parity else ""))
         print("|---|---:|---:|---:|---:|" + ("---|" if parity else ""))
         for r in rows:
             k = "plain" if r["type"] in NO_IMATRIX else "imatrix"
             p = r[f"{k}_ppl"]
-            vs = f"{100 * (p / anchor - 1):+.1f}%" if anchor else "-"
+            vs = f"{p / anchor:.3f}" if anchor else "-"
             same = {True: "yes", False: "NO", None: "-"}[r.get("same_as_llama_quantize")]
             print(f"| {r['type']} | {r[f'{k}_size'] / 2**20:.1f} | {r[f'{k}_bpw']:.2f} | {p:.4f} | {vs} |"
                   + (f" {same} |" if parity else ""))
