@@ -112,12 +112,17 @@ def mxfp4_ckpt(random_checkpoint, tmp_path_factory):
 
 
 @pytest.mark.parametrize("outtype", OUTTYPES)
-def test_mxfp4_checkpoint_converts_as_the_converter_does(outtype, mxfp4_ckpt, reference_gguf, tmp_path):
-    """--type BF16|F16|F32 == convert_hf_to_gguf.py: MXFP4 experts first, as stored bytes, file type MXFP4_MOE."""
+def test_mxfp4_checkpoint_converts_as_the_converter_does(outtype, mxfp4_ckpt, reference_gguf, tmp_path,
+                                                         monkeypatch):
+    """--type BF16|F16|F32 == convert_hf_to_gguf.py: MXFP4 experts first, as stored bytes, file type MXFP4_MOE
+    (copied expert by expert, as a big tensor is)."""
     from gguf import GGUFReader, LlamaFileType
 
     from gguf_compare import diff
+    from quantkit.arch import gpt_oss
     from quantkit.convert import ConvertOptions, convert
+
+    monkeypatch.setattr(gpt_oss, "RAW_CHUNK_BYTES", 0)
 
     ckpt = mxfp4_ckpt("gptoss-bf16")
     ref = reference_gguf(ckpt, outtype.lower(), VOCAB_PRE)
@@ -205,3 +210,38 @@ def test_bad_mxfp4_experts_are_named(case, mxfp4_ckpt, tmp_path, capsys):
     named = {"scales-without-blocks": _P + "down_proj_scales", "blocks-without-scales": "blk.1.ffn_down_exps.weight",
              "scales-of-another-shape": _P + "gate_up_proj_scales"}[case]
     assert named in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("rows", [None, slice(0, None, 2), slice(1, None, 2)], ids=["down", "gate", "up"])
+def test_mxfp4_expert_read_one_expert_at_a_time(rows, monkeypatch):
+    """Where the source reads row ranges, the raw copy goes expert by expert and row chunks decode only
+    their experts: the same bytes and values as the whole-tensor read (itself checked above)."""
+    from quantkit.arch import gpt_oss
+    from quantkit.sources.base import TensorRef
+
+    rng = np.random.default_rng(3)
+    blocks = rng.integers(0, 256, (3, 6, 2, 16), dtype=np.uint8)
+    scales = rng.integers(110, 140, (3, 6, 2), dtype=np.uint8)
+
+    def ref(name, a, by_rows):
+        def load():
+            return a.astype(np.float32)
+        if by_rows:
+            load.rows = lambda r0, r1: a.reshape(-1, a.shape[-1])[r0:r1].astype(np.float32)
+        return TensorRef(name, a.shape, "U8", load)
+
+    whole = gpt_oss._mxfp4_ref("t", ref("b", blocks, False), ref("s", scales, False), rows)
+    streamed = gpt_oss._mxfp4_ref("t", ref("b", blocks, True), ref("s", scales, True), rows)
+    rows_of = getattr(streamed.loader, "rows", None)
+    assert getattr(whole.loader, "rows", None) is None and rows_of is not None
+    monkeypatch.setattr(gpt_oss, "RAW_CHUNK_BYTES", 0)
+    want = whole.loader.raw()
+    parts = list(streamed.loader.raw())
+    assert len(parts) == 3 and np.concatenate(parts).tobytes() == want.tobytes()
+    b, s = (blocks, scales) if rows is None else (blocks[:, rows], scales[:, rows])
+    assert want.tobytes() == repack_mxfp4(b, s).tobytes()
+    x = whole.load()
+    assert np.array_equal(streamed.load(), x)
+    flat = x.reshape(-1, x.shape[-1])
+    for r0, r1 in ((0, 1), (1, 5), (2, flat.shape[0]), (flat.shape[0] - 1, flat.shape[0])):
+        assert np.array_equal(rows_of(r0, r1), flat[r0:r1]), (r0, r1)

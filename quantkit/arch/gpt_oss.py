@@ -36,7 +36,7 @@ from ..errors import InputError, UnsupportedError
 from ..sources.base import TensorRef
 from . import features as F
 from .common import hf_name_filter, tensor_name
-from .graph import ROPE_NEOX, BlockGraph, block
+from .graph import LLAMA_GRAPH_KEYS, MOE_KEYS, ROPE_NEOX, SWA_KEYS, BlockGraph, Moe, block
 from .spec import Family, Model
 
 T = F.T
@@ -136,28 +136,51 @@ def decode_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return quant.dequantize(raw, "MXFP4", shape)
 
 
+RAW_CHUNK_BYTES = 64 << 20  # MXFP4 bytes above this are copied expert by expert
+
+
 def _mxfp4_ref(name: str, blocks: TensorRef, scales: TensorRef, rows: slice | None) -> TensorRef:
     """One expert matrix as MXFP4: ``loader.raw()`` its ggml bytes (written as they are when the plan keeps
-    MXFP4), ``load()`` their float values through quantkit's one dequantize path (requantizing presets)."""
+    MXFP4), ``load()`` / ``loader.rows`` their float values through quantkit's one dequantize path
+    (requantizing presets). Where the source reads row ranges, one expert is read at a time."""
     from .. import quant
 
     if len(blocks.shape) != 4 or tuple(blocks.shape[:-1]) != tuple(scales.shape) or blocks.shape[-1] != 16:
         raise InputError(f"MXFP4 tensors {blocks.name!r} {list(blocks.shape)} and {scales.name!r} "
                          f"{list(scales.shape)} do not pair up (blocks (experts, rows, n_blocks, 16))")
-    n, r, nb, _ = blocks.shape
-    r = len(range(r)[rows]) if rows is not None else r
-    shape = (int(n), int(r), int(nb) * 32)
+    n, r_in, nb, _ = (int(d) for d in blocks.shape)
+    r = len(range(r_in)[rows]) if rows is not None else r_in
+    shape = (n, r, nb * 32)
+    b_rows, s_rows = getattr(blocks.loader, "rows", None), getattr(scales.loader, "rows", None)
+    per_expert = b_rows is not None and s_rows is not None  # the source reads row ranges
 
-    def raw() -> np.ndarray:
-        b, s = blocks.load().astype(np.uint8), scales.load().astype(np.uint8)  # U8 values, exact in float32
+    def experts(e0: int, e1: int) -> np.ndarray:
+        """ggml bytes of experts e0:e1, (e1 - e0, r, nb * 17); U8 values are exact in float32."""
+        if per_expert:
+            b = np.asarray(b_rows(e0 * r_in * nb, e1 * r_in * nb)).astype(np.uint8).reshape(e1 - e0, r_in, nb, 16)
+            s = np.asarray(s_rows(e0 * r_in, e1 * r_in)).astype(np.uint8).reshape(e1 - e0, r_in, nb)
+        else:
+            b, s = blocks.load().astype(np.uint8)[e0:e1], scales.load().astype(np.uint8)[e0:e1]
         if rows is not None:
             b, s = b[:, rows], s[:, rows]
-        return repack_mxfp4(b, s).reshape(-1)
+        return repack_mxfp4(b, s)
+
+    def raw():
+        if per_expert and n > 1 and n * r * nb * 17 > RAW_CHUNK_BYTES:  # a big tensor: expert by expert
+            return (experts(e, e + 1).reshape(-1) for e in range(n))
+        return experts(0, n).reshape(-1)
 
     def load() -> np.ndarray:
-        return quant.dequantize(raw(), "MXFP4", shape)
+        return quant.dequantize(experts(0, n).reshape(-1), "MXFP4", shape)
+
+    def load_rows(r0: int, r1: int) -> np.ndarray:
+        e0, e1 = r0 // r, -(-r1 // r)
+        x = quant.dequantize(experts(e0, e1).reshape(-1), "MXFP4", (e1 - e0, r, nb * 32)).reshape(-1, nb * 32)
+        return x[r0 - e0 * r:r1 - e0 * r]
 
     load.raw = raw  # type: ignore[attr-defined]
+    if per_expert:
+        load.rows = load_rows  # type: ignore[attr-defined]
     return TensorRef(name, shape, "MXFP4", load)
 
 
@@ -215,7 +238,8 @@ GPT_OSS = Family(
     arch=MODEL_ARCH.GPT_OSS,
     # llama.cpp src/models/openai-moe-iswa.cpp: rotate-half YaRN rope, attention sinks, biases everywhere,
     # sliding window on alternate layers, softmax over the top-k router logits (weights after selection),
-    # SwiGLU-OAI experts (clamped, alpha 1.702) with biases; not computed by quantkit's forward pass yet
+    # SwiGLU-OAI experts (clamped, alpha 1.702) with biases (openai-moe.cpp; load_swa_pattern(ml, 2):
+    # even layers slide, rope of sliding layers = the global one unless rope.freq_base_swa)
     graph=BlockGraph("gpt-oss", ROPE_NEOX,
                      block_tensors=block("attn_norm.weight", "attn_q.weight", "attn_q.bias", "attn_k.weight",
                                          "attn_k.bias", "attn_v.weight", "attn_v.bias", "attn_output.weight",
@@ -223,7 +247,11 @@ GPT_OSS = Family(
                                          "ffn_gate_inp.weight", "ffn_gate_inp.bias", "ffn_gate_exps.weight",
                                          "ffn_gate_exps.bias", "ffn_up_exps.weight", "ffn_up_exps.bias",
                                          "ffn_down_exps.weight", "ffn_down_exps.bias"),
-                     forward=False),
+                     keys=LLAMA_GRAPH_KEYS | MOE_KEYS | SWA_KEYS, ffn_norm="post_attention_norm", sinks=True,
+                     swa="always", swa_pattern=2, swa_rope="inherit",
+                     moe=Moe("softmax_topk", norm_w=False, activation="swiglu_oai",
+                             reason="openai-moe.cpp: build_moe_ffn(..., LLM_FFN_SWIGLU_OAI_MOE, norm_w false, "
+                                    "SOFTMAX_WEIGHT), router and expert biases")),
     config_defaults=GPT_OSS_DEFAULTS,
     required=("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size",
               "num_local_experts", "num_experts_per_tok", "sliding_window", "head_dim"),
