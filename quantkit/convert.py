@@ -147,13 +147,18 @@ def _producer(source, ref, tp, imatrix: dict | None, raw_name: str | None = None
     from . import quant
 
     def produce() -> np.ndarray:
+        big = ref.n_elements * 4 > CHUNK_BYTES
         raw = getattr(ref.loader, "raw", None)
         if getattr(tp, "copy", False) and raw is not None:  # an HF tensor already in the planned type (MXFP4)
             return raw()
         if (getattr(tp, "copy", False) and getattr(source, "kind", "") == "gguf" and ref.name == tp.name
                 and raw_name != ""):
             # stored bytes, unchanged (raw_name: the source tensor of a replicated block; "" = computed values)
+            if big and hasattr(source, "raw_rows"):
+                return _raw_chunks(source, raw_name or tp.name, ref)
             return np.array(source.raw_bytes(raw_name or tp.name))
+        if big and ref.reads_rows:  # read, decode and encode row chunk by row chunk: never whole in memory
+            return _row_chunks(quant, ref, tp, imatrix.get(tp.name) if imatrix else None)
         x = ref.load()
         if x.ndim == 0:
             x = x.reshape(1)
@@ -192,6 +197,41 @@ def _chunks(quant, x2: np.ndarray, tp, im):
     step = max(1, CHUNK_BYTES // 4 // max(1, x2.shape[1]))
     for r0 in range(0, x2.shape[0], step):
         yield quant.quantize(x2[r0:r0 + step], tp.qtype, imatrix=im, name=tp.name)
+
+
+def _row_chunks(quant, ref, tp, im):
+    """A big tensor from its source in row chunks of CHUNK_BYTES float32 (the
+    rows _chunks takes from the whole array; an expert stack's chunks stay inside
+    one expert, whose importance vector they take): bytes as the whole tensor's."""
+    from .errors import NonFiniteError
+
+    n = int(ref.shape[-1]) if ref.shape else 1
+    total = ref.n_rows
+    per = total if im is None or len(ref.shape) < 3 or im.size == n else int(ref.shape[-2])
+    step = max(1, CHUNK_BYTES // 4 // max(1, n))
+    for m0 in range(0, total, per):
+        ie = im if per == total else im[(m0 // per) * n:(m0 // per + 1) * n]
+        for r0 in range(m0, m0 + per, step):
+            r1 = min(r0 + step, m0 + per)
+            x = ref.load_rows(r0, r1)
+            try:
+                q = quant.quantize(x, tp.qtype, imatrix=ie, name=tp.name)
+            except NonFiniteError as e:  # the row in the whole tensor, as check_finite of it says
+                row = r0 + (e.row or 0)
+                raise NonFiniteError(f"tensor {tp.name!r} has NaN or Inf values (first in row {row})",
+                                     tensor=tp.name, row=row) from None
+            x = None  # not alive while the next chunk is read
+            yield q
+            q = None
+
+
+def _raw_chunks(source, name: str, ref):
+    """A big tensor's stored bytes, copied row chunk by row chunk (read from the
+    file, not through the map, so they do not stay in RSS)."""
+    total = ref.n_rows
+    step = max(1, CHUNK_BYTES // 4 // max(1, int(ref.shape[-1]) if ref.shape else 1))
+    for r0 in range(0, total, step):
+        yield np.frombuffer(source.raw_rows(name, r0, min(r0 + step, total)), dtype=np.uint8)
 
 
 def _imatrix(opts: ConvertOptions, src_stream, out_dir: Path | None = None) -> dict | None:
@@ -440,6 +480,8 @@ class _SharedLoad:
             if self._x is None:
                 self._x = ref.load()
             return self._x
+        if ref.reads_rows:  # a big tensor is read in row chunks by each encoding instead
+            load.rows = ref.loader.rows  # type: ignore[attr-defined]
         if hasattr(ref.loader, "raw"):  # stored bytes a copy writes unchanged (gpt-oss MXFP4 experts)
             load.raw = ref.loader.raw  # type: ignore[attr-defined]
         return load

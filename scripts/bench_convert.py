@@ -5,6 +5,14 @@ same file, measured in the same run (the anchor), ratio printed.
     python scripts/bench_convert.py --types Q4_K_M,Q6_K --models smollm2 --threads 2 --reference
     python scripts/bench_convert.py --types f32,bf16,q8_0 --models kquant   # float: vs convert_hf_to_gguf.py
     python scripts/bench_convert.py --ladder --types Q4_K_M,Q5_K_M,Q6_K,Q8_0 --models smollm2 [--calib-text F]
+    python scripts/bench_convert.py --bounded [65536x8192x64] --roots before=/tmp/old-checkout,now=.
+
+Bounded memory (--bounded): a checkpoint whose BF16 embedding is ROWS x HIDDEN
+(1 GiB by default; fixtures.big_embedding), converted from HF and from its F32
+GGUF by each quantkit tree of --roots, beside llama-quantize on the same F32
+GGUF (its peak RSS counts the input's mapped pages); "same" says the GGUF
+route's bytes equal llama-quantize's, the HF route's the first tree's. CPU
+seconds per child beside wall time.
 
 Ladder (--ladder): `quantkit convert HF_DIR --type A,B,C` (one read, one
 importance matrix with --calib-text) beside one `quantkit convert --type X`
@@ -30,6 +38,7 @@ random llama 1024/2816, BF16, built on demand), kquant (5M), tiny.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import subprocess
 import sys
@@ -162,6 +171,43 @@ def bench_ladder(model: str, types: list[str], threads: int, calib: Path | None,
     return rows
 
 
+def bench_bounded(shape: str, roots: list[tuple[str, Path]], types: list[str], threads: int, d: Path) -> list[tuple]:
+    """Peak RSS with one big tensor: HF -> T and F32 GGUF -> T for each quantkit
+    tree in ``roots`` (label=path, e.g. a checkout of the commit before a change),
+    beside llama-quantize on the same F32 GGUF, in one run."""
+    from fixtures import big_embedding
+    from fixtures.common import CACHE
+
+    rows_, hidden, heads = (int(v) for v in shape.split("x"))
+    ckpt = big_embedding.cached(rows_, hidden, heads)
+    lq = CACHE / "llama-tools" / "bin" / "llama-quantize"
+    f32 = d / "f32.gguf"
+    env_of = lambda root: {**os.environ, "PYTHONPATH": str(root)}  # noqa: E731
+    model = f"{rows_}x{hidden}"
+    out = []
+    cpu: list[float] = []
+    from fixtures.random_checkpoints import VOCAB_PRE as pre
+
+    s, m = run(quantkit_cmd(ckpt, "F32", f32, pre, threads), cwd=d, env=env_of(roots[-1][1]), cpu=cpu)
+    out.append((model, "F32", f"{roots[-1][0]}: HF -> F32", s, m, None, cpu[-1]))
+    for t in types:
+        ref = d / f"llama-{t}.gguf"
+        s, m = run([str(lq), str(f32), str(ref), t, str(threads)], cwd=d, cpu=cpu)
+        out.append((model, t, "llama-quantize F32", s, m, None, cpu[-1]))
+        first_hf = None
+        for label, root in roots:
+            o = d / f"{label}-{t}.gguf"
+            s, m = run(quantkit_cmd(ckpt, t, o, pre, threads), cwd=d, env=env_of(root), cpu=cpu)
+            digest = hashlib.sha256(o.read_bytes()).hexdigest()
+            first_hf = first_hf or digest  # HF route: "same" = the first tree's bytes
+            out.append((model, t, f"{label}: HF", s, m, None if label == roots[0][0] else digest == first_hf, cpu[-1]))
+            s, m = run(quantkit_cmd(f32, t, o, None, threads), cwd=d, env=env_of(root), cpu=cpu)
+            out.append((model, t, f"{label}: F32 GGUF", s, m, o.read_bytes() == ref.read_bytes(), cpu[-1]))
+            o.unlink()
+        ref.unlink()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--types", default="Q4_K_M")
@@ -172,7 +218,22 @@ def main() -> None:
                     help="f32/f16/bf16/q8_0: compare with convert_hf_to_gguf.py's own output")
     ap.add_argument("--ladder", action="store_true", help="--type A,B,C in one run against one run per preset")
     ap.add_argument("--calib-text", type=Path, default=None, help="with --ladder: calibrate on this text")
+    ap.add_argument("--bounded", metavar="ROWSxHIDDENxHEADS", nargs="?", const="65536x8192x64",
+                    help="peak RSS with one big BF16 embedding (fixtures.big_embedding), HF and F32 GGUF input, "
+                         "beside llama-quantize on the F32 GGUF")
+    ap.add_argument("--roots", default=None,
+                    help="with --bounded: label=DIR,... quantkit trees to run (default: now=this checkout)")
     a = ap.parse_args()
+    if a.bounded:
+        roots = [(r.split("=", 1)[0], Path(r.split("=", 1)[1]).resolve()) for r in a.roots.split(",")] if a.roots \
+            else [("now", ROOT)]
+        print(f"{'model':12s} {'type':7s} {'route':24s} {'wall s':>8s} {'peak MiB':>9s} {'same':>5s}  {'cpu s':>7s}",
+              flush=True)
+        with tempfile.TemporaryDirectory(dir=os.environ.get("QUANTKIT_BENCH_TMP")) as d:
+            for r in bench_bounded(a.bounded, roots, a.types.split(","), a.threads, Path(d)):
+                same = "" if r[5] is None else ("yes" if r[5] else "NO")
+                print(f"{r[0]:12s} {r[1]:7s} {r[2]:24s} {r[3]:8.1f} {r[4]:9.0f} {same:>5s}  {r[6]:7.1f}", flush=True)
+        return
     print(f"{'model':8s} {'type':7s} {'route':20s} {'wall s':>8s} {'peak MiB':>9s} {'same':>5s}   "
           f"quantkit: speed-up, RSS ratio", flush=True)
     for m in a.models.split(","):

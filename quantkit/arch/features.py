@@ -208,12 +208,24 @@ def permute_qk(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
     )
 
 
+def _permute_rule(ref: TensorRef, n_head: int, n_head_kv: int | None):
+    """permute_qk as a rule fn; on a 2-D weight it is local to each head's rows, so
+    it carries ``row_group`` (spec.Model._mapped reads such a tensor in row chunks)."""
+    def fn(w, h=n_head, k=n_head_kv):
+        return permute_qk(w, h, k)
+
+    h = n_head_kv if n_head_kv is not None and n_head != n_head_kv else n_head
+    if len(ref.shape) == 2 and h and ref.shape[0] % h == 0 and (ref.shape[0] // h) % 2 == 0:
+        def part(w, g=ref.shape[0] // h):  # whole heads of rows: the same values as fn's rows
+            return permute_qk(w, w.shape[0] // g, None)
+        fn.row_group = (ref.shape[0] // h, part)  # type: ignore[attr-defined]
+    return ref.shape, fn
+
+
 PERMUTE_QK = (
-    TensorRule(r"q_proj\.(weight|bias)$",
-               lambda m, ref: (ref.shape, lambda w, h=m.dims.n_head: permute_qk(w, h, h)),
+    TensorRule(r"q_proj\.(weight|bias)$", lambda m, ref: _permute_rule(ref, m.dims.n_head, m.dims.n_head),
                "llama.cpp's ROPE_NORM pairs adjacent rows; HF rotates halves (LlamaModel.permute)"),
-    TensorRule(r"k_proj\.(weight|bias)$",
-               lambda m, ref: (ref.shape, lambda w, h=m.dims.n_head, k=m.dims.n_head_kv: permute_qk(w, h, k)),
+    TensorRule(r"k_proj\.(weight|bias)$", lambda m, ref: _permute_rule(ref, m.dims.n_head, m.dims.n_head_kv),
                "as q_proj, with the kv head count"),
 )
 

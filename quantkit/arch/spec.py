@@ -48,12 +48,30 @@ Optional_ = Callable[["Model"], set[str]]
 Writer = Callable[["Model", GGUFWriter], None]
 
 
+def _grouped_rows(ref: TensorRef, groups: list) -> Callable[[int, int], np.ndarray]:
+    """Rows r0:r1 of a tensor whose rules are local to groups of rows (a rule fn's
+    ``row_group`` = (rows per group, the fn for whole groups)): the enclosing whole
+    groups are read and transformed, then cut to r0:r1."""
+    g = int(np.lcm.reduce([int(n) for n, _ in groups]))
+
+    def rows(r0: int, r1: int) -> np.ndarray:
+        a0, a1 = r0 // g * g, min(-(-r1 // g) * g, ref.n_rows)
+        x = ref.load_rows(a0, a1)
+        for _, part in groups:
+            x = part(x)
+        return x[r0 - a0:r1 - a0]
+    return rows
+
+
 @dataclass(frozen=True)
 class TensorRule:
     """A change the converter's modify_tensors makes to an HF tensor on load.
     ``make(model, ref)`` returns ``(new_shape, fn)`` or None when the rule does
     not apply to this tensor; ``fn`` maps the float32 array loaded from the
-    checkpoint to the converter's values (in the converter's precision)."""
+    checkpoint to the converter's values (in the converter's precision). A
+    ``fn`` local to groups of rows of a 2-D tensor carries ``fn.row_group = (rows
+    per group, fn for any whole groups)``: such a tensor is read in row chunks
+    (convert's CHUNK_BYTES) instead of whole (Model._mapped)."""
     pattern: str                     # regex searched in the HF tensor name (after the converter's renames)
     make: Callable[["Model", TensorRef], "tuple[tuple[int, ...], Callable[[np.ndarray], np.ndarray]] | None"]
     reason: str
@@ -222,6 +240,9 @@ class Model:
                 x = f(x)
             return x
 
+        groups = [getattr(f, "row_group", None) for f in fns]
+        if ref.reads_rows and len(shape) == 2 and all(groups):  # row-local rules: a row range is read alone
+            load.rows = _grouped_rows(ref, groups)  # type: ignore[attr-defined]
         return TensorRef(new, shape, dtype, load)
 
     def tensors(self) -> list[TensorRef]:

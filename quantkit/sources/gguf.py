@@ -123,8 +123,41 @@ class GGUFSource(Source):
 
     def tensors(self) -> Iterator[TensorRef]:
         for t in self.header.tensors:
-            yield TensorRef(name=t.name, shape=t.shape, dtype=t.ggml_type.name,
-                            loader=lambda t=t: self._load(t))
+            yield TensorRef(name=t.name, shape=t.shape, dtype=t.ggml_type.name, loader=self._loader(t))
+
+    def _loader(self, t: GGUFTensorInfo):
+        def load() -> np.ndarray:
+            return self._load(t)
+
+        if self._row_bytes(t):
+            load.rows = lambda r0, r1: self.load_rows(t.name, r0, r1)  # type: ignore[attr-defined]
+        return load
+
+    @staticmethod
+    def _row_bytes(t: GGUFTensorInfo) -> int:
+        """Encoded bytes per row (ne[0] values), 0 when rows do not divide the payload."""
+        n_rows = 1
+        for d in t.shape[:-1]:
+            n_rows *= int(d)
+        return t.n_bytes // n_rows if n_rows and t.shape and t.n_bytes % n_rows == 0 else 0
+
+    def raw_rows(self, name: str, r0: int, r1: int) -> bytearray:
+        """The stored bytes of rows ``r0:r1``, read from the file (not the map: pages
+        read through a map stay in the process's RSS until it is dropped)."""
+        from .safetensors_ import read_range
+
+        t = self._infos[name]
+        rb = self._row_bytes(t)
+        return read_range(t.file or self.path, t.offset + r0 * rb, (r1 - r0) * rb)
+
+    def load_rows(self, name: str, r0: int, r1: int) -> np.ndarray:
+        """Rows ``r0:r1`` decoded to float32; only their bytes are read."""
+        t = self._infos[name]
+        shape = (r1 - r0, int(t.shape[-1]))
+        buf = self.raw_rows(name, r0, r1)
+        if t.ggml_type == GGMLQuantizationType.F32:  # the bytes read are the array (no copy)
+            return np.frombuffer(buf, dtype="<f4").reshape(shape)
+        return dequantize(np.frombuffer(buf, dtype=np.uint8), t.ggml_type, shape, f"{self.path}: {t.name}")
 
     def tensor_info(self, name: str) -> GGUFTensorInfo:
         return self._infos[name]

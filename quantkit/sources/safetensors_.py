@@ -9,7 +9,8 @@ File layout (all little-endian)::
 The header is parsed and checked against the file size when the file is
 opened, so a truncated file or a corrupt header is an ``InputError`` naming
 the file before any tensor is read. ``load()`` of a tensor reads exactly its
-byte range and nothing else (one tensor in memory at a time).
+byte range and nothing else (one tensor in memory at a time); ``load_rows``
+reads a row range of it, so a big tensor is never whole in memory.
 """
 from __future__ import annotations
 
@@ -143,9 +144,25 @@ class SafetensorsFile:
         buf = read_range(self.path, self.data_start + b, e - b)
         return to_float32(buf, dtype, shape, f"{self.path}: {name}")
 
+    def load_rows(self, name: str, r0: int, r1: int) -> np.ndarray:
+        """Rows ``r0:r1`` of tensor ``name`` (all but its last dimension as rows):
+        only their byte range is read."""
+        dtype, shape, b, e = self.entries[name]
+        n = shape[-1] if shape else 1
+        rb = n * DTYPES[dtype][1] if dtype in DTYPES else 0
+        if not rb or r0 < 0 or r1 < r0 or b + r1 * rb > e:
+            return np.ascontiguousarray(self.load(name).reshape(-1, n)[r0:r1])  # errors as load() words them
+        buf = read_range(self.path, self.data_start + b + r0 * rb, (r1 - r0) * rb)
+        return to_float32(buf, dtype, (r1 - r0, n), f"{self.path}: {name}")
+
     def ref(self, name: str) -> TensorRef:
         dtype, shape, _, _ = self.entries[name]
-        return TensorRef(name=name, shape=shape, dtype=dtype, loader=lambda: self.load(name))
+
+        def load() -> np.ndarray:
+            return self.load(name)
+
+        load.rows = lambda r0, r1: self.load_rows(name, r0, r1)  # type: ignore[attr-defined]
+        return TensorRef(name=name, shape=shape, dtype=dtype, loader=load)
 
 
 def write_safetensors(path: str | os.PathLike, tensors, metadata: dict[str, str] | None = None) -> None:
