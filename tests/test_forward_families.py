@@ -26,7 +26,8 @@ comparison a lottery, so the logits test asserts the smallest routing margin
 (ROUTER_GAP). Their imatrix entries are llama-imatrix's per-expert rows and
 counts (its MUL_MAT_ID branch).
 
-CI runs Gemma 3, Phi-3 (LongRoPE) and Qwen2-MoE (shared expert); QUANTKIT_FULL_PARITY=1 runs every case,
+CI runs Gemma 3, Phi-3 (LongRoPE) and Qwen2-MoE (shared expert); QUANTKIT_FULL_PARITY=1 runs every case
+(Qwen3-MoE, Mixtral and gpt-oss among them),
 and the transformers-built checkpoints from their HF directories.
 """
 from __future__ import annotations
@@ -56,6 +57,7 @@ SHARPEN = 8.0
 LAYERS = "_layers"  # in a case's rewrites: repeat the blocks up to this many layers
 SCALE = "_sharpen"  # ... and another factor than SHARPEN
 ROUTER = "_router"  # ... and the (F32) expert routers ffn_gate_inp times this factor
+SINKS = "_sinks"  # ... and the (F32) attention sinks times this factor
 CTX = 128
 CHUNKS = 4
 
@@ -90,6 +92,9 @@ CASES: dict[str, tuple[str, dict, int, str]] = {
                  "4 experts, top 2, not renormalised; shared expert gated by sigmoid(ffn_gate_inp_shexp)"),
     "qwen3moe": ("qwen3moe-bf16", {ROUTER: 100.0}, CTX, "8 experts, top 2 renormalised; per-head q/k norms; tied"),
     "mixtral": ("mixtral-bf16", {ROUTER: 128.0}, CTX, "arch llama with llama.expert_count 4: top 2 renormalised"),
+    "gpt-oss": ("gptoss-bf16", {ROUTER: 256.0, SINKS: 100.0}, CTX,
+                "softmax over the top-2 logits, router and expert biases, clamped SwiGLU; sinks x100 (about +-2); "
+                "layer 0 sliding (window 32), YaRN x32"),
 }
 CI_CASES = ["gemma3", "phi3-longrope", "qwen2moe"]
 RUN = list(CASES) if os.environ.get("QUANTKIT_FULL_PARITY") else CI_CASES
@@ -119,6 +124,7 @@ def sharpened(src: Path, dst: Path, *, vocab_from: Path | None = None, add: dict
     add = {"general.name": ("forward-family-test", GGUFValueType.STRING), **(add or {})}
     factor = float(add.pop(SCALE, factor))
     router = float(add.pop(ROUTER, 1.0))
+    sinks = float(add.pop(SINKS, 1.0))
     n_layer = int(r.fields[f"{arch}.block_count"].contents())
     layers = int(add.pop(LAYERS, n_layer))
     if layers != n_layer:
@@ -153,7 +159,8 @@ def sharpened(src: Path, dst: Path, *, vocab_from: Path | None = None, add: dict
                     if "blk.%d." % i + bt.name.split(".", 2)[2] in drop:
                         continue
                     suffix = bt.name.split(".", 2)[2]
-                    _put(w, "blk.%d." % i + suffix, bt, router if suffix == "ffn_gate_inp.weight" else factor)
+                    f = {"ffn_gate_inp.weight": router, "attn_sinks.weight": sinks}.get(suffix, factor)
+                    _put(w, "blk.%d." % i + suffix, bt, f)
             continue
         _put(w, t.name, t, factor, n_vocab if t.name in ("token_embd.weight", "output.weight") else None)
     w.write_header_to_file()
@@ -168,7 +175,7 @@ def _put(w: GGUFWriter, name: str, t, factor: float, rows: int | None = None) ->
     a = np.asarray(t.data).reshape(shape)[:rows]
     if len(shape) in (2, 3) and t.tensor_type == GGMLQuantizationType.F16:  # matrices, stacked experts
         a = (a.astype(np.float32) * np.float32(factor)).astype(np.float16)
-    elif name.endswith("ffn_gate_inp.weight") and t.tensor_type == GGMLQuantizationType.F32:  # routers (F32)
+    elif name.endswith(("ffn_gate_inp.weight", "attn_sinks.weight")) and t.tensor_type == GGMLQuantizationType.F32:
         a = (a * np.float32(factor)).astype(np.float32)
     w.add_tensor(name, a, raw_dtype=t.tensor_type)
 
@@ -281,7 +288,8 @@ def _router_gaps(model: Model) -> tuple[list, object]:
 
     def hook(name: str, x: np.ndarray) -> None:
         if name.endswith(".ffn_gate_inp"):
-            lg = np.sort(x @ model.w[name + ".weight"].T, axis=-1)[:, ::-1]
+            lg = x @ model.w[name + ".weight"].T + model.w.get(name + ".bias", np.float32(0))
+            lg = np.sort(lg, axis=-1)[:, ::-1]
             gaps.append(lg[:, k - 1] - lg[:, k])
     return gaps, hook
 
@@ -329,7 +337,12 @@ def test_logits_match_llama_cpp(case, family_file, text_file):
     (measured max |diff|: Gemma 3 without its window 11.9, its global layer
     roped with the local base 3.6, Gemma 2 without attention soft-capping 1.1,
     without final soft-capping 0.69 (of 13.9), LongRoPE with the short factors
-    8.1, RoPE on SmolLM3's NoPE layer 1.5, Granite without residual_scale 3.0)."""
+    8.1, RoPE on SmolLM3's NoPE layer 1.5, Granite without residual_scale 3.0).
+    MoE (routers sharpened x100..256): max |diff| 0.011 (Qwen2-MoE) .. 0.020 (Mixtral) of 5.8..6.7, KLD
+    1.2e-7 .. 1.8e-7; dropping a routing feature: top-k weights renormalised or not flipped 0.90 .. 1.30,
+    Qwen2-MoE's shared-expert gate at 0.5 1.79, gpt-oss without sinks 5.1, without its window 8.6,
+    plain SwiGLU for its clamped one 6.7, softmax over all experts for its top-k softmax 0.063 (of 6.1:
+    its sharp routing leaves the top-1 weight near 1 either way)."""
     gguf, ctx = family_file(case)
     m = measure_logits(gguf, ctx, text_file.read_text(encoding="utf-8"))
     assert m["logit_std"] > 0.3, m  # not a trivially uniform model

@@ -140,6 +140,8 @@ class BlockGraph:
     rope_switch: str | None = None     # {arch}.* bool key that turns RoPE off everywhere when false (granite)
     rope_factors: str | None = None    # "llama3" (rope_freqs.weight) | "longrope" (rope_factors_long/short)
     moe: Moe | None = None             # routed FFN (every block; the dense ffn_* tensors are not read)
+    ffn_norm: str = "ffn_norm"         # the pre-FFN norm's tensor (gpt-oss: post_attention_norm)
+    sinks: bool = False                # attn_sinks.weight: one logit per head in each softmax's denominator (gpt-oss)
 
     def check(self, metadata: dict[str, Any], tensor_names: list[str]) -> None:
         """Refuse (UnsupportedError, exit 4) what this graph does not compute."""

@@ -2,14 +2,17 @@
 (quantkit/arch/graph.py) it computes, working on a ModelStream (GGUF names,
 GGUF-permuted Q/K), as llama.cpp's src/models/<arch>.cpp computes it: the
 graph's features (norm placement, activation, q/k norms, scales, soft-capping,
-sliding windows, per-layer RoPE) are resolved into a plan by blocks.py.
+sliding windows, per-layer RoPE, attention sinks) are resolved into a plan by
+blocks.py; a routed (MoE) FFN is computed by moe.py as build_moe_ffn does.
 
     model = Model.from_stream(stream)          # loads (dequantizes) every weight once
     logits = model.forward(tokens, hook=fn, logits_from=k)
 
 ``hook(name, x)`` is called for every matrix product inside the blocks with
 the weight's GGUF name and its float32 input ``x`` of shape (n_tokens, n_in);
-``output.weight`` too when the model has a separate output matrix.
+``output.weight`` too when the model has a separate output matrix. Stacked
+experts go to ``hook.expert(name, x, e, n_expert)`` where the hook has one
+(the rows routed to expert e; calib.Collector keeps them per expert).
 Memory: the float32 weights plus one chunk's activations (the attention
 scores are (n_head, T, T) per layer).
 """
@@ -412,9 +415,16 @@ class Model:
             s *= np.float32(plan.kq_scale)
         s = s.reshape(hp.n_head_kv, g, T, T)
         s += self._mask(T, layer.window)
-        s -= s.max(axis=-1, keepdims=True)
-        np.exp(s, out=s)
-        s /= s.sum(axis=-1, keepdims=True)
+        if self.graph.sinks:  # flash_attn_ext / soft_max_ext sinks: exp(sink_h - M) joins the sum, no value
+            sink = self.w[p + "attn_sinks.weight"].astype(np.float32).reshape(hp.n_head_kv, g, 1, 1)
+            mx = np.maximum(s.max(axis=-1, keepdims=True), sink)
+            s -= mx
+            np.exp(s, out=s)
+            s /= s.sum(axis=-1, keepdims=True) + np.exp(sink - mx)
+        else:
+            s -= s.max(axis=-1, keepdims=True)
+            np.exp(s, out=s)
+            s /= s.sum(axis=-1, keepdims=True)
         if self.kv_f16 and self.attn == "plain":  # mul_mat(v_f16, kq): probabilities rounded to F16
             s = s.astype(np.float16).astype(np.float32)
         o = np.matmul(s.reshape(hp.n_head_kv, g * T, T), vh)  # (Hkv, g*T, dv)
@@ -501,7 +511,7 @@ class Model:
             post_f = p + "post_ffw_norm.weight" if norm in ("sandwich", "post") else None
             h = x if norm == "post" else rms_norm(x, w[p + "attn_norm.weight"], hp.eps)
             x = self._residual(x, self._attention(i, h, hook), post_a)
-            h = x if norm == "post" else rms_norm(x, w[p + "ffn_norm.weight"], hp.eps)
+            h = x if norm == "post" else rms_norm(x, w[p + self.graph.ffn_norm + ".weight"], hp.eps)
             x = self._residual(x, self._ffn(i, h, hook), post_f)
         return rms_norm(x, w.get("output_norm.weight"), hp.eps)
 
