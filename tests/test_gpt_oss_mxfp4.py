@@ -67,7 +67,7 @@ import pytest  # noqa: E402
 FULL = bool(os.environ.get("QUANTKIT_FULL_PARITY"))
 VOCAB_PRE = "smollm"
 OUTTYPES = ["BF16", "F16", "F32"] if FULL else ["BF16"]
-PRESETS = ["Q4_K_M", "MXFP4_MOE", "Q6_K"] if FULL else ["Q4_K_M"]
+PRESETS = ["Q4_K_M", "MXFP4_MOE", "Q2_K", "Q6_K"] if FULL else ["Q4_K_M"]
 
 
 def _mxfp4_checkpoint(random_checkpoint, name: str, dest) -> "os.PathLike":
@@ -245,3 +245,29 @@ def test_mxfp4_expert_read_one_expert_at_a_time(rows, monkeypatch):
     flat = x.reshape(-1, x.shape[-1])
     for r0, r1 in ((0, 1), (1, 5), (2, flat.shape[0]), (flat.shape[0] - 1, flat.shape[0])):
         assert np.array_equal(rows_of(r0, r1), flat[r0:r1]), (r0, r1)
+
+
+@pytest.mark.skipif(not FULL, reason="every preset's dry run: QUANTKIT_FULL_PARITY=1")
+def test_mxfp4_checkpoint_preset_types_match_llama_quantize_dry_run(mxfp4_ckpt, reference_gguf, tmp_path):
+    """Per-tensor types of every preset from the MXFP4 checkpoint == llama_model_quantize's dry run on the
+    converter's BF16 file (MXFP4 sources: the experts are planned as from float ones)."""
+    from llama_oracle import llama_dry_run
+    from quantkit import mix
+    from quantkit.convert import ConvertOptions, convert
+    from quantkit.mixrules import Preset
+
+    ckpt = mxfp4_ckpt("gptoss-kq")
+    ref = reference_gguf(ckpt, "bf16", VOCAB_PRE)
+    n_mx = 0
+    for p in Preset:
+        if p.name in ("F32", "F16", "BF16"):  # quantkit's are the converter's types (MXFP4 kept), tested above
+            continue
+        rc, got, _ = llama_dry_run(ref, p.ftype, allow_requantize=True)
+        assert rc == 0, p.name
+        res = convert(ConvertOptions(src=str(ckpt), type=p.name, out=tmp_path / "x.gguf", dry_run=True,
+                                     vocab_pre=VOCAB_PRE, quiet=True, mix=mix.MixOptions(allow_requantize=True)))
+        ours = {tp.name: tp.qtype.name for tp in res.plan}
+        assert ours == got, (p.name, {n: (ours.get(n), got.get(n)) for n in set(ours) | set(got)
+                                      if ours.get(n) != got.get(n)})
+        n_mx += sum(t == "MXFP4" for t in ours.values())
+    assert n_mx > 0
