@@ -110,3 +110,18 @@ def test_gguf_row_chunks_same_bytes(t, random_checkpoint, tmp_path, monkeypatch)
     whole = _convert(f32, t, tmp_path / "whole.gguf", None)
     monkeypatch.setattr(conv, "CHUNK_BYTES", 1000)
     assert filecmp.cmp(whole, _convert(f32, t, tmp_path / "chunked.gguf", None), shallow=False)
+
+
+def test_ladder_row_chunks_same_bytes(random_checkpoint, tmp_path, monkeypatch):
+    """--type A,B with every tensor in row chunks (each encoding reads its own): each
+    output is the whole-tensor single run's."""
+    import quantkit.convert as conv
+    from quantkit.convert import ConvertOptions, convert_ladder
+
+    ckpt = random_checkpoint("llama-bf16-sharded")
+    singles = {t: _convert(ckpt, t, tmp_path / f"single-{t}.gguf") for t in ("Q8_0", "Q4_K_M")}
+    monkeypatch.setattr(conv, "CHUNK_BYTES", 1000)
+    convert_ladder(ConvertOptions(src=str(ckpt), type="Q8_0,Q4_K_M", out=tmp_path / "lad-{type}.gguf", quiet=True,
+                                  vocab_pre=VOCAB_PRE))
+    for t, f in singles.items():
+        assert filecmp.cmp(f, tmp_path / f"lad-{t}.gguf", shallow=False), t
