@@ -271,3 +271,31 @@ def test_mxfp4_checkpoint_preset_types_match_llama_quantize_dry_run(mxfp4_ckpt, 
                                       if ours.get(n) != got.get(n)})
         n_mx += sum(t == "MXFP4" for t in ours.values())
     assert n_mx > 0
+
+
+@pytest.mark.skipif(not FULL, reason="the imatrix bytes case: QUANTKIT_FULL_PARITY=1")
+def test_mxfp4_checkpoint_q4_k_m_with_imatrix_matches_llama_quantize(mxfp4_ckpt, reference_gguf, tmp_path):
+    """Requantized MXFP4 experts take their per-expert importance vectors as llama-quantize does."""
+    from llama_oracle import llama_quantize
+    from quantkit import mix
+    from quantkit.convert import ConvertOptions, convert, open_stream
+
+    ckpt = mxfp4_ckpt("gptoss-kq")
+    ref = reference_gguf(ckpt, "bf16", VOCAB_PRE)
+    source, stream = open_stream(str(ckpt), VOCAB_PRE)
+    try:
+        rng = np.random.default_rng(7)
+        im = {r.name: (rng.random(int(np.prod(r.shape[:-2] or (1,))) * r.shape[-1], dtype=np.float32) * 3 + 0.01)
+              for r in stream.tensors if len(r.shape) >= 2 and r.name.startswith("blk.")}
+    finally:
+        source.close()
+    assert any(n.endswith("_exps.weight") for n in im)
+    ftype = mix.resolve_preset("Q4_K_M").ftype
+    theirs, plain = tmp_path / "llama.gguf", tmp_path / "plain.gguf"
+    assert llama_quantize(ref, theirs, ftype, imatrix=im, allow_requantize=True) == 0
+    assert llama_quantize(ref, plain, ftype, allow_requantize=True) == 0
+    assert plain.read_bytes() != theirs.read_bytes()  # the imatrix changes llama.cpp's bytes
+    ours = tmp_path / "ours.gguf"
+    convert(ConvertOptions(src=str(ckpt), type="Q4_K_M", out=ours, vocab_pre=VOCAB_PRE, threads=2, quiet=True,
+                           mix=mix.MixOptions(imatrix=im, allow_requantize=True)))
+    assert filecmp.cmp(ours, theirs, shallow=False)
