@@ -299,3 +299,34 @@ def test_mxfp4_checkpoint_q4_k_m_with_imatrix_matches_llama_quantize(mxfp4_ckpt,
     convert(ConvertOptions(src=str(ckpt), type="Q4_K_M", out=ours, vocab_pre=VOCAB_PRE, threads=2, quiet=True,
                            mix=mix.MixOptions(imatrix=im, allow_requantize=True)))
     assert filecmp.cmp(ours, theirs, shallow=False)
+
+
+@pytest.mark.skipif(not FULL, reason="calibration on an MXFP4 file: QUANTKIT_FULL_PARITY=1")
+@pytest.mark.parametrize("src", ["gguf", "hf"])
+def test_calibrate_decodes_mxfp4_experts(src, mxfp4_ckpt, llama_tools, tmp_path):
+    """quantkit calibrate on the BF16 file with MXFP4 experts (or on the checkpoint itself, against the F32
+    file) == llama-imatrix on that file: every entry, per-expert counts equal, cosine >= 0.999."""
+    import subprocess
+
+    from quantkit.calib import read_imatrix
+    from quantkit.cli import main
+
+    ckpt = mxfp4_ckpt("gptoss-bf16")
+    gg = tmp_path / "m.gguf"
+    # the checkpoint's other tensors are F32: against the F32 file (routing near ties would differ from BF16's)
+    outtype = "BF16" if src == "gguf" else "F32"
+    assert main(["convert", str(ckpt), "--type", outtype, "-o", str(gg), "--vocab-pre", VOCAB_PRE]) == 0
+    text = tmp_path / "t.txt"
+    text.write_text("def f(x): return x * 2\nclass A: pass\n" * 40)
+    ref = tmp_path / "ref.imatrix.gguf"
+    subprocess.run([str(llama_tools / "llama-imatrix"), "-m", str(gg), "-f", str(text), "-c", "64", "--chunks", "2",
+                    "-o", str(ref), "-t", "2", "--no-ppl"], check=True, capture_output=True)
+    ours = tmp_path / "ours.imatrix.gguf"
+    args = [str(gg)] if src == "gguf" else [str(ckpt), "--vocab-pre", VOCAB_PRE]
+    assert main(["calibrate", *args, "--text", str(text), "-o", str(ours), "--ctx", "64", "--chunks", "2"]) == 0
+    a, b = read_imatrix(ours), read_imatrix(ref)
+    assert sorted(a.sums) == sorted(b.sums) and any("_exps" in n for n in b.sums)
+    for n in b.sums:
+        assert (np.asarray(a.counts[n]) == np.asarray(b.counts[n])).all(), n
+        x, y = np.ravel(a.sums[n]).astype(np.float64), np.ravel(b.sums[n]).astype(np.float64)
+        assert x @ y / np.linalg.norm(x) / np.linalg.norm(y) >= 0.999, n
