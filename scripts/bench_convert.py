@@ -5,6 +5,7 @@ same file, measured in the same run (the anchor), ratio printed.
     python scripts/bench_convert.py --types Q4_K_M,Q6_K --models smollm2 --threads 2 --reference
     python scripts/bench_convert.py --types f32,bf16,q8_0 --models kquant   # float: vs convert_hf_to_gguf.py
     python scripts/bench_convert.py --ladder --types Q4_K_M,Q5_K_M,Q6_K,Q8_0 --models smollm2 [--calib-text F]
+    python scripts/bench_convert.py --families [--params 60e6] [--only Llama,gpt-oss] --json docs/families-bench.json --doc docs/families.md
     python scripts/bench_convert.py --bounded [65536x8192x64] --roots before=/tmp/old-checkout,now=.
 
 Bounded memory (--bounded): a checkpoint whose BF16 embedding is ROWS x HIDDEN
@@ -13,6 +14,15 @@ GGUF by each quantkit tree of --roots, beside llama-quantize on the same F32
 GGUF (its peak RSS counts the input's mapped pages); "same" says the GGUF
 route's bytes equal llama-quantize's, the HF route's the first tree's. CPU
 seconds per child beside wall time.
+
+Families (--families): per family quantkit converts, a random checkpoint of about
+--params parameters (its -kq spec of fixtures/random_checkpoints.py scaled to
+768 wide, BF16; built once in the fixtures cache), HF -> Q4_K_M by quantkit
+beside llama.cpp's route (convert_hf_to_gguf.py --outtype bf16, then
+llama-quantize), Llama first and again last (its spread is the noise). CPU
+seconds (getrusage(RUSAGE_CHILDREN) deltas) beside wall time; the ratios are of
+CPU seconds. --doc writes the table below docs/families.md's generated one
+(scripts/family_table.py adds it from the saved --json too).
 
 Ladder (--ladder): `quantkit convert HF_DIR --type A,B,C` (one read, one
 importance matrix with --calib-text) beside one `quantkit convert --type X`
@@ -208,6 +218,197 @@ def bench_bounded(shape: str, roots: list[tuple[str, Path]], types: list[str], t
     return out
 
 
+# ------------------------------------------------------------------ --families
+# One random checkpoint per family quantkit converts, about the same parameter count (widths multiples
+# of 256 so the K-quants apply), built from fixtures/random_checkpoints.py's specs (each family's "-kq"
+# spec, its config extras kept, scaled up) and cached in the fixtures cache. (family, its -kq spec, or
+# the arch of a base spec built here where the family has none)
+FAMILIES = (
+    ("Llama", None, "llama"), ("Mistral", None, "mistral"), ("Qwen2", None, "qwen2"), ("Qwen3", None, "qwen3"),
+    ("Gemma 2", "gemma2-kq", None), ("Gemma 3", "gemma3-kq", None), ("Phi-3", "phi3-kq", None),
+    ("Phi-4", "phi4-kq", None), ("SmolLM3", "smollm3-kq", None), ("Granite", "granite-kq", None),
+    ("OLMo 2", "olmo2-kq", None), ("EXAONE 4", "exaone4-kq", None), ("GLM-4", "glm4-kq", None),
+    ("Mixtral", "mixtral-kq", None), ("Qwen2-MoE", "qwen2moe-kq", None), ("Qwen3-MoE", "qwen3moe-kq", None),
+    ("gpt-oss", "gptoss-kq", None),
+)
+FAMILY_SECTION = "## Conversion speed per family"
+
+
+def family_spec(base: str | None, arch: str | None, target: float, hidden: int = 768, ffn: int = 2048):
+    """The family's spec at ``hidden`` wide, ``ffn`` of feed-forward per layer (split over the experts for
+    MoE: 8 experts of ffn/8, Qwen2-MoE 4 of ffn/8 + a shared ffn/2), head_dim 64, BF16, as many layers as
+    bring it closest to ``target`` parameters."""
+    import dataclasses
+
+    from fixtures import random_checkpoints as rc
+
+    sp = rc.SPECS[base] if base else rc.Spec(arch=arch, hidden=256, intermediate=512, n_layers=8, n_head=4,
+                                             n_kv_head=2, head_dim=64, tied=True, dtype="F32")
+    n_head = hidden // 64
+    extra = dict(sp.extra)
+    inter = ffn
+    if "num_experts" in extra or "num_local_experts" in extra:
+        n_exp = 4 if "shared_expert_intermediate_size" in extra else 8
+        extra["num_experts" if "num_experts" in extra else "num_local_experts"] = n_exp
+        if "moe_intermediate_size" in extra:
+            extra["moe_intermediate_size"] = ffn // 8
+        else:
+            inter = ffn // 8
+        if "shared_expert_intermediate_size" in extra:
+            extra["shared_expert_intermediate_size"] = ffn // 2
+    sp = dataclasses.replace(sp, hidden=hidden, intermediate=inter, head_dim=64, n_head=n_head,
+                             n_kv_head=n_head if sp.n_kv_head == sp.n_head else n_head // 4, dtype="BF16",
+                             shards=1, layout="safetensors", seed=sp.seed + 100, extra=tuple(extra.items()),
+                             on_demand=True)
+    one, two = (rc.n_params(dataclasses.replace(sp, n_layers=n)) for n in (1, 2))
+    return dataclasses.replace(sp, n_layers=max(1, round((target - one) / (two - one)) + 1))
+
+
+def cached_spec(name: str, sp) -> Path:
+    """``sp`` built once under $QUANTKIT_FIXTURES/random (as rc.cached does for a named spec)."""
+    import shutil
+
+    from fixtures import random_checkpoints as rc
+    from fixtures.common import cache_dir
+
+    final = cache_dir("random") / f"{name}-v{rc.CONTENT_VERSION}-{rc.content_key(sp)}"
+    if not (final / ".complete").exists():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+        try:
+            rc.build(sp, tmp)
+            (tmp / ".complete").write_text(rc.content_key(sp) + "\n")
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def cpu_run(cmd: list[str], **kw) -> tuple[float, float]:
+    """(wall s, CPU s): CPU = user + system of the child processes, getrusage(RUSAGE_CHILDREN) delta."""
+    import resource
+
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall, _ = run(cmd, **kw)
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+
+
+def bench_family(family: str, base: str | None, arch: str | None, target: float, threads: int, d: Path,
+                 repeat: int = 1) -> dict:
+    """HF -> Q4_K_M: `quantkit convert` (``repeat`` times: the least CPU) beside convert_hf_to_gguf.py (BF16)
+    + llama-quantize Q4_K_M."""
+    from fixtures import random_checkpoints as rc
+    from fixtures.build_llama_tools import tools_bin
+
+    sp = family_spec(base, arch, target)
+    ckpt = cached_spec(f"bench-{(base or arch).removesuffix('-kq')}", sp)
+    ours, ref_bf16, ref_q = d / "ours.gguf", d / "ref-bf16.gguf", d / "ref-q4km.gguf"
+    runs = [cpu_run(quantkit_cmd(ckpt, "Q4_K_M", ours, rc.VOCAB_PRE, threads), cwd=d) for _ in range(repeat)]
+    qw, qc = min(runs, key=lambda r: r[1])
+    cmd, cwd, env = reference_bf16(ckpt, ref_bf16, rc.VOCAB_PRE)
+    cw, cc = cpu_run(cmd, cwd=cwd, env=env)
+    lw, lc = cpu_run([str(tools_bin() / "llama-quantize"), str(ref_bf16), str(ref_q), "Q4_K_M", str(threads)], cwd=d)
+    same = ours.read_bytes() == ref_q.read_bytes()
+    for f in (ours, ref_bf16, ref_q):
+        f.unlink(missing_ok=True)
+    return dict(family=family, checkpoint=ckpt.name, params=rc.n_params(sp), layers=sp.n_layers,
+                quantkit_wall=qw, quantkit_cpu=qc, convert_wall=cw, convert_cpu=cc, quantize_wall=lw,
+                quantize_cpu=lc, same=same, load=os.getloadavg(), quantkit_cpu_runs=[c for _, c in runs])
+
+
+def families_markdown(data: dict, check: bool = False) -> str:
+    """The --families table (a saved --json) as the section docs/families.md ends with (``check``: as a
+    subsection, a re-run of some families)."""
+    rows = data["rows"]
+    llama = [r for r in rows if r["family"] == "Llama"]
+    base = sum(r["quantkit_cpu"] / r["params"] for r in llama) / len(llama)
+    noise = (max(r["quantkit_cpu"] / r["params"] for r in llama) / min(r["quantkit_cpu"] / r["params"] for r in llama)
+             - 1) * 100 if len(llama) > 1 else None
+    opts = (f" --only '{data['only']}'" if data.get("only") else "") + (
+        f" --repeat {data['repeat']}" if data.get("repeat", 1) > 1 else "") + (
+        f" --params {data['target']:.0f}" if data["target"] != 60e6 else "")
+    head = ("### Check run" if check else FAMILY_SECTION)
+    least = (f" quantkit's columns: the least CPU of {data['repeat']} runs (each run's CPU s in the JSON)."
+             if data.get("repeat", 1) > 1 else "")
+    lines = [head, "",
+             f"`python scripts/bench_convert.py --families{opts} --threads {data['threads']}` ({data['date']}, "
+             f"{data['cpus']} cores shared with other jobs: load average {data['load_start'][0]:.1f} at the start, "
+             f"{data['load_end'][0]:.1f} at the end). HF checkpoint (random, BF16, vocabulary 512, widths multiples "
+             "of 256) -> Q4_K_M, every step its own process. CPU = user + system seconds of the child processes "
+             "(getrusage(RUSAGE_CHILDREN) deltas); ratios are of CPU seconds, wall time beside them is inflated "
+             "by the load. llama.cpp's route: the vendored `convert_hf_to_gguf.py --outtype bf16` (reference "
+             "venv, torch), then `llama-quantize ... Q4_K_M`. \"same\": quantkit's file is byte-identical with "
+             "that route's." + (f" Llama ran first and last: its CPU per parameter differed by {noise:.1f}% "
+                                "between the two runs (noise)." if noise is not None else "") + least, "",
+             "| Family | params | layers | quantkit wall s | quantkit CPU s | CPU ns/param | vs Llama (CPU/param) "
+             "| llama.cpp route wall s | route CPU s (convert + quantize) | route CPU / quantkit CPU | same | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        per = r["quantkit_cpu"] / r["params"]
+        route = r["convert_cpu"] + r["quantize_cpu"]
+        lines.append(f"| {r['family']} | {r['params'] / 1e6:.1f}M | {r['layers']} | {r['quantkit_wall']:.1f} | "
+                     f"{r['quantkit_cpu']:.1f} | {per * 1e9:.0f} | {per / base:.2f}x | "
+                     f"{r['convert_wall'] + r['quantize_wall']:.1f} | {route:.1f} ({r['convert_cpu']:.1f} + "
+                     f"{r['quantize_cpu']:.1f}) | {route / r['quantkit_cpu']:.2f}x | "
+                     f"{'yes' if r['same'] else 'NO'} | {r['load'][0]:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+# the saved runs docs/families.md shows: the full one, then a check run (some families again, --repeat)
+FAMILY_JSONS = (ROOT / "docs" / "families-bench.json", ROOT / "docs" / "families-bench-check.json")
+
+
+def family_sections() -> str:
+    import json
+
+    parts = [families_markdown(json.loads(p.read_text()), check=i > 0)
+             for i, p in enumerate(FAMILY_JSONS) if p.exists()]
+    return "\n".join(parts)
+
+
+def write_family_section(md: str, doc: Path) -> None:
+    """Replace (or append) the section in ``doc`` (docs/families.md), below the generated table."""
+    text = doc.read_text() if doc.exists() else ""
+    head = text.split(FAMILY_SECTION)[0].rstrip("\n")
+    doc.write_text(head + "\n\n" + md)
+
+
+def bench_families(a) -> None:
+    import datetime
+    import json
+
+    if a.render:  # the doc's section again from the saved runs, nothing run
+        write_family_section(family_sections(), a.doc or ROOT / "docs" / "families.md")
+        return
+    # Llama (the per-parameter baseline) first and again last: the spread of its two runs is the noise
+    fams = [FAMILIES[0]] + [f for f in FAMILIES[1:] if not a.only or f[0] in a.only.split(",")] + [FAMILIES[0]]
+    data = dict(threads=a.threads, target=a.params, repeat=a.repeat, only=a.only, cpus=os.cpu_count(), load_start=os.getloadavg(),
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), rows=[])
+    print(f"load average {' '.join(f'{x:.1f}' for x in data['load_start'])}; warming up (numba cache, page cache)",
+          flush=True)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("QUANTKIT_BENCH_TMP")) as d:
+        from fixtures import random_checkpoints as rc
+
+        run(quantkit_cmd(rc.cached("kquant"), "Q4_K_M", Path(d) / "w.gguf", rc.VOCAB_PRE, a.threads), cwd=d)
+        print(f"{'family':10s} {'params':>7s} {'qk wall':>8s} {'qk cpu':>7s} {'ns/par':>7s} {'ref wall':>8s} "
+              f"{'ref cpu':>8s} {'same':>5s} load", flush=True)
+        for fam, base, arch in fams:
+            r = bench_family(fam, base, arch, a.params, a.threads, Path(d), a.repeat)
+            data["rows"].append(r)
+            print(f"{fam:10s} {r['params'] / 1e6:6.1f}M {r['quantkit_wall']:8.1f} {r['quantkit_cpu']:7.1f} "
+                  f"{r['quantkit_cpu'] / r['params'] * 1e9:7.0f} {r['convert_wall'] + r['quantize_wall']:8.1f} "
+                  f"{r['convert_cpu'] + r['quantize_cpu']:8.1f} {'yes' if r['same'] else 'NO':>5s} "
+                  f"{r['load'][0]:.1f}", flush=True)
+            if a.json:
+                a.json.write_text(json.dumps(data, indent=1) + "\n")
+    data["load_end"] = os.getloadavg()
+    if a.json:
+        a.json.write_text(json.dumps(data, indent=1) + "\n")
+    print(families_markdown(data))
+    if a.doc:
+        write_family_section(family_sections() if a.json and a.json.resolve() in FAMILY_JSONS else families_markdown(data), a.doc)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--types", default="Q4_K_M")
@@ -223,7 +424,19 @@ def main() -> None:
                          "beside llama-quantize on the F32 GGUF")
     ap.add_argument("--roots", default=None,
                     help="with --bounded: label=DIR,... quantkit trees to run (default: now=this checkout)")
+    ap.add_argument("--families", action="store_true",
+                    help="HF -> Q4_K_M per family (one random checkpoint each) vs Llama and llama.cpp's route")
+    ap.add_argument("--params", type=float, default=60e6, help="with --families: parameters per checkpoint")
+    ap.add_argument("--only", default="", help="with --families: comma-separated family names (and Llama)")
+    ap.add_argument("--render", action="store_true", help="with --families: only rewrite --doc's section "
+                    "from the saved runs (docs/families-bench.json, docs/families-bench-check.json)")
+    ap.add_argument("--repeat", type=int, default=1, help="with --families: quantkit runs per family (least CPU)")
+    ap.add_argument("--json", type=Path, default=None, help="with --families: save the results here")
+    ap.add_argument("--doc", type=Path, default=None, help="with --families: write the table into this file "
+                    "(docs/families.md: below the generated table)")
     a = ap.parse_args()
+    if a.families:
+        return bench_families(a)
     if a.bounded:
         roots = [(r.split("=", 1)[0], Path(r.split("=", 1)[1]).resolve()) for r in a.roots.split(",")] if a.roots \
             else [("now", ROOT)]

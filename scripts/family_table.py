@@ -9,6 +9,8 @@ per family, its HF architectures, GGUF arch, which checkpoints converted
 byte-identically at which types (numpy-built / transformers-built), whether
 quantkit's forward pass computes it (calibrate, perplexity) and whether export
 takes it. Cells say only what the run showed; cases not run say "not run".
+Below it, the conversion speed per family from docs/families-bench.json (and a check
+run, docs/families-bench-check.json), saved by `python scripts/bench_convert.py --families --json ...`.
 """
 from __future__ import annotations
 
@@ -92,6 +94,11 @@ fixtures/random_checkpoints.py; transformers-built: fixtures/hf_checkpoints.py
 
 {table(results)}
 """
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_convert import family_sections  # the speed section, from the saved --families runs
+
+    sections = family_sections()
+    body += "\n" + sections if sections else ""
     (ROOT / "docs" / "families.md").write_text(body)
     print(body)
 
