@@ -173,10 +173,19 @@ def _mxfp4_ref(name: str, blocks: TensorRef, scales: TensorRef, rows: slice | No
     def load() -> np.ndarray:
         return quant.dequantize(experts(0, n).reshape(-1), "MXFP4", shape)
 
+    step, first = (rows.step or 1, rows.start or 0) if rows is not None else (1, 0)
+
+    def rows_of(e: int, j0: int, j1: int) -> np.ndarray:
+        """ggml bytes of rows j0:j1 of expert e: only their source rows are read."""
+        a0, a1 = first + j0 * step, first + (j1 - 1) * step + 1      # source rows a0:a1, every step-th
+        b = np.asarray(b_rows((e * r_in + a0) * nb, (e * r_in + a1) * nb)).astype(np.uint8).reshape(-1, nb, 16)
+        s = np.asarray(s_rows(e * r_in + a0, e * r_in + a1)).astype(np.uint8).reshape(-1, nb)
+        return repack_mxfp4(b[::step], s[::step])
+
     def load_rows(r0: int, r1: int) -> np.ndarray:
-        e0, e1 = r0 // r, -(-r1 // r)
-        x = quant.dequantize(experts(e0, e1).reshape(-1), "MXFP4", (e1 - e0, r, nb * 32)).reshape(-1, nb * 32)
-        return x[r0 - e0 * r:r1 - e0 * r]
+        parts = [rows_of(e, max(r0 - e * r, 0), min(r1 - e * r, r)) for e in range(r0 // r, -(-r1 // r))]
+        raw_rows = np.concatenate(parts).reshape(-1)
+        return quant.dequantize(raw_rows, "MXFP4", (r1 - r0, nb * 32))
 
     load.raw = raw  # type: ignore[attr-defined]
     if per_expert:
