@@ -181,6 +181,14 @@ def bench_ladder(model: str, types: list[str], threads: int, calib: Path | None,
     return rows
 
 
+def _digest(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while b := f.read(1 << 20):
+            h.update(b)
+    return h.hexdigest()
+
+
 def bench_bounded(shape: str, roots: list[tuple[str, Path]], types: list[str], threads: int, d: Path) -> list[tuple]:
     """Peak RSS with one big tensor: HF -> T and F32 GGUF -> T for each quantkit
     tree in ``roots`` (label=path, e.g. a checkout of the commit before a change),
@@ -208,11 +216,11 @@ def bench_bounded(shape: str, roots: list[tuple[str, Path]], types: list[str], t
         for label, root in roots:
             o = d / f"{label}-{t}.gguf"
             s, m = run(quantkit_cmd(ckpt, t, o, pre, threads), cwd=d, env=env_of(root), cpu=cpu)
-            digest = hashlib.sha256(o.read_bytes()).hexdigest()
+            digest = _digest(o)  # streamed: a child's ru_maxrss counts the parent's pages it was forked with
             first_hf = first_hf or digest  # HF route: "same" = the first tree's bytes
             out.append((model, t, f"{label}: HF", s, m, None if label == roots[0][0] else digest == first_hf, cpu[-1]))
             s, m = run(quantkit_cmd(f32, t, o, None, threads), cwd=d, env=env_of(root), cpu=cpu)
-            out.append((model, t, f"{label}: F32 GGUF", s, m, o.read_bytes() == ref.read_bytes(), cpu[-1]))
+            out.append((model, t, f"{label}: F32 GGUF", s, m, _digest(o) == _digest(ref), cpu[-1]))
             o.unlink()
         ref.unlink()
     return out
