@@ -31,16 +31,20 @@ ROOT = Path(__file__).resolve().parent.parent
 BIG_ROWS, HIDDEN, HEADS = 16384, 4096, 32
 BIG_F32 = BIG_ROWS * HIDDEN * 4  # 256 MiB
 
+# VmHWM, the peak RSS of the process's own memory map (ru_maxrss would also count
+# the parent's pages the child was forked with)
 _CHILD = r"""
-import json, resource, sys
+import json, sys
 from pathlib import Path
 from quantkit.convert import ConvertOptions, convert
+def hwm():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 small, big, out, pre, t = sys.argv[1:6]
 kw = dict(type=t, force=True, quiet=True, threads=2, vocab_pre=pre or None)
 convert(ConvertOptions(src=small, out=Path(out), **kw))
-warm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+warm = hwm()
 convert(ConvertOptions(src=big, out=Path(out), **kw))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = hwm()
 print(json.dumps({"warm_kib": warm, "peak_kib": peak}))
 """
 
