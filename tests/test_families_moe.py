@@ -1,7 +1,8 @@
 """Mixture-of-experts families (issue 10): Mixtral (GGUF ``llama`` with experts),
 Qwen2-MoE (``qwen2moe``: shared expert + its sigmoid gate), Qwen3-MoE (``qwen3moe``),
 gpt-oss (``gpt-oss``: float experts fused as transformers stores them, attention
-sinks, biases; its MXFP4-block checkpoints are refused, exit 4).
+sinks, biases; its MXFP4-block checkpoints: tests/test_gpt_oss_mxfp4.py). The forward
+pass over experts (calibrate, perplexity) is checked in tests/test_forward_families.py.
 
 Conversion parity with llama.cpp's converter (BF16/F16/F32, numpy-built,
 transformers-built and sharded checkpoints) runs in tests/test_families.py
@@ -256,20 +257,6 @@ def test_gpt_oss_mxfp4_checkpoint_is_refused(random_checkpoint, tmp_path, capsys
     (d / "config.json").write_text(json.dumps(cfg))
     rc, line = _convert_error(d, tmp_path, capsys)
     assert rc == 4 and "mxfp4" in line, line  # README: exit 4, unsupported
-
-
-def test_forward_pass_refuses_moe_files(random_checkpoint, tmp_path, capsys):
-    """calibrate/perplexity do not compute experts yet: one line, exit 4, for each MoE arch."""
-    text = tmp_path / "t.txt"
-    text.write_text("hello world " * 40)
-    for name in ("mixtral-bf16", "qwen2moe-bf16", "qwen3moe-bf16", "gptoss-bf16"):
-        out = tmp_path / f"{name}.gguf"
-        convert(ConvertOptions(src=str(random_checkpoint(name)), type="F16", out=out, vocab_pre=VOCAB_PRE, quiet=True))
-        capsys.readouterr()
-        rc = main(["perplexity", str(out), "--text", str(text), "--ctx", "16", "--chunks", "1"])
-        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-        assert rc == 4 and len(err) == 1 and err[0].startswith("error: ") and "forward pass" in err[0], (name, err)
-        assert ("expert_count" in err[0]) if name.startswith("mixtral") else ("not supported" in err[0]), err
 
 
 # ------------------------------------------------------------------ per-arch quantize facts live in arch/
