@@ -155,12 +155,44 @@ def _quantize(x: np.ndarray, t, imatrix: np.ndarray | None, name: str | None) ->
     return qt.quantize_rows(x2, imatrix)
 
 
-def dequantize(data: np.ndarray, t, shape: tuple[int, ...]) -> np.ndarray:
-    qt = get_type(t)
+# Stored types with no kernel class here that are plain numpy dtypes (llama.cpp's converter can write them).
+_PLAIN = {
+    GGMLQuantizationType.F64: "<f8", GGMLQuantizationType.I8: "i1", GGMLQuantizationType.I16: "<i2",
+    GGMLQuantizationType.I32: "<i4", GGMLQuantizationType.I64: "<i8",
+}
+
+
+def dequantize(data: np.ndarray, t, shape: tuple[int, ...], where: str = "tensor") -> np.ndarray:
+    """Encoded bytes (uint8, any shape) of a tensor of numpy ``shape`` -> float32 ``shape``.
+
+    The one decoder of the package: a registered type (F32/F16/BF16 and every
+    quantized type) by its kernel class; plain numpy dtypes (F64, I8..I64) by
+    numpy; any other GGML type by gguf-py's decoder (gguf.quants), the only
+    fallback to it; a type neither knows raises UnsupportedError naming ``where``."""
     n_per_row = int(shape[-1]) if len(shape) else 1
     rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-    data = np.ascontiguousarray(data, dtype=np.uint8).reshape(rows, qt.row_bytes(n_per_row))
-    return qt.dequantize_rows(data, n_per_row).reshape(shape)
+    qtype = t.qtype if isinstance(t, type) and issubclass(t, QuantType) else t
+    if isinstance(qtype, str):
+        try:
+            qtype = GGMLQuantizationType[qtype.upper()]
+        except KeyError:
+            raise UnsupportedError(f"{where}: unknown tensor type {qtype!r}") from None
+    qtype = GGMLQuantizationType(qtype)
+    reg = _load()
+    if qtype in reg:
+        qt = reg[qtype]
+        data = np.ascontiguousarray(data, dtype=np.uint8).reshape(rows, qt.row_bytes(n_per_row))
+        return qt.dequantize_rows(data, n_per_row).reshape(shape)
+    data = np.ascontiguousarray(data, dtype=np.uint8)
+    if qtype in _PLAIN:
+        return np.frombuffer(data, dtype=_PLAIN[qtype]).astype(np.float32).reshape(shape)
+    from gguf import quants as gq
+
+    try:
+        out = gq.dequantize(data.reshape(rows, -1), qtype)
+    except (NotImplementedError, KeyError, ValueError):
+        raise UnsupportedError(f"{where}: cannot decode type {qtype.name}") from None
+    return np.ascontiguousarray(out, dtype=np.float32).reshape(shape)
 
 
 __all__ = ["REGISTRY", "TYPES", "QuantType", "TypeRecord", "get_type", "quantize", "dequantize", "set_threads",

@@ -24,20 +24,12 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 
-from ..errors import InputError, UnsupportedError
+from ..errors import InputError
 from .base import Source, TensorRef
 from .gguf_header import GGUF_MAGIC, SPLIT_KEYS, GGUFHeader, TensorInfo, read_header
 
 if TYPE_CHECKING:
     from ..model import ModelStream
-
-# types whose payload is a plain numpy array
-_PLAIN = {
-    GGMLQuantizationType.F32: "<f4", GGMLQuantizationType.F16: "<f2", GGMLQuantizationType.F64: "<f8",
-    GGMLQuantizationType.I8: "i1", GGMLQuantizationType.I16: "<i2", GGMLQuantizationType.I32: "<i4",
-    GGMLQuantizationType.I64: "<i8",
-}
-
 
 GGUFTensorInfo = TensorInfo  # the name this module has always exported
 
@@ -58,27 +50,10 @@ def open_gguf_reader(path: str | os.PathLike) -> GGUFReader:
 
 
 def dequantize(data: np.ndarray, qt: GGMLQuantizationType, shape: tuple[int, ...], where: str = "tensor") -> np.ndarray:
-    """Encoded bytes (uint8) of a tensor of numpy ``shape`` -> float32."""
-    if qt in _PLAIN:
-        return np.frombuffer(data, dtype=_PLAIN[qt]).astype(np.float32).reshape(shape)
-    if qt == GGMLQuantizationType.BF16:
-        u = np.frombuffer(data, dtype="<u2").astype(np.uint32)
-        u <<= np.uint32(16)
-        return u.view(np.float32).reshape(shape)
+    """Encoded bytes (uint8) of a tensor of numpy ``shape`` -> float32 (quantkit.quant.dequantize)."""
     from .. import quant
 
-    if qt in quant.REGISTRY:
-        try:
-            return quant.dequantize(data, qt, shape)
-        except NotImplementedError:
-            pass
-    from gguf import quants as gq
-
-    rows = data.reshape(-1, quant.row_bytes(qt, shape[-1])) if shape else data.reshape(1, -1)
-    try:
-        return np.asarray(gq.dequantize(rows, qt), dtype=np.float32).reshape(shape)
-    except NotImplementedError:
-        raise UnsupportedError(f"{where}: cannot decode type {qt.name}") from None
+    return quant.dequantize(data, qt, shape, where)
 
 
 class GGUFSource(Source):
