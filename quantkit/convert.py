@@ -5,9 +5,9 @@ CONTRACT (shared by the CLI and every stage's owner):
     result = convert(ConvertOptions(src="./model", type="Q8_0"))
 
 Stages, each in its own module:
-  1. quantkit.sources.open_source(src)            -> Source (lazy tensors)
-  2. quantkit.arch.to_stream(source, vocab_pre)   -> ModelStream (GGUF names/metadata)
-     (a GGUF source becomes a ModelStream directly)
+  1-2. quantkit.sources.open_model(src, vocab_pre) -> ModelStream (GGUF names/metadata;
+     its Source, lazy tensors, as stream.source): open_source, then arch.to_stream
+     for an HF checkpoint (a GGUF source becomes a ModelStream directly)
   3. quantkit.passes.*  (layer replication)       -> ModelStream
   4. quantkit.mix.make_plan(stream, type, mix)    -> Plan (per-tensor types)
   5. quantize each tensor (quantkit.quant) and stream it to quantkit.writer
@@ -86,23 +86,16 @@ class ConvertResult:
 
 
 def open_stream(src: str, vocab_pre: str | None = None):
-    """``src`` (HF dir, GGUF file, hub id) -> (Source, ModelStream)."""
-    from .sources import open_source
+    """``src`` (HF dir, GGUF file, hub id) -> (Source, ModelStream), opened by
+    quantkit.sources.open_model; ``vocab_pre`` with a GGUF input is an error here
+    (convert keeps a GGUF file's vocabulary)."""
+    from .sources import open_model
 
-    source = open_source(src)
-    try:
-        if getattr(source, "kind", "") == "gguf":
-            if vocab_pre:
-                raise UnsupportedError("--vocab-pre applies to Hugging Face checkpoints, not GGUF input")
-            stream = source.to_stream()
-        else:
-            from .arch import to_stream
-
-            stream = to_stream(source, vocab_pre)
-    except BaseException:
-        source.close()
-        raise
-    return source, stream
+    stream = open_model(src, vocab_pre)
+    if vocab_pre and getattr(stream.source, "kind", "") == "gguf":
+        stream.close()
+        raise UnsupportedError("--vocab-pre applies to Hugging Face checkpoints, not GGUF input")
+    return stream.source, stream
 
 
 def default_out(stream, preset: str) -> Path:

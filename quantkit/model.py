@@ -35,6 +35,19 @@ class ModelStream:
     # Set by the layer-replication pass (quantkit.passes.replicate): new block
     # index -> source block index. Empty when blocks are not remapped.
     layer_origin: dict[int, int] = field(default_factory=dict)
+    # The Source the tensors are read from (quantkit.sources.open_model sets it): its
+    # mmaps/files are released by close() (or leaving a ``with`` block).
+    source: Any = field(default=None, repr=False, compare=False)
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
+
+    def __enter__(self) -> "ModelStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def get(self, key: str, default: Any = None) -> Any:
         kv = self.metadata.get(key)

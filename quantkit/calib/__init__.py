@@ -1,7 +1,7 @@
 """Calibration: a numpy forward pass, importance matrices (llama.cpp's files),
 perplexity and KL divergence.
 
-    from quantkit.calib import calibrate, open_stream
+    from quantkit.calib import calibrate, open_stream   # open_stream: quantkit.sources.open_model
     im = calibrate("model-dir-or.gguf", text, ctx=512)      # -> imatrix.IMatrix
     imatrix.write_imatrix("out.imatrix.gguf", im)
 """
@@ -16,53 +16,13 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError, UsageError
-from ..model import KV, ModelStream
+from ..model import ModelStream
+from ..sources import open_model
 from .imatrix import IMatrix, load_imatrix, read_imatrix, write_imatrix  # noqa: F401
 
 
-def open_stream(src: str | os.PathLike | ModelStream, vocab_pre: str | None = None) -> ModelStream:
-    """A ModelStream (GGUF names, llama Q/K permutation applied) for an HF
-    checkpoint directory or a GGUF file."""
-    if isinstance(src, ModelStream):
-        return src
-    path = Path(src)
-    try:
-        from ..sources import open_source
-        from ..arch import to_stream
-    except ImportError:  # loaders not available: a plain GGUF reader
-        if path.suffix == ".gguf" and path.is_file():
-            return _gguf_stream(path)
-        raise InputError(f"{path}: cannot open as a model (loaders not available)") from None
-    source = open_source(str(path))
-    if getattr(source, "kind", "") == "gguf" or hasattr(source, "to_stream"):
-        return source.to_stream()
-    return to_stream(source, vocab_pre)
-
-
-def _gguf_stream(path: Path) -> ModelStream:
-    """Fallback GGUF reader (gguf-py) used before quantkit.sources lands."""
-    from gguf import GGUFReader, GGUFValueType
-    from gguf.quants import dequantize
-
-    from ..sources.base import TensorRef
-
-    r = GGUFReader(path)
-    md: dict[str, KV] = {}
-    for k, f in r.fields.items():
-        if k.startswith("GGUF."):
-            continue
-        vt = f.types[0] if f.types else GGUFValueType.STRING
-        md[k] = KV(f.contents(), vt, f.types[-1] if vt == GGUFValueType.ARRAY else None)
-    tensors = []
-    for t in r.tensors:
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-
-        def load(t=t, shape=shape):
-            return np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
-
-        tensors.append(TensorRef(t.name, shape, t.tensor_type.name, load))
-    arch = str(md["general.architecture"].value)
-    return ModelStream(arch=arch, name=str(md.get("general.name", KV(path.stem, None)).value), metadata=md, tensors=tensors)
+# The one way to open a model (quantkit.sources.open_model), under the name calib's callers use.
+open_stream = open_model
 
 
 @dataclass

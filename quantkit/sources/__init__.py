@@ -5,6 +5,10 @@
         for t in src.tensors():                     # lazy TensorRefs
             x = t.load()                            # float32, one at a time
 
+    from quantkit.sources import open_model
+    with open_model("./SmolLM2-135M") as stream:    # the one way to open a model:
+        ...                                         # ModelStream (GGUF names), closes its source
+
 Submodules are imported on use (quantkit.model imports sources.base, and
 sources.gguf builds ModelStreams).
 """
@@ -18,6 +22,7 @@ from ..errors import InputError
 from .base import Source, TensorRef
 
 if TYPE_CHECKING:
+    from ..model import ModelStream
     from .gguf import GGUFSource
     from .hf import HFDirSource
 
@@ -52,6 +57,34 @@ def open_source(src: "str | os.PathLike", *, offline: bool | None = None) -> Sou
     raise InputError(f"{s}: no such file or directory")
 
 
+def open_model(src: "str | os.PathLike | ModelStream", vocab_pre: str | None = None) -> "ModelStream":
+    """The one way to open a model (convert, calibrate, perplexity, search): an HF
+    directory, a GGUF file (or split set) or a hub id -> ModelStream with GGUF
+    names and metadata (HF checkpoints through quantkit.arch.to_stream, llama Q/K
+    permutation applied; a GGUF file as stored). ``stream.source`` is the Source;
+    ``stream.close()`` / ``with open_model(...) as stream`` releases its maps and
+    files. ``vocab_pre`` overrides the detected BPE pre-tokenizer of an HF
+    checkpoint; a GGUF file's vocabulary is kept as stored. A ModelStream is
+    returned as given."""
+    from ..model import ModelStream
+
+    if isinstance(src, ModelStream):
+        return src
+    source = open_source(src)
+    try:
+        if getattr(source, "kind", "") == "gguf":
+            stream = source.to_stream()
+        else:
+            from ..arch import to_stream
+
+            stream = to_stream(source, vocab_pre)
+    except BaseException:
+        source.close()
+        raise
+    stream.source = source
+    return stream
+
+
 def __getattr__(name: str):
     if name == "HFDirSource":
         from .hf import HFDirSource
@@ -64,4 +97,4 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["open_source", "Source", "TensorRef", "HFDirSource", "GGUFSource"]
+__all__ = ["open_model", "open_source", "Source", "TensorRef", "HFDirSource", "GGUFSource"]
