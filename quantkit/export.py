@@ -117,33 +117,9 @@ DTYPES: dict[str, tuple[str, str, str]] = {
     "f32": ("F32", "<f4", "float32"),
 }
 
-# tokenizer.ggml.pre -> the HF pre-tokenizer that model family ships (as data):
-#   digits: Digits(individual_digits=True) first; split: a Split(regex, "isolated")
-#   before a regex-free ByteLevel (else ByteLevel's own GPT-2 regex);
-#   ignore_merges / nfc: BPE option and NFC normalizer of that family.
-_LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
-    "smollm": {"digits": True, "split": None, "ignore_merges": False, "nfc": False},
-    "gpt-2": {"digits": False, "split": None, "ignore_merges": False, "nfc": False},
-    "llama-bpe": {"digits": False, "split": _LLAMA3_RE, "ignore_merges": True, "nfc": False},
-    "qwen2": {"digits": False, "split": _QWEN2_RE, "ignore_merges": False, "nfc": True},
-}
-
-
-def _pre_tokenizer(spec: dict[str, Any]):
-    from tokenizers import Regex
-    from tokenizers import pre_tokenizers as pt
-
-    parts = []
-    if spec["digits"]:
-        parts.append(pt.Digits(individual_digits=True))
-    if spec["split"]:
-        parts.append(pt.Split(Regex(spec["split"]), behavior="isolated", invert=False))
-    parts.append(pt.ByteLevel(add_prefix_space=False, trim_offsets=not spec["split"], use_regex=not spec["split"]))
-    return parts[0] if len(parts) == 1 else pt.Sequence(parts)
+# tokenizer.ggml.pre -> the HF pre-tokenizer that model family ships: the table and the
+# GGUF-vocabulary -> tokenizers.Tokenizer builder are calibration's (quantkit.calib.tokenize).
+from .calib.tokenize import PRE_TOKENIZERS, bpe_tokenizer  # noqa: E402
 
 
 @dataclass
@@ -196,19 +172,9 @@ def dequantize_tensor(hdr: GGUFHeader, t: TensorInfo, rows: tuple[int, int] | No
     r0, r1 = rows if rows is not None else (0, n_rows)
     raw = np.asarray(hdr.tensor_data(t))[r0 * row_bytes:r1 * row_bytes].reshape(r1 - r0, row_bytes)
     shape = t.shape if rows is None else (r1 - r0, n_per_row)
-    try:
-        from . import quant
+    from . import quant
 
-        return np.asarray(quant.dequantize(raw, t.qtype, shape), dtype=np.float32).reshape(shape)
-    except (NotImplementedError, UnsupportedError):
-        pass
-    from gguf import quants as gq
-
-    try:
-        out = gq.dequantize(raw, t.qtype)
-    except NotImplementedError:
-        raise UnsupportedError(f"tensor {t.name!r}: cannot decode type {t.qtype.name}") from None
-    return np.ascontiguousarray(out, dtype=np.float32).reshape(shape)
+    return quant.dequantize(raw, t.qtype, shape, f"tensor {t.name!r}")
 
 
 def _identity(x: np.ndarray) -> np.ndarray:
@@ -361,7 +327,6 @@ def _array(hdr: GGUFHeader, key: str, subtypes: set) -> list | None:
 
 def build_tokenizer(hdr: GGUFHeader) -> tuple[Any, dict]:
     """(tokenizers.Tokenizer, tokenizer_config dict) from the GGUF vocabulary."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 
     model = hdr.get("tokenizer.ggml.model")
     if model is None:
@@ -376,50 +341,16 @@ def build_tokenizer(hdr: GGUFHeader) -> tuple[Any, dict]:
         raise UnsupportedError(
             f"{hdr.path}: BPE pre-tokenizer {pre!r} cannot be exported yet; supported: {', '.join(PRE_TOKENIZERS)}"
         )
-    spec = PRE_TOKENIZERS[pre]
     tokens = _array(hdr, "tokenizer.ggml.tokens", {GGUFValueType.STRING})
     if not tokens:
         raise InputError(f"{hdr.path}: the vocabulary (tokenizer.ggml.tokens) is missing or empty")
     types = _array(hdr, "tokenizer.ggml.token_type", _INT_TYPES)
     types = [TokenType.NORMAL] * len(tokens) if types is None else types
-    merges_raw = _array(hdr, "tokenizer.ggml.merges", {GGUFValueType.STRING}) or []
+    merges = _array(hdr, "tokenizer.ggml.merges", {GGUFValueType.STRING}) or []
     if len(types) != len(tokens):
         raise InputError(f"{hdr.path}: {len(tokens)} tokens but {len(types)} token types")
-    vocab: dict[str, int] = {}
-    added: list[tuple[int, str, bool]] = []
-    for i, (tok, tt) in enumerate(zip(tokens, types)):
-        if tt == TokenType.UNUSED:
-            continue  # llama.cpp's converter writes "[PAD<i>]" for ids missing from the vocab
-        if tok in vocab:
-            raise InputError(f"{hdr.path}: token {tok!r} appears twice in the vocabulary (ids {vocab[tok]} and {i})")
-        vocab[tok] = i
-        if tt in (TokenType.CONTROL, TokenType.UNKNOWN):
-            added.append((i, tok, True))
-        elif tt == TokenType.USER_DEFINED:
-            added.append((i, tok, False))
-    merges = []
-    for m in merges_raw:
-        parts = m.split(" ")
-        if len(parts) != 2:
-            raise InputError(f"{hdr.path}: malformed BPE merge {m!r}")
-        merges.append((parts[0], parts[1]))
-    try:
-        bpe = models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, fuse_unk=False,
-                         byte_fallback=False, ignore_merges=spec["ignore_merges"])
-    except Exception as e:  # tokenizers' own error type, e.g. a merge of unknown tokens
-        raise InputError(f"{hdr.path}: the BPE vocabulary is inconsistent: {e}") from None
-    tk = Tokenizer(bpe)
-    if spec["nfc"]:
-        from tokenizers import normalizers
-
-        tk.normalizer = normalizers.NFC()
-    tk.pre_tokenizer = _pre_tokenizer(spec)
-    tk.post_processor = processors.ByteLevel(trim_offsets=False)
-    tk.decoder = decoders.ByteLevel()
-    for i, tok, special in added:  # ids are kept: these tokens are already in the vocab
-        at = AddedToken(tok, special=special, normalized=False, lstrip=False, rstrip=False, single_word=False)
-        (tk.add_special_tokens if special else tk.add_tokens)([at])
-
+    tk = bpe_tokenizer(tokens, merges, pre, str(hdr.path), types=types, hf=True)
+    added = [(i, at.content, at.special) for i, at in sorted(tk.get_added_tokens_decoder().items())]
     return tk, _tokenizer_config(hdr, tokens, added, "GPT2Tokenizer")
 
 

@@ -10,6 +10,10 @@ common_tokenize(text, add_special=true, parse_special=false) does:
   (byte-level BPE vocabularies, tokenizer.ggml.model == "gpt2"), with the
   pre-tokenizer llama.cpp uses for tokenizer.ggml.pre.
 
+This module also owns the pre-tokenizer table (PRE_TOKENIZERS) and the GGUF
+vocabulary -> tokenizers.Tokenizer builder (bpe_tokenizer) that quantkit.export
+uses to write tokenizer.json (``hf=True``).
+
 BOS is prepended when the model adds it (tokenizer.ggml.add_bos_token).
 """
 from __future__ import annotations
@@ -22,23 +26,130 @@ from pathlib import Path
 from ..errors import InputError, UnsupportedError
 from ..model import ModelStream
 
-# llama.cpp src/llama-vocab.cpp: pre-tokenizer regexes per tokenizer.ggml.pre.
+# The one owner of GGUF byte-level BPE vocabulary -> tokenizers.Tokenizer (calibration
+# here, the tokenizer.json quantkit.export writes).
+#
+# Each regex in two spellings that differ only on case-folded letters such as U+017F
+# (measured: "it'\u017f" splits as "'\u017f" with (?i:'s), as "'", "\u017f" with '[sS]):
+#   llama: llama.cpp's src/llama-vocab.cpp, used to tokenize (calibration, perplexity);
+#   hf:    the family's HF tokenizer.json, written by export so a round trip keeps its bytes.
 _LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
            r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_HF = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_HF = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
-# pre name -> list of pre-tokenizer steps (data, not code)
-PRE_TOKENIZERS: dict[str, list[tuple[str, object]]] = {
-    "smollm": [("digits", True), ("bytelevel_regex", None)],
-    "gpt-2": [("bytelevel_regex", None)],
-    "default": [("bytelevel_regex", None)],
-    "llama-bpe": [("split", _LLAMA3)],
-    "llama3": [("split", _LLAMA3)],
-    "qwen2": [("split", _QWEN2)],
-    "qwen35": [("split", _QWEN2)],
+
+@dataclass(frozen=True)
+class PreTokenizer:
+    """How a tokenizer.ggml.pre splits text before BPE (data, not code)."""
+    digits: bool  # Digits(individual_digits=True) first
+    split: str | None  # llama.cpp's regex: Split(regex, "isolated") before a regex-free ByteLevel; None: ByteLevel's GPT-2 regex
+    hf_split: str | None  # the same regex as the family's tokenizer.json spells it
+    ignore_merges: bool  # the family's BPE option (a vocab word is one token even if no merge reaches it)
+    nfc: bool  # the family's tokenizer.json has an NFC normalizer
+    reason: str
+
+
+# tokenizer.ggml.pre -> its pre-tokenizer. Export writes these four (each checked against
+# llama.cpp's ids in tests/test_export.py); PRE_ALIASES are other names llama.cpp gives them.
+PRE_TOKENIZERS: dict[str, PreTokenizer] = {
+    "smollm": PreTokenizer(True, None, None, False, False, "SmolLM: digits one by one, then GPT-2's byte-level regex"),
+    "gpt-2": PreTokenizer(False, None, None, False, False, "GPT-2: byte-level regex only"),
+    "llama-bpe": PreTokenizer(False, _LLAMA3, _LLAMA3_HF, True, False, "Llama 3: digits in threes, ignore_merges"),
+    "qwen2": PreTokenizer(False, _QWEN2, _QWEN2_HF, False, True, "Qwen2: single digits, NFC in tokenizer.json"),
 }
+PRE_ALIASES: dict[str, str] = {
+    "default": "gpt-2",  # no tokenizer.ggml.pre: llama.cpp's default BPE pre-tokenizer is GPT-2's
+    "llama3": "llama-bpe",  # llama.cpp's LLAMA3 pre-type has both names
+    "qwen35": "qwen2",  # llama.cpp tokenizes Qwen3.5 with Qwen2's regex
+}
+
+
+def pre_tokenizer(spec: PreTokenizer, hf: bool = False):
+    """tokenizers pre-tokenizer for ``spec``: llama.cpp's regex spelling, or (``hf``)
+    the object the family's tokenizer.json holds (same ids; offsets and regex spelling
+    as HF writes them)."""
+    from tokenizers import Regex
+    from tokenizers import pre_tokenizers as pt
+
+    split = spec.hf_split if hf else spec.split
+    parts = []
+    if spec.digits:
+        parts.append(pt.Digits(individual_digits=True))
+    if split:
+        parts.append(pt.Split(Regex(split), behavior="isolated", invert=False))
+    if hf:
+        parts.append(pt.ByteLevel(add_prefix_space=False, trim_offsets=not split, use_regex=not split))
+        return parts[0] if len(parts) == 1 else pt.Sequence(parts)
+    parts.append(pt.ByteLevel(add_prefix_space=False, use_regex=not split))
+    return pt.Sequence(parts)
+
+
+def bpe_tokenizer(tokens: list[str], merges: list[str], pre: str, where: str, *, types: list[int] | None = None,
+                  hf: bool = False):
+    """tokenizers.Tokenizer for a GGUF byte-level BPE vocabulary (tokenizer.ggml.model
+    "gpt2") with tokenizer.ggml.pre ``pre``.
+
+    hf=False (calibration): llama.cpp's tokenization of plain text: every token in the
+    BPE vocabulary, no added tokens (common_tokenize with parse_special=false), aliases
+    of ``pre`` accepted. hf=True (export): the family's tokenizer.json: UNUSED ids
+    ("[PAD<i>]" fillers) left out, CONTROL/UNKNOWN as special and USER_DEFINED as added
+    tokens, the BPE option and normalizer of the family, ByteLevel post-processor; a
+    duplicated token is an error."""
+    from gguf import TokenType
+    from tokenizers import AddedToken, Tokenizer as HFTok, decoders, models, processors
+
+    name = pre if hf else PRE_ALIASES.get(pre, pre)
+    spec = PRE_TOKENIZERS.get(name)
+    if spec is None:
+        names = PRE_TOKENIZERS if hf else sorted([*PRE_TOKENIZERS, *PRE_ALIASES])
+        raise UnsupportedError(
+            f"{where}: BPE pre-tokenizer {pre!r} cannot be exported yet; supported: {', '.join(names)}" if hf else
+            f"{where}: BPE pre-tokenizer {pre!r} is not supported (supported: {', '.join(names)})")
+    vocab: dict[str, int] = {}
+    added: list[tuple[int, str, bool]] = []
+    if hf:
+        types = [TokenType.NORMAL] * len(tokens) if types is None else types
+        for i, (tok, tt) in enumerate(zip(tokens, types)):
+            if tt == TokenType.UNUSED:
+                continue  # llama.cpp's converter writes "[PAD<i>]" for ids missing from the vocab
+            if tok in vocab:
+                raise InputError(f"{where}: token {tok!r} appears twice in the vocabulary (ids {vocab[tok]} and {i})")
+            vocab[tok] = i
+            if tt in (TokenType.CONTROL, TokenType.UNKNOWN):
+                added.append((i, tok, True))
+            elif tt == TokenType.USER_DEFINED:
+                added.append((i, tok, False))
+    else:
+        vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = []
+    for m in merges:
+        parts = m.split(" ")
+        if len(parts) != 2:
+            raise InputError(f"{where}: malformed BPE merge {m!r}")
+        pairs.append((parts[0], parts[1]))
+    try:
+        bpe = models.BPE(vocab=vocab, merges=pairs, dropout=None, unk_token=None, fuse_unk=False,
+                         byte_fallback=False, ignore_merges=spec.ignore_merges and hf)
+    except Exception as e:  # tokenizers' own error type, e.g. a merge of unknown tokens
+        raise InputError(f"{where}: the BPE vocabulary is inconsistent: {e}") from None
+    tk = HFTok(bpe)
+    if hf and spec.nfc:
+        from tokenizers import normalizers
+
+        tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizer(spec, hf)
+    if hf:
+        tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    tk.decoder = decoders.ByteLevel()
+    for i, tok, special in added:  # ids are kept: these tokens are already in the vocab
+        at = AddedToken(tok, special=special, normalized=False, lstrip=False, rstrip=False, single_word=False)
+        (tk.add_special_tokens if special else tk.add_tokens)([at])
+    return tk
 
 
 @dataclass
@@ -75,47 +186,18 @@ class _SentencePiece:
         return None if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i) else i
 
 
-def _pre_tokenizer(pre: str):
-    from tokenizers import Regex, pre_tokenizers as pt
-
-    steps = PRE_TOKENIZERS.get(pre)
-    if steps is None:
-        raise UnsupportedError(
-            f"calibration tokenizer: BPE pre-tokenizer {pre!r} is not supported "
-            f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})")
-    seq = []
-    for kind, arg in steps:
-        if kind == "digits":
-            seq.append(pt.Digits(individual_digits=bool(arg)))
-        elif kind == "bytelevel_regex":
-            seq.append(pt.ByteLevel(add_prefix_space=False, use_regex=True))
-        elif kind == "split":
-            seq.append(pt.Split(Regex(arg), behavior="isolated", invert=False))
-    if steps[-1][0] != "bytelevel_regex":
-        seq.append(pt.ByteLevel(add_prefix_space=False, use_regex=False))
-    return pt.Sequence(seq)
-
-
 def tokenizer_from_stream(stream: ModelStream):
     """A tokenizers.Tokenizer from the GGUF vocabulary in ``stream``'s metadata."""
-    from tokenizers import Tokenizer as HFTok, decoders, models
-
     kind = stream.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise UnsupportedError(
             f"calibration tokenizer: GGUF vocabulary type {kind!r} is not supported here "
             "(byte-level BPE 'gpt2' is); calibrate from the HF checkpoint (tokenizer.json/.model) instead")
     tokens = list(stream.get("tokenizer.ggml.tokens") or [])
-    merges = list(stream.get("tokenizer.ggml.merges") or [])
     if not tokens:
         raise InputError("model has no tokenizer.ggml.tokens")
-    vocab = {t: i for i, t in enumerate(tokens)}
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
-    bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=False)
-    tk = HFTok(bpe)
-    tk.pre_tokenizer = _pre_tokenizer(str(stream.get("tokenizer.ggml.pre", "default") or "default"))
-    tk.decoder = decoders.ByteLevel()
-    return tk
+    return bpe_tokenizer(tokens, list(stream.get("tokenizer.ggml.merges") or []),
+                         str(stream.get("tokenizer.ggml.pre", "default") or "default"), "calibration tokenizer")
 
 
 def load_tokenizer(stream: ModelStream | None, src: str | os.PathLike | None = None) -> Tokenizer:
