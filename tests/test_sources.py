@@ -724,6 +724,43 @@ def test_gguf_quantized_tensors_decode_like_gguf_py(tmp_path, qt):
     np.testing.assert_array_equal(ref.load(), gq.dequantize(q, t).reshape(shape))
 
 
+def test_open_model_decodes_every_stored_type_and_closes(tmp_path):
+    """quantkit.sources.open_model (the one way to open a model) on a GGUF: plain numpy
+    types (F64, I32) and a quantized type through quant.dequantize, a type no decoder has
+    (Q8_1: neither quantkit nor gguf-py) one UnsupportedError naming the tensor, and the
+    with-block releasing the source's maps."""
+    from quantkit.calib import open_stream
+    from quantkit.sources import open_model
+
+    rng = np.random.default_rng(3)
+    f64 = rng.standard_normal((2, 32))
+    i32 = rng.integers(-1000, 1000, (3, 8), dtype=np.int32)
+    q8 = rng.standard_normal((2, 64), dtype=np.float32)
+    bs, ts = gguf.GGML_QUANT_SIZES[QT.Q8_1]
+    f = tmp_path / "types.gguf"
+    w = GGUFWriter(f, "llama")
+    w.add_tensor("f64", f64)
+    w.add_tensor("i32", i32)
+    w.add_tensor("q8_0", gq.quantize(q8, QT.Q8_0), raw_shape=gq.quant_shape_to_byte_shape(q8.shape, QT.Q8_0),
+                 raw_dtype=QT.Q8_0)
+    w.add_tensor("q8_1", np.zeros((1, ts), np.uint8), raw_shape=(1, ts), raw_dtype=QT.Q8_1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert open_stream is open_model
+    with open_model(f) as stream:
+        assert stream.source.kind == "gguf"
+        refs = {t.name: t for t in stream.tensors}
+        np.testing.assert_array_equal(refs["f64"].load(), f64.astype(np.float32))
+        np.testing.assert_array_equal(refs["i32"].load(), i32.astype(np.float32))
+        np.testing.assert_array_equal(refs["q8_0"].load(), gq.dequantize(gq.quantize(q8, QT.Q8_0), QT.Q8_0))
+        with pytest.raises(UnsupportedError, match="q8_1: cannot decode type Q8_1"):
+            refs["q8_1"].load()
+        assert stream.source._mm
+    assert not stream.source._mm
+
+
 def test_truncated_gguf_is_an_input_error_at_every_cut(tmp_path):
     f = tmp_path / "tiny.gguf"
     _small_gguf(f)
