@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import one_error_line as _one_error_line
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,13 +28,6 @@ def _cli_with(patch: str, argv: list[str], tmp_path: Path, **kw) -> subprocess.C
 def _program(patch: str, argv: list[str]) -> str:
     return "\n".join(["import sys", textwrap.dedent(patch), "from quantkit.cli import run",
                       f"sys.argv = ['quantkit', *{argv!r}]", "run()"])
-
-
-def _one_error_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one line on stderr, got: {err!r}"
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 BOOM = """

@@ -28,22 +28,9 @@ import pytest
 from quantkit.cli import main
 
 from gguf_compare import diff, kv_items
+from cli_helpers import cli as _cli, one_error_line as _one_error_line  # noqa: E402,F401
 
 VOCAB_PRE = "smollm"  # random checkpoints train their own vocabulary: hash not in llama.cpp's table
-
-
-def _cli(args: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()  # drop what fixtures printed while building (first run on a fresh cache)
-    rc = main(args)
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
-
-
-def _one_error_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one line on stderr, got: {err!r}"
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 def _no_partial(d: Path) -> None:

@@ -24,22 +24,9 @@ from quantkit.sources.gguf_header import SPLIT_KEYS, read_header
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gguf_compare import diff, kv_items  # noqa: E402
+from cli_helpers import cli as _cli, one_error_line as _one_error_line  # noqa: E402,F401
 
 VOCAB_PRE = "smollm"
-
-
-def _cli(args: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main(args)
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
-
-
-def _one_error_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one line on stderr, got: {err!r}"
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 def _members(d: Path, prefix: str) -> list[str]:
