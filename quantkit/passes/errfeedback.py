@@ -38,15 +38,15 @@ from ..errors import UnsupportedError
 from ..quant.kquants import _pack_2bit, _q4_K_pack, _q5_K_pack
 from ..quant.solvers import F, clampi, get_scale_min_k4, load_fp16, nearest_int
 
-QK_K = 256
+QK_K = quant.block_size("Q4_K")  # every K-quant's super-block (the registry's record)
 _F0 = F(0.0)
 
 
 @dataclass(frozen=True)
 class Spec:
     """A K-quant's level range as its closing loop rounds: l in [lo, hi],
-    stored as u = l - lo; value = d * l - m (m = 0 for the symmetric types)."""
-    bsize: int
+    stored as u = l - lo; value = d * l - m (m = 0 for the symmetric types).
+    Bytes per block come from the registry (``quant.type_size``)."""
     lo: int
     hi: int
     kind: int  # grid/pack/unpack layout
@@ -54,11 +54,11 @@ class Spec:
 
 
 SPECS: dict[str, Spec] = {
-    "Q2_K": Spec(84, 0, 3, 2, "16 x 16: 4-bit scale and min, x = d*sc*q - dmin*m"),
-    "Q3_K": Spec(110, -4, 3, 3, "16 x 16: 6-bit signed scale, x = d*(s-32)*q"),
-    "Q4_K": Spec(144, 0, 15, 4, "8 x 32: 6-bit scale and min, x = d*sc*q - dmin*m"),
-    "Q5_K": Spec(176, 0, 31, 5, "8 x 32: as Q4_K with a fifth bit"),
-    "Q6_K": Spec(210, -32, 31, 6, "16 x 16: int8 scale, x = d*sc*q"),
+    "Q2_K": Spec(0, 3, 2, "16 x 16: 4-bit scale and min, x = d*sc*q - dmin*m"),
+    "Q3_K": Spec(-4, 3, 3, "16 x 16: 6-bit signed scale, x = d*(s-32)*q"),
+    "Q4_K": Spec(0, 15, 4, "8 x 32: 6-bit scale and min, x = d*sc*q - dmin*m"),
+    "Q5_K": Spec(0, 31, 5, "8 x 32: as Q4_K with a fifth bit"),
+    "Q6_K": Spec(-32, 31, 6, "16 x 16: int8 scale, x = d*sc*q"),
 }
 
 
@@ -298,7 +298,8 @@ def encode(W: np.ndarray, t: str, U: np.ndarray, weights: np.ndarray | None = No
     quant.check_finite(np.asarray(W, dtype=np.float32))
     nb = cols // QK_K
     Wk = np.array(W, dtype=np.float64, copy=True)
-    out = np.empty((rows, nb * sp.bsize), np.uint8)
+    bsize = quant.type_size(t)
+    out = np.empty((rows, nb * bsize), np.uint8)
     w_hat = np.empty((rows, cols), np.float32)
     Uq = np.empty((rows, QK_K), np.uint8)
     E = np.empty((rows, QK_K), np.float64)
@@ -311,7 +312,7 @@ def encode(W: np.ndarray, t: str, U: np.ndarray, weights: np.ndarray | None = No
         _feedback_block(Wb, np.ascontiguousarray(U[s:e, s:e]), D, M, U0, sp.lo, sp.hi, Uq, Qb, E)
         Q[...] = Qb
         _pack(sp.kind, Uq, blocks)
-        out[:, b * sp.bsize:(b + 1) * sp.bsize] = blocks
+        out[:, b * bsize:(b + 1) * bsize] = blocks
         if e < cols:
             Wk[:, e:] -= E @ U[s:e, e:]
     return out, w_hat
