@@ -27,11 +27,11 @@ import os
 import numpy as np
 import pytest
 
-from llama_oracle import DRY_RUN_NEEDS_IMATRIX, gguf_tensor_bytes, gguf_types, llama_dry_run, llama_quantize
+from llama_oracle import gguf_tensor_bytes, gguf_types, llama_quantize
 from quantkit import mix
 from quantkit.convert import ConvertOptions, convert
-from quantkit.errors import UnsupportedError, UsageError
 from quantkit.mixrules import Preset
+from test_parity_quantize import assert_types_match_dry_run
 
 FULL = bool(os.environ.get("QUANTKIT_FULL_PARITY"))
 VOCAB_PRE = "smollm"
@@ -68,33 +68,12 @@ def _known_imatrix(stream, seed=7) -> dict[str, np.ndarray]:
             for r in stream.tensors if len(r.shape) == 2 and r.name.startswith("blk.")}
 
 
-def _compare_types(plan, got: dict[str, str]):
-    ours = {tp.name: tp for tp in plan.tensors}
-    assert set(ours) == set(got)
-    diff = [(n, ours[n].qtype.name, got[n], ours[n].reason) for n in ours if ours[n].qtype.name != got[n]]
-    assert not diff, f"{len(diff)} tensor types differ (name, ours, llama, rule): {diff[:8]}"
-
-
 @pytest.mark.parametrize("model,preset", TYPE_CASES, ids=[f"{m}-{p}" for m, p in TYPE_CASES])
 def test_family_types_match_llama_dry_run(model, preset, kq, tmp_path):
     """Types equal llama_model_quantize's dry run on the converter's F32 file; where the dry run says the
     real run needs an imatrix, both refuse without one (nothing written); where llama.cpp stops, so do we."""
     _, ref, stream = kq(model)
-    ftype = mix.resolve_preset(preset).ftype
-    rc, got, log = llama_dry_run(ref, ftype)
-    if rc != 0:
-        with pytest.raises(UnsupportedError, match="no fallback type"):
-            mix.make_plan(stream, preset, mix.MixOptions(dry_run=True))
-        return
-    plan = mix.make_plan(stream, preset, mix.MixOptions(dry_run=True))
-    needs = any("needs an importance matrix" in n for n in plan.notes)
-    assert needs == (DRY_RUN_NEEDS_IMATRIX in log)
-    if needs:
-        out = tmp_path / f"{preset}.gguf"
-        assert llama_quantize(ref, out, ftype) != 0 and not out.exists()
-        with pytest.raises(UsageError, match="needs an importance matrix"):
-            mix.make_plan(stream, preset)
-    _compare_types(plan, got)
+    assert_types_match_dry_run(ref, stream, preset, tmp_path / f"{preset}.gguf")
 
 
 @pytest.mark.parametrize("model,case", BYTES_CASES, ids=[f"{m}-{p}" for m, p in BYTES_CASES])

@@ -153,9 +153,16 @@ def test_plan_types_match_llama_quantize(model, preset, f32_models):
     written; where llama.cpp stops (Q1_0's 128-block on SmolLM2's 576-wide rows:
     no fallback type), quantkit refuses too."""
     path = f32_models(model)
-    stream = _stream(path)
+    assert_types_match_dry_run(path, _stream(path), preset, path.with_suffix(f".{preset}.gguf"))
+
+
+def assert_types_match_dry_run(ref, stream, preset: str, out) -> None:
+    """The plan's types == llama_model_quantize's dry run on ``ref`` (a GGUF of the
+    same model); where the dry run warns that the real run needs an imatrix, both
+    refuse without one (llama-quantize writes nothing at ``out``); where llama.cpp
+    stops (no fallback type), so does the plan."""
     ftype = mix.resolve_preset(preset).ftype
-    rc, got, log = llama_dry_run(path, ftype)
+    rc, got, log = llama_dry_run(ref, ftype)
     if rc != 0:
         with pytest.raises(UnsupportedError, match="no fallback type"):
             mix.make_plan(stream, preset, mix.MixOptions(dry_run=True))
@@ -164,8 +171,7 @@ def test_plan_types_match_llama_quantize(model, preset, f32_models):
     needs = any("needs an importance matrix" in n for n in plan.notes)
     assert needs == (DRY_RUN_NEEDS_IMATRIX in log)
     if needs:  # refused by both without --dry-run
-        out = path.with_suffix(f".{preset}.gguf")
-        assert llama_quantize(path, out, ftype) != 0 and not out.exists()
+        assert llama_quantize(ref, out, ftype) != 0 and not out.exists()
         with pytest.raises(UsageError, match="needs an importance matrix"):
             mix.make_plan(stream, preset)
     _compare_types(plan, got)
