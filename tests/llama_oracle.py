@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +211,13 @@ def llama_dry_run(src: Path, ftype: int, **kw) -> tuple[int, dict[str, str], str
 
 # llama_model_quantize's --dry-run warning when the real run would refuse for want of an imatrix
 DRY_RUN_NEEDS_IMATRIX = "actually completing this quantization will require an imatrix"
+
+
+def llama_perplexity_tool(tools: Path, gguf: Path, text_file: Path, ctx: int, chunks: int) -> float:
+    """The llama-perplexity tool's final estimate on ``text_file`` (2 threads)."""
+    r = subprocess.run([str(tools / "llama-perplexity"), "-m", str(gguf), "-f", str(text_file), "-c", str(ctx),
+                        "--chunks", str(chunks), "-t", "2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
+    assert m, (r.stdout + r.stderr)[-2000:]
+    return float(m.group(1))

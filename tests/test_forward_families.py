@@ -50,6 +50,7 @@ from quantkit.calib.tokenize import load_tokenizer
 from quantkit.cli import main
 
 from fixtures.random_checkpoints import VOCAB_PRE
+from llama_oracle import llama_perplexity_tool
 
 pytestmark = pytest.mark.slow
 
@@ -261,17 +262,6 @@ def llama_logits(gguf: Path, chunks: list[np.ndarray], ctx: int) -> list[np.ndar
     finally:
         llm.close()
     return out
-
-
-def llama_perplexity_tool(tools: Path, gguf: Path, text_file: Path, ctx: int, chunks: int) -> float:
-    import re
-
-    r = subprocess.run([str(tools / "llama-perplexity"), "-m", str(gguf), "-f", str(text_file), "-c", str(ctx),
-                        "--chunks", str(chunks), "-t", "2"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
-    assert m, (r.stdout + r.stderr)[-2000:]
-    return float(m.group(1))
 
 
 def _cos(a, b) -> float:

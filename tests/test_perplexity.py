@@ -13,6 +13,7 @@ import pytest
 from quantkit.calib import make_chunks, open_stream
 from quantkit.calib.forward import Model
 from quantkit.calib.perplexity import log_softmax, perplexity
+from llama_oracle import llama_perplexity_tool
 from quantkit.calib.tokenize import load_tokenizer
 from quantkit.cli import main
 
@@ -199,18 +200,6 @@ def eval_text_file(tmp_path_factory, text) -> Path:
     p = tmp_path_factory.mktemp("eval") / "eval.txt"
     p.write_text(text[len(text) // 2:], encoding="utf-8")
     return p
-
-
-def llama_perplexity_tool(tools: Path, gguf: Path, text_file: Path, ctx: int, chunks: int) -> float:
-    import re
-    import subprocess
-
-    r = subprocess.run([str(tools / "llama-perplexity"), "-m", str(gguf), "-f", str(text_file), "-c", str(ctx),
-                        "--chunks", str(chunks), "-t", "2"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
-    assert m, (r.stdout + r.stderr)[-2000:]
-    return float(m.group(1))
 
 
 @pytest.mark.parametrize("preset", FAMILY_CASES)
