@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType
@@ -59,6 +60,9 @@ class TensorPlan:
     reason: str = ""
     # type the tensor is stored in at the source (GGML name), e.g. "F32", "BF16", "Q4_1"
     src_type: str = "F32"
+    # the passes.TensorEncoder a plan pass chose (error feedback, ...); None = the
+    # registry's quantization (quant.quantize: llama.cpp's bytes)
+    encoder: Any = None
 
     @property
     def copy(self) -> bool:
