@@ -44,13 +44,16 @@ CHECKPOINTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "Qwen2-MoE": (("qwen2moe-bf16", "qwen2moe-kq"), ("qwen2moe-hf",)),
     "Qwen3-MoE": (("qwen3moe-bf16", "qwen3moe-kq"), ("qwen3moe-hf",)),
     "gpt-oss": (("gptoss-bf16", "gptoss-kq"), ("gptoss-hf",)),
+    # stretch families (helper H)
+    "OLMo 3": (("olmo3-bf16", "olmo3-f16-yarn", "olmo3-kq"), ("olmo3-hf",)),
 }
 # the representative subset CI runs: every family once, each tensor dtype, both builders
 CI = [("gemma2-bf16-spm", "bf16"), ("gemma3-bf16", "bf16"), ("phi3-f32-longrope", "bf16"), ("phi4-bf16", "f16"),
       ("smollm3-bf16", "bf16"), ("granite-bf16", "bf16"), ("olmo2-bf16-mha", "f32"),
       ("gemma3-mm-hf", "bf16"), ("phi3-hf", "f16"), ("exaone4-f32-llama3", "f16"), ("glm4-bf16", "bf16"),
       ("mixtral-f16-sharded", "f16"), ("qwen2moe-hf", "bf16"), ("qwen3moe-bf16", "f32"),
-      ("gptoss-hf", "bf16")]
+      ("gptoss-hf", "bf16"),
+      ("olmo3-hf", "bf16")]
 ALL = [(n, t) for np_, hf in CHECKPOINTS.values() for n in np_ + hf for t in TYPES]
 CASES = ALL if FULL else CI
 

@@ -1,8 +1,12 @@
-"""Olmo2ForCausalLM -> GGUF ``olmo2``, as llama.cpp's conversion/olmo.py
-(Olmo2Model, a TextModel): no Q/K permutation (NEOX rope), the common
-hyperparameters, byte-level BPE; norms after attention and FFN only, q/k
-RMS norms over all heads. A config with ``sliding_window`` (Olmo 3 style)
-also gets the window and its per-layer pattern.
+"""Olmo2ForCausalLM and Olmo3ForCausalLM -> GGUF ``olmo2``, as llama.cpp's
+conversion/olmo.py (Olmo2Model, a TextModel, registers both): no Q/K
+permutation (NEOX rope), the common hyperparameters, byte-level BPE; norms
+after attention and FFN only, q/k RMS norms over all heads. A config with
+``sliding_window`` (Olmo 3 style) also gets the window and its per-layer
+pattern. OLMo 3 is the same spec with transformers' Olmo3Config defaults,
+under which every config has a window (4096) and ``layer_types`` (every 4th
+layer global); its sliding layers rope without the rope scaling (HF's
+``rotary_embs["sliding_attention"]`` is rope_type "default").
 """
 from __future__ import annotations
 
@@ -34,15 +38,28 @@ def olmo2_params(m: Model, w: GGUFWriter) -> None:
         w.add_sliding_window_pattern(pattern)
 
 
+# transformers 4.57.6 Olmo3Config defaults for keys the converter reads (layer_types: _olmo3_layer_types)
+OLMO3_DEFAULTS: dict[str, Any] = {**OLMO2_DEFAULTS, "sliding_window": 4096, "layer_types": None}
+
+
+def _olmo3_layer_types(hp: dict[str, Any]) -> None:
+    """Olmo3Config.__init__: layer_types, when null, every 4th layer full attention."""
+    if hp.get("layer_types") is None and isinstance(hp.get("num_hidden_layers"), int):
+        hp["layer_types"] = ["sliding_attention" if (i + 1) % 4 != 0 else "full_attention"
+                             for i in range(hp["num_hidden_layers"])]
+
+
 # quantkit export: OLMo 2's HF names for its post norms (the rest as llama's)
 OLMO2_EXPORT_NAMES = {"post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
 
 
 def _olmo2_export(cfg: dict[str, Any], v: Any) -> None:
-    """A window's per-layer pattern back into layer_types."""
+    """A window's per-layer pattern back into layer_types; a file with a window is OLMo 3's
+    (Olmo2Config has no window: transformers would run every layer global)."""
     pat = v.get("attention.sliding_window_pattern")
     if "sliding_window" in cfg and pat is not None:
         cfg["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pat]
+        cfg.update(architectures=["Olmo3ForCausalLM"], model_type="olmo3")
 
 
 OLMO2 = Family(
@@ -66,4 +83,18 @@ OLMO2 = Family(
     export=Export("Olmo2ForCausalLM", "olmo2", undo_permute=False, names=OLMO2_EXPORT_NAMES, derive=_olmo2_export),
 )
 
-FAMILIES = (OLMO2,)
+OLMO3 = Family(
+    name="OLMo 3",
+    hf_architectures=("Olmo3ForCausalLM",),
+    arch=MODEL_ARCH.OLMO2,
+    graph=OLMO2.graph,  # llama.cpp builds it as olmo2 (src/models/olmo2.cpp, the window branch)
+    config_defaults=OLMO3_DEFAULTS,
+    adjust=_olmo3_layer_types,
+    shapes=OLMO2.shapes,
+    optional=OLMO2.optional,
+    params=OLMO2.params,
+    vocab=OLMO2.vocab,
+    export=None,  # OLMo 2's way back (EXPORTS: one per GGUF arch) names a windowed file Olmo3ForCausalLM
+)
+
+FAMILIES = (OLMO2, OLMO3)
