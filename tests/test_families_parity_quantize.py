@@ -38,6 +38,7 @@ VOCAB_PRE = "smollm"
 PRESETS = [p.name for p in Preset]
 MODELS = ["gemma2-kq", "gemma3-kq", "phi3-kq", "phi4-kq", "smollm3-kq", "granite-kq", "olmo2-kq", "exaone4-kq",
           "glm4-kq"]
+MODELS += ["olmo3-kq"]  # stretch families (helper H)
 TYPE_MODELS = MODELS if FULL else ["gemma2-kq"]
 TYPE_CASES = [(m, p) for m in TYPE_MODELS for p in PRESETS]
 BYTES_PRESETS = ["Q4_K_M", "Q2_K", "Q6_K", "Q4_K_M+imatrix"]
