@@ -19,6 +19,7 @@ import numpy as np
 
 from ..arch.graph import SWA_ROPE, BlockGraph
 from ..errors import InputError
+from .backend import xp_of
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ def causal_mask(T: int, window: int) -> np.ndarray:
 
 def softcap(x: np.ndarray, cap: float) -> np.ndarray:
     """cap * tanh(x / cap) as ggml_scale(1/cap), ggml_tanh, ggml_scale(cap)."""
-    y = np.tanh(x * np.float32(1.0 / np.float32(cap)))
+    y = xp_of(x).tanh(x * np.float32(1.0 / np.float32(cap)))
     y *= np.float32(cap)
     return y
 
@@ -178,17 +179,18 @@ def gelu_tanh(x: np.ndarray, emulate: bool = True) -> np.ndarray:
     """GELU (tanh approximation). ``emulate``: as ggml-cpu's ggml_vec_geglu_f32
     computes it (GGML_GELU_FP16): the input rounded to fp16, the fp16 table
     value ggml_table_gelu_f16 holds for it; 0 below -10, x above 10."""
+    xp = xp_of(x)
     xh = x.astype(np.float16).astype(np.float32) if emulate else x
-    g = np.float32(0.5) * xh * (np.float32(1.0) + np.tanh(_SQRT_2_OVER_PI * xh * (np.float32(1.0) + _GELU_A * xh * xh)))
+    g = np.float32(0.5) * xh * (np.float32(1.0) + xp.tanh(_SQRT_2_OVER_PI * xh * (np.float32(1.0) + _GELU_A * xh * xh)))
     if not emulate:
         return g
     g = g.astype(np.float16).astype(np.float32)
-    return np.where(x <= -10.0, np.float32(0.0), np.where(x >= 10.0, x, g)).astype(np.float32)
+    return xp.where(x <= -10.0, np.float32(0.0), xp.where(x >= 10.0, x, g)).astype(np.float32)
 
 
 def silu(x: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):  # exp(-x) = inf for x < -88: x / inf = -0, as ggml's silu gives
-        return x / (1.0 + np.exp(-x))
+        return x / (1.0 + xp_of(x).exp(-x))
 
 
 ACTIVATIONS = {"silu": lambda x, emulate: silu(x), "gelu_tanh": gelu_tanh}

@@ -30,7 +30,8 @@ from ..arch.graph import ROPE_NEOX, BlockGraph
 from ..errors import InputError
 from ..model import ModelStream
 from ..quant import TYPES
-from . import blocks
+from . import backend, blocks
+from .backend import xp_of
 from .blocks import ACTIVATIONS, Plan, silu  # noqa: F401  (silu re-exported)
 
 # weight matrices in a block, in graph order, and the input each one sees
@@ -182,30 +183,32 @@ ATTENTION = ("flash", "plain")
 
 def _round_q8(x: np.ndarray, block: int) -> np.ndarray:
     """quantize_row_q8_0/q8_1 then dequantize: scale amax/127 kept as fp16."""
+    xp = xp_of(x)
     n = x.shape[-1]
     xb = x.reshape(-1, n // block, block)
-    d = np.abs(xb).max(axis=-1, keepdims=True) / np.float32(127)
+    d = xp.abs(xb).max(axis=-1, keepdims=True) / np.float32(127)
     with np.errstate(divide="ignore", invalid="ignore"):
-        idv = np.where(d > 0, np.float32(1) / d, np.float32(0))
-    q = np.round(xb * idv)
+        idv = xp.where(d > 0, np.float32(1) / d, np.float32(0))
+    q = xp.round(xb * idv)
     return (q * d.astype(np.float16).astype(np.float32)).reshape(x.shape)
 
 
 def _round_q8k(x: np.ndarray) -> np.ndarray:
     """quantize_row_q8_K_ref then dequantize (blocks of 256, signed max)."""
+    xp = xp_of(x)
     n = x.shape[-1]
     xb = x.reshape(-1, n // 256, 256)
-    idx = np.abs(xb).argmax(axis=-1)[..., None]
-    mx = np.take_along_axis(xb, idx, axis=-1)
+    idx = xp.abs(xb).argmax(axis=-1)[..., None]
+    mx = xp.take_along_axis(xb, idx, axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        iscale = np.where(mx != 0, np.float32(-127) / mx, np.float32(0))
-        d = np.where(mx != 0, np.float32(1) / iscale, np.float32(0))
-    q = np.minimum(np.rint(iscale * xb), 127)
+        iscale = xp.where(mx != 0, np.float32(-127) / mx, np.float32(0))
+        d = xp.where(mx != 0, np.float32(1) / iscale, np.float32(0))
+    q = xp.minimum(xp.rint(iscale * xb), 127)
     return (q * d).astype(np.float32).reshape(x.shape)
 
 
 def _round_bf16(x: np.ndarray) -> np.ndarray:
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    u = xp_of(x).ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     u = (u + (np.uint32(0x7FFF) + ((u >> 16) & 1))) & np.uint32(0xFFFF0000)
     return u.view(np.float32)
 
@@ -275,19 +278,23 @@ def blas_threads(n: int | None):
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray | None, eps: float) -> np.ndarray:
-    ms = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True, dtype=np.float32)
-    y = x * (1.0 / np.sqrt(ms + np.float32(eps))).astype(np.float32)
+    xp = xp_of(x)
+    ms = xp.mean(xp.square(x, dtype=np.float32), axis=-1, keepdims=True, dtype=np.float32)
+    y = x * (1.0 / xp.sqrt(ms + np.float32(eps))).astype(np.float32)
     return y * w if w is not None else y
 
 
 class Model:
-    """Weights held as float32, (out, in) numpy layout as the stream gives them."""
+    """Weights held as float32, (out, in) numpy layout as the stream gives them;
+    on a GPU (``device="cuda"``) as a backend.DeviceWeights mapping of device arrays."""
 
     def __init__(self, hp: HParams, w: dict[str, np.ndarray], dtypes: dict[str, str] | None = None,
                  emulate: bool = True, attention: str = "flash", graph: BlockGraph | None = None,
-                 plan: Plan | None = None):
+                 plan: Plan | None = None, dev=None):
         self.hp = hp
         self.w = w
+        self.dev = dev  # None: numpy on the CPU; backend.Cuda: w is a DeviceWeights
+        self.xp = np if dev is None else dev.xp
         self.graph = graph or graph_for(hp.arch)
         self.plan = plan or blocks.make_plan(self.graph, lambda k, d=None: d, hp)
         self.emulate = emulate
@@ -304,18 +311,23 @@ class Model:
 
     @classmethod
     def from_stream(cls, stream: ModelStream, progress: Callable[[int], None] | None = None,
-                    emulate: bool = True, weight_type: str | None = None, attention: str = "flash") -> "Model":
+                    emulate: bool = True, weight_type: str | None = None, attention: str = "flash",
+                    device: str | None = None, weight_budget: int | None = None) -> "Model":
         """``emulate``: round matmul inputs as llama.cpp's CPU backend does for
         each weight's storage type (or for ``weight_type`` given for all, e.g.
         "F32" to follow an F32 GGUF of the same model), and keep K/V in F16
         (llama.cpp's default cache type). ``attention``: which of llama.cpp's
-        attention paths to follow (ATTENTION)."""
+        attention paths to follow (ATTENTION). ``device``: "cpu" (numpy, every
+        weight loaded now) or "cuda" (CuPy: weights loaded and uploaded when a
+        layer first needs them, under ``weight_budget`` bytes of device memory;
+        backend.py)."""
+        dev = backend.get(device)  # one line, exit 2, without CuPy or a GPU
         graph = graph_for(stream.arch)  # refuses architectures, keys and tensors it does not compute
         graph.check(stream.metadata, [t.name for t in stream.tensors])
         w: dict[str, np.ndarray] = {}
         dtypes: dict[str, str] = {}
         for t in stream.tensors:  # (the check let through only tensors the graph reads)
-            w[t.name] = t.load()
+            w[t.name] = t.load() if dev is None else backend.shape_stub(t.shape)
             dtypes[t.name] = (weight_type or str(t.dtype)).upper()
             if progress:
                 progress(1)
@@ -328,9 +340,24 @@ class Model:
         plan = blocks.make_plan(graph, lambda k, d=None: stream.get(f"{hp.arch}.{k}", d), hp)
         if hp.n_expert > 0:
             blocks.check_experts(graph, w, hp)
-        return cls(hp, w, dtypes, emulate, attention, graph, plan)
+        if dev is not None:
+            act = {n: VEC_DOT_TYPE.get(t) for n, t in dtypes.items()} if emulate else {}
+            # matrices whose rounded activations and values are exactly 16-bit: GEMM on their bits
+            half = {t.name: act[t.name] for t in stream.tensors
+                    if len(t.shape) >= 2 and act.get(t.name) in backend.HALF_KINDS
+                    and str(t.dtype).lower() == act[t.name]}  # stored as that type: its values are exact
+            w = backend.DeviceWeights(dev, {t.name: t for t in stream.tensors}, half, weight_budget,
+                                      {t.name: tuple(t.shape) for t in stream.tensors})
+        return cls(hp, w, dtypes, emulate, attention, graph, plan, dev)
 
     # -- pieces
+
+    def _host(self, name: str) -> np.ndarray:
+        """A weight as numpy (the CPU's own array; a host copy on a GPU)."""
+        return self.w[name] if self.dev is None else self.w.host(name)
+
+    def _to_dev(self, a: np.ndarray):
+        return a if self.dev is None else self.dev.upload(a)
 
     def _rope_tables(self, n: int, rope: "blocks.Rope") -> tuple[np.ndarray, np.ndarray]:
         """cos/sin for a layer's RoPE parameters and the frequency factors llama.cpp
@@ -343,23 +370,34 @@ class Model:
 
             hp = replace(self.hp, rope_base=rope.base, freq_scale=rope.freq_scale, ext_factor=rope.ext_factor,
                          attn_factor=rope.attn_factor)
-            t = rope_cache(hp, max(n, 512), self.w.get(ff_name) if ff_name else None)
+            t = rope_cache(hp, max(n, 512), self._host(ff_name) if ff_name and ff_name in self.w else None)
+            t = (self._to_dev(t[0]), self._to_dev(t[1]))
             self._rope[key] = t
         return t[0][:n], t[1][:n]
+
+    def matmul(self, name: str, x: np.ndarray, e: int | None = None) -> np.ndarray:
+        """x @ W.T (W = weight ``name``, expert e of a stacked one), x first rounded
+        to W's vec_dot type when emulating (round_activations)."""
+        kind = self.act.get(name)
+        if self.dev is not None and self.w.kind(name) is not None:  # 16-bit GEMM: the same rounding
+            wb = self.w.stored(name)
+            return self.dev.half_matmul(x, wb if e is None else wb[e], self.w.kind(name))
+        if kind is not None:
+            x = round_activations(x, kind)
+        w = self.w[name]
+        return x @ (w if e is None else w[e]).T
 
     def _lin(self, name: str, x: np.ndarray, hook: Hook | None) -> np.ndarray:
         if hook is not None:
             hook(name, x)
-        kind = self.act.get(name + ".weight")
-        if kind is not None:
-            x = round_activations(x, kind)
-        y = x @ self.w[name + ".weight"].T
+        y = self.matmul(name + ".weight", x)
         b = self.w.get(name + ".bias")
         if b is not None:
             y += b
         return y
 
-    def _qkv(self, p: str, x: np.ndarray, hook: Hook | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _qkv(self, p: str, x: np.ndarray, hook: Hook | None,
+             n_seq: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         hp, w = self.hp, self.w
         nq, nk = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
         if self.graph.fused_qkv:  # build_qkv: views of one attn_qkv product (q | k | v)
@@ -370,10 +408,11 @@ class Model:
         if self.graph.qk_norm == "full":  # olmo2: RMSNorm over the whole projection, before the reshape
             q = rms_norm(q, w[p + "attn_q_norm.weight"], hp.eps)
             k = rms_norm(k, w[p + "attn_k_norm.weight"], hp.eps)
-        T = x.shape[0]
-        q = q.reshape(T, hp.n_head, hp.head_dim)
-        k = k.reshape(T, hp.n_head_kv, hp.head_dim)
-        v = v.reshape(T, hp.n_head_kv, hp.head_dim_v)
+        lead = (n_seq,) if n_seq > 1 else ()  # several sequences of T tokens: a leading axis
+        T = x.shape[0] // n_seq
+        q = q.reshape(*lead, T, hp.n_head, hp.head_dim)
+        k = k.reshape(*lead, T, hp.n_head_kv, hp.head_dim)
+        v = v.reshape(*lead, T, hp.n_head_kv, hp.head_dim_v)
         if self.graph.qk_norm != "full":
             if p + "attn_q_norm.weight" in w:
                 q = rms_norm(q, w[p + "attn_q_norm.weight"], hp.eps)
@@ -381,12 +420,15 @@ class Model:
                 k = rms_norm(k, w[p + "attn_k_norm.weight"], hp.eps)
         return q, k, v
 
-    def _attention(self, i: int, x: np.ndarray, hook: Hook | None) -> np.ndarray:
-        hp, plan = self.hp, self.plan
+    def _attention(self, i: int, x: np.ndarray, hook: Hook | None, n_seq: int = 1) -> np.ndarray:
+        """x (n_seq * T, n_embd): n_seq sequences of T tokens one after another."""
+        hp, plan, xp = self.hp, self.plan, self.xp
         layer = plan.layers[i]
-        T = x.shape[0]
+        T = x.shape[0] // n_seq
+        lead = (n_seq,) if n_seq > 1 else ()
+        a = len(lead)  # axes before each sequence's own
         p = f"blk.{i}."
-        q, k, v = self._qkv(p, x, hook)
+        q, k, v = self._qkv(p, x, hook, n_seq)
         if layer.rope is not None:
             cos, sin = self._rope_tables(T, layer.rope)
             q = apply_rope(q, cos, sin, hp.n_rot, hp.rope_type)
@@ -394,42 +436,45 @@ class Model:
         if plan.q_scale is not None:  # ggml_scale(Qcur, ...) before build_attn (kq scale 1)
             q = q * np.float32(plan.q_scale)
         if self.kv_f16:  # the F16 KV cache
-            k, v = (a.astype(np.float16).astype(np.float32) for a in (k, v))
+            k, v = (t.astype(np.float16).astype(np.float32) for t in (k, v))
             if self.attn == "plain":  # mul_mat(k_f16, q): q rounded to K's vec_dot type
                 q = q.astype(np.float16).astype(np.float32)
         g = hp.n_head // hp.n_head_kv
+        lx = tuple(range(a))
         # (Hkv, g*T, d) @ (Hkv, d, T): each kv head serves g query heads
-        qh = q.reshape(T, hp.n_head_kv, g, hp.head_dim).transpose(1, 2, 0, 3).reshape(hp.n_head_kv, g * T, hp.head_dim)
-        kh = k.transpose(1, 2, 0)  # (Hkv, d, T)
-        vh = v.transpose(1, 0, 2)  # (Hkv, T, dv)
-        s = np.matmul(qh, kh)
+        qh = q.reshape(*lead, T, hp.n_head_kv, g, hp.head_dim).transpose(*lx, a + 1, a + 2, a, a + 3).reshape(
+            *lead, hp.n_head_kv, g * T, hp.head_dim)
+        kh = k.transpose(*lx, a + 1, a + 2, a)  # (Hkv, d, T)
+        vh = v.transpose(*lx, a + 1, a, a + 2)  # (Hkv, T, dv)
+        s = xp.matmul(qh, kh)
         cap = plan.attn_softcap
         if cap and self.attn == "flash":  # ggml flash_attn_ext: tanh(s * (scale / cap)) * cap
             s *= np.float32(np.float32(plan.kq_scale) / np.float32(cap))
-            np.tanh(s, out=s)
+            xp.tanh(s, out=s)
             s *= np.float32(cap)
         elif cap:  # plain path: softcap of kq, then soft_max_ext(kq * scale)
             s = blocks.softcap(s, cap)
             s *= np.float32(plan.kq_scale)
         else:
             s *= np.float32(plan.kq_scale)
-        s = s.reshape(hp.n_head_kv, g, T, T)
+        s = s.reshape(*lead, hp.n_head_kv, g, T, T)
         s += self._mask(T, layer.window)
         if self.graph.sinks:  # flash_attn_ext / soft_max_ext sinks: exp(sink_h - M) joins the sum, no value
             sink = self.w[p + "attn_sinks.weight"].astype(np.float32).reshape(hp.n_head_kv, g, 1, 1)
-            mx = np.maximum(s.max(axis=-1, keepdims=True), sink)
+            mx = xp.maximum(s.max(axis=-1, keepdims=True), sink)
             s -= mx
-            np.exp(s, out=s)
-            s /= s.sum(axis=-1, keepdims=True) + np.exp(sink - mx)
+            xp.exp(s, out=s)
+            s /= s.sum(axis=-1, keepdims=True) + xp.exp(sink - mx)
         else:
             s -= s.max(axis=-1, keepdims=True)
-            np.exp(s, out=s)
+            xp.exp(s, out=s)
             s /= s.sum(axis=-1, keepdims=True)
         if self.kv_f16 and self.attn == "plain":  # mul_mat(v_f16, kq): probabilities rounded to F16
             s = s.astype(np.float16).astype(np.float32)
-        o = np.matmul(s.reshape(hp.n_head_kv, g * T, T), vh)  # (Hkv, g*T, dv)
-        o = o.reshape(hp.n_head_kv, g, T, hp.head_dim_v).transpose(2, 0, 1, 3).reshape(T, hp.n_head * hp.head_dim_v)
-        return self._lin(p + "attn_output", np.ascontiguousarray(o), hook)
+        o = xp.matmul(s.reshape(*lead, hp.n_head_kv, g * T, T), vh)  # (Hkv, g*T, dv)
+        o = o.reshape(*lead, hp.n_head_kv, g, T, hp.head_dim_v).transpose(*lx, a + 2, a, a + 1, a + 3).reshape(
+            n_seq * T, hp.n_head * hp.head_dim_v)
+        return self._lin(p + "attn_output", xp.ascontiguousarray(o), hook)
 
     def prepare(self, T: int) -> None:
         """Fill the rope/mask caches for sequences of T tokens (before threads share the model)."""
@@ -441,7 +486,7 @@ class Model:
     def _mask(self, T: int, window: int = 0) -> np.ndarray:
         m = self._masks.get((T, window))
         if m is None:
-            m = self._masks[(T, window)] = blocks.causal_mask(T, window)
+            m = self._masks[(T, window)] = self._to_dev(blocks.causal_mask(T, window))
         return m
 
     def _moe(self, i: int, x: np.ndarray, hook: Hook | None) -> np.ndarray:
@@ -451,8 +496,9 @@ class Model:
         from . import moe
 
         p = f"blk.{i}."
-        w = {k[len(p):]: v for k, v in self.w.items() if k.startswith(p) and ("_exps" in k or "_inp" in k
-                                                                            or "_shexp" in k)}
+        names = [k for k in self.w.keys() if k.startswith(p) and ("_exps" in k or "_inp" in k or "_shexp" in k)]
+        # what routed_ffn reads of w: which tensors exist (the products go through mm / mm_id)
+        w = {k[len(p):]: (self.w[k] if self.dev is None else None) for k in names}
         per_expert = getattr(hook, "expert", None)
 
         def mm(suffix: str, h: np.ndarray) -> np.ndarray:  # (ffn_gate_inp_shexp, one row: h @ w gives (T,))
@@ -462,10 +508,7 @@ class Model:
             name = p + suffix + ".weight"
             if per_expert is not None:
                 per_expert(name, h, e, self.hp.n_expert)
-            kind = self.act.get(name)
-            if kind is not None:
-                h = round_activations(h, kind)
-            y = h @ self.w[name][e].T
+            y = self.matmul(name, h, e)
             b = self.w.get(p + suffix + ".bias")
             return y + b[e] if b is not None else y
 
@@ -484,7 +527,7 @@ class Model:
             up = self._lin(p + "ffn_up", x, hook)
         h = ACTIVATIONS[self.graph.activation](gate, self.emulate)
         h *= up
-        return self._lin(p + "ffn_down", np.ascontiguousarray(h), hook)
+        return self._lin(p + "ffn_down", self.xp.ascontiguousarray(h), hook)
 
     # -- whole model
 
@@ -496,33 +539,45 @@ class Model:
             y = y * np.float32(self.plan.residual_scale)
         return x + y
 
-    def hidden(self, tokens: np.ndarray, hook: Hook | None = None) -> np.ndarray:
-        """Final normed hidden states (T, n_embd) for one sequence of tokens."""
-        hp, w, norm = self.hp, self.w, self.graph.norm
-        tokens = np.asarray(tokens, dtype=np.int64)
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= hp.n_vocab):
-            raise InputError(f"token id out of range for a vocabulary of {hp.n_vocab}")
-        x = w["token_embd.weight"][tokens]
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        """Token embeddings (n_tokens, n_embd) of token ids (any shape, flattened)."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.hp.n_vocab):
+            raise InputError(f"token id out of range for a vocabulary of {self.hp.n_vocab}")
+        if self.dev is None:
+            x = self.w["token_embd.weight"][tokens]
+        else:
+            x = self.w.rows("token_embd.weight", self.dev.upload(tokens))
         if self.plan.embed_scale is not None:
             x = x * np.float32(self.plan.embed_scale)
-        for i in range(hp.n_layer):
-            p = f"blk.{i}."
-            post_a = p + "post_attention_norm.weight" if norm in ("sandwich", "post") else None
-            post_f = p + "post_ffw_norm.weight" if norm in ("sandwich", "post") else None
-            h = x if norm == "post" else rms_norm(x, w[p + "attn_norm.weight"], hp.eps)
-            x = self._residual(x, self._attention(i, h, hook), post_a)
-            h = x if norm == "post" else rms_norm(x, w[p + self.graph.ffn_norm + ".weight"], hp.eps)
-            x = self._residual(x, self._ffn(i, h, hook), post_f)
-        return rms_norm(x, w.get("output_norm.weight"), hp.eps)
+        return x
+
+    def block(self, i: int, x: np.ndarray, hook: Hook | None = None, n_seq: int = 1) -> np.ndarray:
+        """Block i on hidden states x (n_seq * T, n_embd)."""
+        hp, w, norm = self.hp, self.w, self.graph.norm
+        p = f"blk.{i}."
+        post_a = p + "post_attention_norm.weight" if norm in ("sandwich", "post") else None
+        post_f = p + "post_ffw_norm.weight" if norm in ("sandwich", "post") else None
+        h = x if norm == "post" else rms_norm(x, w[p + "attn_norm.weight"], hp.eps)
+        x = self._residual(x, self._attention(i, h, hook, n_seq), post_a)
+        h = x if norm == "post" else rms_norm(x, w[p + self.graph.ffn_norm + ".weight"], hp.eps)
+        return self._residual(x, self._ffn(i, h, hook), post_f)
+
+    def hidden(self, tokens: np.ndarray, hook: Hook | None = None) -> np.ndarray:
+        """Final normed hidden states (T, n_embd) for one sequence of tokens; for
+        tokens (n_seq, T), n_seq sequences at once: (n_seq * T, n_embd)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        n_seq = tokens.shape[0] if tokens.ndim == 2 else 1
+        x = self.embed(tokens)
+        for i in range(self.hp.n_layer):
+            x = self.block(i, x, hook, n_seq)
+        return rms_norm(x, self.w.get("output_norm.weight"), self.hp.eps)
 
     def output_matrix(self) -> np.ndarray:
         return self.w["token_embd.weight"] if self.tied else self.w["output.weight"]
 
     def logits(self, h: np.ndarray) -> np.ndarray:
-        kind = self.act.get("token_embd.weight" if self.tied else "output.weight")
-        if kind is not None:
-            h = round_activations(h, kind)
-        y = h @ self.output_matrix().T
+        y = self.matmul("token_embd.weight" if self.tied else "output.weight", h)
         b = self.w.get("output.bias")
         if b is not None:
             y += b
@@ -537,10 +592,16 @@ class Model:
         """Logits (T - logits_from, n_vocab) for positions logits_from.. (None: no logits).
         ``output_hook``: also call hook("output.weight", h) on all positions
         (llama-imatrix --process-output; only for an untied output matrix,
-        since a tied one carries the name token_embd.weight)."""
+        since a tied one carries the name token_embd.weight). Tokens (n_seq, T):
+        n_seq sequences at once, logits (n_seq, T - logits_from, n_vocab)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
         h = self.hidden(tokens, hook)
         if output_hook and hook is not None and not self.tied:
             hook("output.weight", h)
         if logits_from is None:
             return None
+        if tokens.ndim == 2:
+            n_seq, T = tokens.shape
+            h = h.reshape(n_seq, T, -1)[:, logits_from:].reshape(n_seq * (T - logits_from), -1)
+            return self.logits(self.xp.ascontiguousarray(h)).reshape(n_seq, T - logits_from, -1)
         return self.logits(h[logits_from:])

@@ -32,6 +32,8 @@ from typing import Callable
 
 import numpy as np
 
+from .backend import xp_of
+
 # mm(suffix, x) -> x @ w[suffix].T (+ bias); mm_id(suffix, x, e) -> x @ w[suffix][e].T (+ bias[e])
 MatMul = Callable[[str, np.ndarray], np.ndarray]
 MatMulId = Callable[[str, np.ndarray, int], np.ndarray]
@@ -57,12 +59,12 @@ class Routing:
 
 def _softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
+    e = xp_of(z).exp(z)
     return e / e.sum(axis=-1, keepdims=True)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return np.float32(1) / (np.float32(1) + np.exp(-z))
+    return np.float32(1) / (np.float32(1) + xp_of(z).exp(-z))
 
 
 def _silu(z: np.ndarray) -> np.ndarray:
@@ -74,12 +76,15 @@ def route(x: np.ndarray, w: dict[str, np.ndarray], r: Routing,
     """-> (expert indices (T, top_k), their weights (T, top_k)), largest first."""
     logits = mm("ffn_gate_inp", x) if mm is not None else _plain(w)("ffn_gate_inp", x)
     scores = _sigmoid(logits) if r.gating == "sigmoid" else _softmax(logits) if r.gating == "softmax" else logits
-    idx = np.argsort(-scores, axis=-1, kind="stable")[:, : r.top_k]
-    sel = np.take_along_axis(scores, idx, axis=-1)
+    xp = xp_of(scores)
+    # a stable sort (CuPy's sorts are stable and take no kind)
+    order = np.argsort(-scores, axis=-1, kind="stable") if xp is np else xp.argsort(-scores, axis=-1)
+    idx = order[:, : r.top_k]
+    sel = xp.take_along_axis(scores, idx, axis=-1)
     if r.gating == "softmax_topk":
         sel = _softmax(sel)
     elif r.norm_top_k:  # build_moe_ffn: weights / clamp(sum, 6.103515625e-5, inf)
-        sel = sel / np.maximum(sel.sum(axis=-1, keepdims=True), np.float32(6.103515625e-5))
+        sel = sel / xp.maximum(sel.sum(axis=-1, keepdims=True), np.float32(6.103515625e-5))
     return idx, sel.astype(np.float32)
 
 
@@ -106,32 +111,34 @@ def _expert(x: np.ndarray, e: int, act: str, mm_id: MatMulId) -> np.ndarray:
     if act == "silu":
         h = _silu(gate) * up
     else:  # ggml_swiglu_oai: x = min(gate, limit), y = clamp(up, -limit, limit); out = x*sigmoid(alpha x) * (y + 1)
-        g = np.minimum(gate, OAI_LIMIT)
-        h = (g * _sigmoid(g * OAI_ALPHA)) * (np.clip(up, -OAI_LIMIT, OAI_LIMIT) + np.float32(1))
-    return mm_id("ffn_down_exps", np.ascontiguousarray(h, dtype=np.float32), e)
+        xp = xp_of(gate)
+        g = xp.minimum(gate, OAI_LIMIT)
+        h = (g * _sigmoid(g * OAI_ALPHA)) * (xp.clip(up, -OAI_LIMIT, OAI_LIMIT) + np.float32(1))
+    return mm_id("ffn_down_exps", xp_of(h).ascontiguousarray(h, dtype=np.float32), e)
 
 
 def routed_ffn(x: np.ndarray, w: dict[str, np.ndarray], r: Routing, mm: MatMul | None = None,
                mm_id: MatMulId | None = None) -> np.ndarray:
     """The block's output for tokens x (T, n_embd), float32."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    xp = xp_of(x)
+    x = xp.ascontiguousarray(x, dtype=np.float32)
     mm = mm or _plain(w)
     mm_id = mm_id or _plain_id(w)
     idx, wt = route(x, w, r, mm)
     T = x.shape[0]
     ys: np.ndarray | None = None  # (top_k, T, n_out): each slot's weighted expert output
-    for e in np.unique(idx):
-        rows, slot = np.nonzero(idx == e)
+    for e in (np.unique(idx) if xp is np else xp.unique(idx).tolist()):
+        rows, slot = xp.nonzero(idx == e)
         y = _expert(x[rows], int(e), r.activation, mm_id) * wt[rows, slot][:, None]
         if ys is None:
-            ys = np.zeros((r.top_k, T, y.shape[1]), dtype=np.float32)
+            ys = xp.zeros((r.top_k, T, y.shape[1]), dtype=np.float32)
         ys[slot, rows] = y
     out = ys[0].copy()
     for k in range(1, r.top_k):  # slot by slot, as build_moe_ffn adds the views
         out += ys[k]
     if "ffn_gate_shexp.weight" in w:
         h = _silu(mm("ffn_gate_shexp", x)) * mm("ffn_up_shexp", x)
-        sh = mm("ffn_down_shexp", np.ascontiguousarray(h, dtype=np.float32))
+        sh = mm("ffn_down_shexp", xp.ascontiguousarray(h, dtype=np.float32))
         if "ffn_gate_inp_shexp.weight" in w:
             g = mm("ffn_gate_inp_shexp", x).reshape(T, 1)
             sh = sh * _sigmoid(g)
