@@ -743,6 +743,8 @@ FAMILY_ROUND_TRIPS = [
     ("glm4-hf", "BF16", True), ("glm4-bf16", "BF16", True), ("glm4-f16-tied-nobias", "F32", True),
     ("exaone4-bf16", "BF16", True), ("granite-bf16", "BF16", True), ("olmo2-bf16-mha", "BF16", True),
     ("smollm3-bf16", "F32", True),
+    # stretch families (helper H): OLMo 3 (layer_types from the window pattern, exported as Olmo3ForCausalLM)
+    ("olmo3-hf", "BF16", True), ("olmo3-bf16", "BF16", True),
 ]
 # CI: Gemma's norm offset with transformers' logits (one torch run), GLM-4's renamed norms, biases and
 # fused gate_up without; QUANTKIT_FULL_PARITY=1: all of the above (20 passed; 16 logits checks, every max |diff| 0.0)
