@@ -80,12 +80,56 @@ class GGML:
         lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
         self.lib = lib
 
-    def quantize(self, qtype: int, x: np.ndarray, w: np.ndarray | None) -> np.ndarray:
+    def quantize(self, qtype: int, x: np.ndarray, w: np.ndarray | None, threads: int = 1) -> np.ndarray:
+        """ggml_quantize_chunk; with threads > 1 over row chunks, one call per thread
+        (as llama-quantize threads it; ctypes drops the GIL during each call)."""
         rows, n = x.shape
         out = np.empty((rows, self.lib.ggml_row_size(qtype, n)), np.uint8)
-        self.lib.ggml_quantize_chunk(qtype, x.ctypes.data, out.ctypes.data, 0, rows, n,
-                                     None if w is None else w.ctypes.data)
+        wp = None if w is None else w.ctypes.data
+        if threads <= 1:
+            self.lib.ggml_quantize_chunk(qtype, x.ctypes.data, out.ctypes.data, 0, rows, n, wp)
+            return out
+        from concurrent.futures import ThreadPoolExecutor
+
+        step = -(-rows // threads)
+        with ThreadPoolExecutor(threads) as ex:  # start is in elements; ggml offsets dst by start's rows
+            list(ex.map(lambda r0: self.lib.ggml_quantize_chunk(qtype, x.ctypes.data, out.ctypes.data, r0 * n,
+                                                                min(step, rows - r0), n, wp), range(0, rows, step)))
         return out
+
+
+def scaling(names: list[str], threads: list[int], rows: int, cols: int, repeat: int, ggml: "GGML") -> None:
+    """--threads: MB/s of float32 at each thread count, quantkit beside ggml (row chunks), and the
+    work per thread against one thread (speed-up / threads); wall clock, best of ``repeat``."""
+    from quantkit import quant
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((rows, cols)).astype(np.float32)
+    w = (rng.random(cols) ** 2).astype(np.float32)
+    mb = x.nbytes / 1e6
+    print(f"Input: float32 {rows} x {cols} ({mb:.1f} MB), best of {repeat}, wall clock; {os.cpu_count()} CPUs. "
+          "MB/s of float32 input; eff = speed-up / threads.\n")
+    print("| type | weights | " + " | ".join(f"{n}T quantkit / ggml" for n in threads) + " | eff quantkit | eff ggml |")
+    print("|---|---|" + "--:|" * (len(threads) + 2))
+    for name in names:
+        qt = quant.get_type(name)
+        needs_w = bool(ggml.lib.ggml_quantize_requires_imatrix(int(qt.qtype)))
+        im = w if (needs_w or qt.takes_imatrix) else None
+        cells, q, g = [], [], []
+        for n in threads:
+            quant.set_threads(n)
+            quant.quantize(np.ascontiguousarray(x[:2]), qt, imatrix=im)
+            same = np.array_equal(quant.quantize(x, qt, imatrix=im), ggml.quantize(int(qt.qtype), x, im, n))
+            tq = best_time(lambda: quant.quantize(x, qt, imatrix=im), repeat)[0]
+            tg = best_time(lambda: ggml.quantize(int(qt.qtype), x, im, n), repeat)[0]
+            q.append(mb / tq)
+            g.append(mb / tg)
+            cells.append(f"{mb / tq:.0f} / {mb / tg:.0f}{'' if same else ' (bytes differ!)'}")
+            print(f"# {name} {n}T quantkit {mb / tq:.0f} ggml {mb / tg:.0f} MB/s, bytes equal: {same}",
+                  file=sys.stderr, flush=True)
+        eff = lambda v: f"{v[-1] / v[0] / threads[-1]:.2f}" if threads[0] == 1 else "—"  # noqa: E731
+        print(f"| {name} | {'imatrix' if im is not None else '—'} | " + " | ".join(cells) + f" | {eff(q)} | {eff(g)} |")
+    quant.set_threads(0)
 
 
 def best_time(fn, repeat: int) -> tuple[float, float]:
@@ -140,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-one-off", action="store_true", help="skip the cold/warm start measurements")
     ap.add_argument("--cold-each", action="store_true",
                     help="one-off costs per measured type (its kernels alone) instead of the Q4_K_M set")
+    ap.add_argument("--threads", default="", help="comma-separated thread counts (1,2,4,8,16): the scaling "
+                    "table of quantkit beside ggml (row chunks) at each, instead of the tables below")
     args = ap.parse_args(argv)
 
     import numba
@@ -148,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ggml = GGML()
     names = [s.strip().upper() for s in args.types.split(",") if s.strip()] or quant.type_names()
+    if args.threads:
+        scaling(names, [int(t) for t in args.threads.split(",")], args.rows, args.cols, args.repeat, ggml)
+        return 0
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.rows, args.cols)).astype(np.float32)
     w = (rng.random(args.cols) ** 2).astype(np.float32)

@@ -24,7 +24,8 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError
-from . import make_chunks, map_chunks, open_stream
+from . import gpu_batches, make_chunks, map_chunks, open_stream
+from .backend import to_host, xp_of
 
 
 def _mean_unc(s: float, s2: float, n: int) -> tuple[float, float]:
@@ -48,20 +49,40 @@ def _percentile(sorted_v: np.ndarray, fraction: float) -> float:
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
+    xp = xp_of(logits)
     x = logits.astype(np.float64)
     x -= x.max(axis=-1, keepdims=True)
-    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    x -= xp.log(xp.exp(x).sum(axis=-1, keepdims=True))
     return x
 
 
 def chunk_nll(logprobs: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    return -logprobs[np.arange(len(targets)), targets]
+    xp = xp_of(logprobs)
+    t = targets if xp is np else xp.asarray(targets)
+    return -logprobs[xp.arange(len(targets)), t]
+
+
+def chunk_stats(lp, lpb, targets: np.ndarray):
+    """One chunk's per-token numbers, as numpy (computed where lp is):
+    (NLL, base NLL, KLD, same top token), the last three None without a base."""
+    nll = chunk_nll(lp, targets)
+    if lpb is None:
+        return to_host(nll), None, None, None
+    xp = xp_of(lp)
+    nllb = chunk_nll(lpb, targets)
+    pb = xp.where(lpb > -16.0, xp.exp(lpb), 0.0)
+    kld = (pb * (lpb - lp)).sum(axis=-1)
+    same = lp.argmax(-1) == lpb.argmax(-1)
+    return to_host(nll), to_host(nllb), to_host(kld), to_host(same)
 
 
 def perplexity(src, text: str, ctx: int = 512, n_chunks: int | None = None, kld_base=None,
                progress: Callable[[int], None] | None = None, model=None, tokenizer=None,
-               base_model=None, tokens: list[int] | None = None, workers: int | None = None) -> dict:
-    """Run llama-perplexity's measurement; returns a JSON-ready dict."""
+               base_model=None, tokens: list[int] | None = None, workers: int | None = None,
+               device: str | None = None, batch: int | None = None) -> dict:
+    """Run llama-perplexity's measurement; returns a JSON-ready dict. ``device``:
+    where models made here run ("cpu", "cuda"; given models run where they were
+    made); on a GPU ``batch`` chunks go through the model at once."""
     from .forward import Model
     from .tokenize import load_tokenizer
 
@@ -72,10 +93,10 @@ def perplexity(src, text: str, ctx: int = 512, n_chunks: int | None = None, kld_
     if tokens is None:
         tokens = tok.encode(text)
     chunks = make_chunks(tokens, ctx, n_chunks, tok.bos_id if tok.add_bos else None)
-    m = model or Model.from_stream(stream)
+    m = model or Model.from_stream(stream, device=device)
     base = None
     if kld_base is not None or base_model is not None:
-        base = base_model or Model.from_stream(open_stream(kld_base))
+        base = base_model or Model.from_stream(open_stream(kld_base), device=device)
         if base.hp.n_vocab != m.hp.n_vocab:
             raise InputError(f"--kld base has a vocabulary of {base.hp.n_vocab}, the model {m.hp.n_vocab}")
     first = ctx // 2
@@ -96,24 +117,32 @@ def perplexity(src, text: str, ctx: int = 512, n_chunks: int | None = None, kld_
         lpb = log_softmax(base.forward(c, logits_from=first)[:-1]) if base is not None else None
         return targets, lp, lpb
 
+    def on_device():  # batches of chunks through the model(s) at once; per chunk (targets, lp, lpb)
+        for i0, b in gpu_batches(chunks, ctx, batch):
+            lg = m.forward(b, logits_from=first)
+            lgb = base.forward(b, logits_from=first) if base is not None else None
+            for j in range(b.shape[0]):
+                i = i0 + j
+                yield (toks[i * ctx + first + 1:(i + 1) * ctx], log_softmax(lg[j, :-1]),
+                       log_softmax(lgb[j, :-1]) if lgb is not None else None)
+
     if base is not None and base is not m:
         base.prepare(ctx)
-    for targets, lp, lpb in map_chunks(one, list(range(len(chunks))), m, workers, len(chunks[0]) if chunks else 0):
-        nll = chunk_nll(lp, targets)
+    runs = map_chunks(one, list(range(len(chunks))), m, workers, len(chunks[0]) if chunks else 0) \
+        if m.dev is None else on_device()
+    for targets, lp, lpb in runs:
+        nll, nllb, kld, same = chunk_stats(lp, lpb, targets)
         s_nll += float(nll.sum())
         s_nll2 += float((nll * nll).sum())
         count += len(nll)
         running.append(math.exp(s_nll / count))
         if base is not None:
-            nllb = chunk_nll(lpb, targets)
             sb_nll += float(nllb.sum())
             sb_nll2 += float((nllb * nllb).sum())
             s_cross += float((nll * nllb).sum())
-            pb = np.where(lpb > -16.0, np.exp(lpb), 0.0)
-            kld = (pb * (lpb - lp)).sum(axis=-1)
             s_kld += float(kld.sum())
             s_kld2 += float((kld * kld).sum())
-            n_same += int((lp.argmax(-1) == lpb.argmax(-1)).sum())
+            n_same += int(same.sum())
             dp = np.exp(-nll) - np.exp(-nllb)
             s_dp += float(dp.sum())
             s_dp2 += float((dp * dp).sum())

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from . import app
-from .options import Chunks, Ctx, Debug, Force, Json, Quiet, Text, Threads, VocabPre, flag
+from .options import Chunks, Ctx, Debug, Device, Force, Json, Quiet, Text, Threads, VocabPre, flag
 
 
 def read_text(path: Path) -> str:
@@ -48,6 +48,7 @@ def calibrate(
     as_json: Json = False,
     quiet: Quiet = False,
     threads: Threads = None,
+    device: Device = "cpu",
     debug: Debug = False,
     layer_map: str = typer.Option(None, "--layer-map", help="Calibrate the replicated model (experimental): "
                                   "the same map as `convert --layer-map`.", show_default=False),
@@ -55,13 +56,14 @@ def calibrate(
                                show_default=False),
 ) -> None:
     """Compute an importance matrix as llama-imatrix does (same chunks, same statistics)."""
-    from ..calib import calibrate as run, imatrix, open_stream
+    from ..calib import backend, calibrate as run, imatrix, open_stream
     from ..calib.forward import Model
     from ..calib.tokenize import load_tokenizer
     from ..errors import OutputError, UsageError
 
     if ctx < 16:
         raise UsageError(f"--ctx {ctx}: must be at least 16")
+    backend.get(device)  # --device cuda without CuPy or a GPU: one line, exit 2
     from ..passes import replicate
 
     mapped = replicate.check_options(layer_map, repeat, None, None)
@@ -80,7 +82,7 @@ def calibrate(
     tokens = tok.encode(body)
     n_max = len(tokens) // ctx
     total = (min(chunks, n_max) if chunks > 0 else n_max) * ctx
-    model = Model.from_stream(stream)
+    model = Model.from_stream(stream, device=device)
     update, close = progress_bar(total, "calibrate", enabled=False if quiet else None)
     try:
         im, stats = run(src, body, ctx=ctx, n_chunks=chunks or None, process_output=process_output,

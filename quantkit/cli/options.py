@@ -29,6 +29,9 @@ Threads = Annotated[Optional[int], typer.Option(
 Text = Annotated[Path, typer.Option(
     "--text", show_default=False, help="UTF-8 text to run the model on (keep calibration and evaluation text apart).")]
 Ctx = Annotated[int, typer.Option("--ctx", help="Tokens per chunk (llama.cpp's -c).")]
+Device = Annotated[str, typer.Option(
+    "--device", help="Where the model runs: cpu (numpy) or cuda (a GPU through CuPy, weights streamed to it layer "
+    "by layer; pip install 'quantkit[gpu]').")]
 Chunks = Annotated[int, typer.Option("--chunks", min=0, help="Use at most this many chunks of the text (0 = all).")]
 VocabPre = Annotated[Optional[str], typer.Option(
     "--vocab-pre", show_default=False, help="BPE pre-tokenizer name when the tokenizer's hash is not known.")]

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from . import app
-from .options import Chunks, Ctx, Debug, Json, Quiet, Text, Threads, VocabPre
+from .options import Chunks, Ctx, Debug, Device, Json, Quiet, Text, Threads, VocabPre
 
 
 @app.command()
@@ -22,11 +22,12 @@ def perplexity(
     as_json: Json = False,
     quiet: Quiet = False,
     threads: Threads = None,
+    device: Device = "cpu",
     vocab_pre: VocabPre = None,
     debug: Debug = False,
 ) -> None:
     """Perplexity of SRC on a text, as llama-perplexity computes it."""
-    from ..calib import open_stream
+    from ..calib import backend, open_stream
     from ..calib.forward import Model
     from ..calib.perplexity import perplexity as run
     from ..calib.tokenize import load_tokenizer
@@ -35,10 +36,11 @@ def perplexity(
 
     if ctx < 16 or ctx % 2:
         raise UsageError(f"--ctx {ctx}: must be an even number of at least 16")
+    backend.get(device)  # --device cuda without CuPy or a GPU: one line, exit 2
     body = read_text(text)
     stream = open_stream(src, vocab_pre)
-    model = Model.from_stream(stream)  # refuses, before any work, a graph it does not compute
-    base = Model.from_stream(open_stream(kld, vocab_pre)) if kld else None
+    model = Model.from_stream(stream, device=device)  # refuses, before any work, a graph it does not compute
+    base = Model.from_stream(open_stream(kld, vocab_pre), device=device) if kld else None
     tok = load_tokenizer(stream, src)
     tokens = tok.encode(body)
     n_max = len(tokens) // ctx

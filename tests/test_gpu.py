@@ -1,0 +1,281 @@
+"""--device cuda (calib/backend.py): calibrate and perplexity on a GPU give the
+CPU path's results (imatrix per-tensor cosine >= 0.9999 and the same entries
+and token counts, perplexity within 0.1%, KL divergence to a base within 2%).
+
+Three layers of checks:
+- everywhere (CI has no GPU): ``--device cuda`` without CuPy or without a GPU
+  is one line and exit 2, nothing written; and the device code paths
+  (several chunks per forward call on a leading axis, weights held by
+  backend.DeviceWeights and streamed under a byte budget, 16-bit GEMM operands
+  kept as their bits) run with numpy standing in for CuPy (HostDevice) and
+  match the CPU path;
+- with a CUDA GPU and CuPy: the same comparisons on the real device, on random
+  checkpoints (dense BF16/F16/F32, MoE) and SmolLM2-shaped random BF16 weights
+  (the real SmolLM2 files are not carried to the GPU machine), with the whole
+  model resident and streamed through a budget smaller than one layer.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cli_helpers import cli, one_error_line  # noqa: E402
+
+from quantkit.calib import backend, calibrate  # noqa: E402
+from quantkit.calib.forward import Model  # noqa: E402
+from quantkit.calib.perplexity import perplexity  # noqa: E402
+from quantkit.calib.tokenize import load_tokenizer  # noqa: E402
+from quantkit.errors import UsageError  # noqa: E402
+from quantkit.sources import open_model  # noqa: E402
+
+
+def _gpu() -> bool:
+    try:
+        backend.Cuda.open()
+        return True
+    except UsageError:
+        return False
+
+
+HAVE_GPU = _gpu()
+needs_gpu = pytest.mark.skipif(not HAVE_GPU, reason="needs CuPy and a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    from pydoc_data.topics import topics
+
+    p = tmp_path_factory.mktemp("gpu") / "pydoc.txt"
+    p.write_text("\n\n".join(topics[k] for k in sorted(topics))[:40000], encoding="utf-8")
+    return p
+
+
+def _open(ckpt: Path):
+    """The random checkpoints' BPE tokenizer has no llama.cpp pre-tokenizer hash: name one."""
+    return open_model(str(ckpt), None if (Path(ckpt) / "tokenizer.model").exists() else "smollm")
+
+
+def _cos(a, b) -> float:
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def assert_imatrix_close(ref, got) -> None:
+    assert ref.names() == got.names()
+    for n in ref.names():
+        assert np.array_equal(np.asarray(ref.counts[n]), np.asarray(got.counts[n])), n
+        c = _cos(ref.sums[n], got.sums[n])
+        assert c >= 0.9999, (n, c)
+
+
+# ------------------------------------------------------------ without a GPU
+
+
+@pytest.mark.skipif(HAVE_GPU, reason="this machine has CuPy and a GPU")
+@pytest.mark.parametrize("cmd", ["calibrate", "perplexity", "convert"])
+def test_device_cuda_without_gpu_is_one_line_exit_2(cmd, random_checkpoint, text_file, tmp_path, capsys):
+    ckpt = random_checkpoint("llama-bf16-sharded")
+    out = tmp_path / "out.gguf"
+    args = {"calibrate": ["calibrate", str(ckpt), "--text", str(text_file), "-o", str(out)],
+            "perplexity": ["perplexity", str(ckpt), "--text", str(text_file)],
+            "convert": ["convert", str(ckpt), "--type", "Q4_K_M", "--calib-text", str(text_file), "-o", str(out)]}
+    rc, stdout, err = cli([*args[cmd], "--device", "cuda"], capsys)
+    assert rc == 2
+    line = one_error_line(err)
+    assert "--device cuda" in line and ("CuPy" in line or "GPU" in line)
+    assert stdout == "" and not list(tmp_path.iterdir())
+
+
+def test_unknown_device_is_usage_error(random_checkpoint, text_file, tmp_path, capsys):
+    rc, _, err = cli(["perplexity", str(random_checkpoint("llama-bf16-sharded")), "--text", str(text_file),
+                      "--device", "tpu"], capsys)
+    assert rc == 2 and "--device tpu: expected one of cpu, cuda" in one_error_line(err)
+
+
+def test_cupy_without_a_gpu_is_usage_error(monkeypatch):
+    """CuPy importable but no device answering (a machine without a driver):
+    the same one-line UsageError, naming the cause."""
+    import types
+
+    class NoDevice(Exception):
+        pass
+
+    def count():
+        raise NoDevice("cudaErrorNoDevice: no CUDA-capable device is detected")
+
+    fake = types.ModuleType("cupy")
+    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=count))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(backend.Cuda, "_instance", None)
+    with pytest.raises(UsageError, match=r"--device cuda: no CUDA GPU answers \(NoDevice: cudaErrorNoDevice"):
+        backend.get("cuda")
+
+
+class HostDevice:
+    """backend.Cuda's interface with numpy as the array module: the device code
+    paths (batches on a leading axis, DeviceWeights' upload/LRU/streaming, the
+    16-bit GEMM operands) run on the CPU."""
+
+    name = "host"
+    xp = np
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.gemm_fallbacks = 0
+
+    def default_budget(self) -> int:
+        return self.budget
+
+    def upload(self, a):
+        return np.array(a, copy=True)
+
+    def sumsq(self, x):
+        return np.einsum("ij,ij->j", x, x, dtype=np.float64)
+
+    def to_bf16_bits(self, x):
+        from quantkit.calib.forward import _round_bf16
+
+        return (_round_bf16(x).view(np.uint32) >> 16).astype(np.uint16)
+
+    def expand_half(self, bits, kind):
+        if kind == "bf16":
+            return (bits.astype(np.uint32) << 16).view(np.float32)
+        return bits.view(np.float16).astype(np.float32)
+
+    def half_matmul(self, x, wbits, kind):
+        xb = self.to_bf16_bits(x) if kind == "bf16" else x.astype(np.float16).view(np.uint16)
+        return self.expand_half(xb, kind) @ self.expand_half(wbits, kind).T
+
+
+def _device_model(stream, dev) -> Model:
+    """Model.from_stream(device="cuda") with ``dev`` as the device."""
+    orig = backend.get
+    try:
+        backend.get = lambda d: dev if d == "cuda" else orig(d)
+        return Model.from_stream(stream, device="cuda")
+    finally:
+        backend.get = orig
+
+
+@pytest.mark.parametrize("name,budget", [("llama-bf16-sharded", 1 << 40), ("llama-bf16-sharded", 20000),
+                                         ("qwen2-f16-sharded", 1 << 40), ("llama-f32", 1 << 40),
+                                         ("mixtral-bf16", 20000)])
+def test_device_paths_match_cpu(name, budget, random_checkpoint, text_file):
+    """The device code paths with numpy for CuPy: imatrix and perplexity as the
+    CPU path's (a 20 kB budget streams every matrix, several times per pass)."""
+    from fixtures.random_checkpoints import SPECS
+
+    if name not in SPECS:
+        pytest.skip(f"no random checkpoint {name}")
+    ckpt = random_checkpoint(name)
+    text = text_file.read_text(encoding="utf-8")
+    with _open(ckpt) as s:
+        tok = load_tokenizer(s, str(ckpt))
+        tokens = tok.encode(text)[: 6 * 64]
+        cpu = Model.from_stream(s)
+        dev = _device_model(s, HostDevice(budget))
+        assert dev.dev is not None and dev.w.streamed == (budget < 1 << 30)
+        ref, _ = calibrate(s, "", ctx=64, model=cpu, tokenizer=tok, tokens=tokens, workers=1)
+        got, _ = calibrate(s, "", ctx=64, model=dev, tokenizer=tok, tokens=tokens, batch=4)
+        assert_imatrix_close(ref, got)
+        if dev.w.streamed:
+            assert dev.w.uploads > len(dev.w)  # matrices uploaded again in later batches
+        p_cpu = perplexity(s, "", ctx=64, model=cpu, tokenizer=tok, tokens=tokens, base_model=cpu, workers=1)
+        p_dev = perplexity(s, "", ctx=64, model=dev, tokenizer=tok, tokens=tokens, base_model=dev, batch=4)
+        assert abs(p_dev["ppl"] / p_cpu["ppl"] - 1) < 1e-3
+        assert p_dev["n_tokens_scored"] == p_cpu["n_tokens_scored"]
+        assert p_dev["kld"]["mean_kld"] < 1e-9  # the model against itself
+
+
+# ------------------------------------------------------------ on a GPU
+
+
+SMOLLM2_SHAPED = dict(arch="llama", hidden=576, intermediate=1536, n_layers=30, n_head=9, n_kv_head=3,
+                      vocab=512, vocab_pad=49152 - 512, dtype="BF16", tied=True, rope_theta=100000.0, seed=7)
+
+
+@pytest.fixture(scope="module")
+def smollm2_shaped(tmp_path_factory) -> Path:
+    """SmolLM2-135M's shapes (30 layers, 576 wide, 9/3 heads, 49152 vocabulary), random BF16."""
+    from fixtures.random_checkpoints import Spec, build
+
+    return build(Spec(**SMOLLM2_SHAPED), tmp_path_factory.mktemp("smollm2-shaped"))
+
+
+def _gpu_vs_cpu(ckpt: Path, text: str, ctx: int, n_chunks: int, budget: int | None = None):
+    with _open(ckpt) as s:
+        tok = load_tokenizer(s, str(ckpt))
+        tokens = tok.encode(text)[: n_chunks * ctx]
+        cpu = Model.from_stream(s)
+        gpu = Model.from_stream(s, device="cuda", weight_budget=budget)
+        ref, _ = calibrate(s, "", ctx=ctx, model=cpu, tokenizer=tok, tokens=tokens)
+        got, _ = calibrate(s, "", ctx=ctx, model=gpu, tokenizer=tok, tokens=tokens)
+        assert_imatrix_close(ref, got)
+        p_cpu = perplexity(s, "", ctx=ctx, model=cpu, tokenizer=tok, tokens=tokens)
+        p_gpu = perplexity(s, "", ctx=ctx, model=gpu, tokenizer=tok, tokens=tokens)
+        assert p_gpu["n_tokens_scored"] == p_cpu["n_tokens_scored"]
+        assert abs(p_gpu["ppl"] / p_cpu["ppl"] - 1) < 1e-3, (p_gpu["ppl"], p_cpu["ppl"])
+        return gpu, p_cpu, p_gpu
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", ["llama-bf16-sharded", "qwen2-f16-sharded", "llama-f32", "gemma2-bf16-spm",
+                                  "mixtral-bf16"])
+def test_gpu_matches_cpu_random(name, random_checkpoint, text_file):
+    from fixtures.random_checkpoints import SPECS
+
+    if name not in SPECS:
+        pytest.skip(f"no random checkpoint {name}")
+    _gpu_vs_cpu(random_checkpoint(name), text_file.read_text(encoding="utf-8"), 64, 8)
+
+
+@needs_gpu
+def test_gpu_streamed_matches_cpu(random_checkpoint, text_file):
+    """A budget smaller than one layer's matrices: every batch streams every weight."""
+    gpu, _, _ = _gpu_vs_cpu(random_checkpoint("llama-bf16-sharded"), text_file.read_text(encoding="utf-8"),
+                            64, 8, budget=20000)
+    assert gpu.w.streamed and gpu.w.uploads > len(gpu.w)
+
+
+@needs_gpu
+def test_gpu_matches_cpu_smollm2_shaped(smollm2_shaped, text_file):
+    gpu, p_cpu, p_gpu = _gpu_vs_cpu(smollm2_shaped, text_file.read_text(encoding="utf-8"), 512, 4)
+    assert gpu.dev.gemm_fallbacks == 0  # the bf16 GEMMs ran as cublasGemmEx
+    print(f"smollm2-shaped: ppl cpu {p_cpu['ppl']:.6f} gpu {p_gpu['ppl']:.6f}")
+
+
+@needs_gpu
+def test_gpu_kld_matches_cpu(random_checkpoint, text_file):
+    """--kld on the GPU: mean KLD of an F16 file's model against the BF16 one within 2% of the CPU's."""
+    text = text_file.read_text(encoding="utf-8")
+    a, b = random_checkpoint("llama-bf16-sharded"), random_checkpoint("llama-bf16-sharded")
+    with _open(a) as s, _open(b) as sb:
+        tok = load_tokenizer(s, str(a))
+        tokens = tok.encode(text)[: 8 * 64]
+        cpu = Model.from_stream(s, weight_type="F32")  # another rounding than the base: a KLD above 0
+        base_cpu = Model.from_stream(sb)
+        gpu = Model.from_stream(s, weight_type="F32", device="cuda")
+        base_gpu = Model.from_stream(sb, device="cuda")
+        r_cpu = perplexity(s, "", ctx=64, model=cpu, tokenizer=tok, tokens=tokens, base_model=base_cpu)
+        r_gpu = perplexity(s, "", ctx=64, model=gpu, tokenizer=tok, tokens=tokens, base_model=base_gpu)
+        k0, k1 = r_cpu["kld"]["mean_kld"], r_gpu["kld"]["mean_kld"]
+        assert k0 > 0 and abs(k1 / k0 - 1) < 0.02, (k0, k1)
+
+
+@needs_gpu
+def test_cli_calibrate_cuda(random_checkpoint, text_file, tmp_path, capsys):
+    from quantkit.calib import imatrix as imx
+
+    ckpt = random_checkpoint("llama-bf16-sharded")
+    outs = {}
+    for d in ("cpu", "cuda"):
+        outs[d] = tmp_path / f"{d}.imatrix.gguf"
+        rc, _, err = cli(["calibrate", str(ckpt), "--text", str(text_file), "--ctx", "64", "--chunks", "8",
+                          "-o", str(outs[d]), "--device", d, "--vocab-pre", "smollm"], capsys)
+        assert rc == 0, err
+    assert_imatrix_close(imx.read_imatrix(outs["cpu"]), imx.read_imatrix(outs["cuda"]))
