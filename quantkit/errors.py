@@ -8,6 +8,8 @@ Exit codes (stable, documented in the README):
   3  invalid input (corrupt/truncated file, bad config, missing tensor, NaN/Inf, unsafe pickle)
   4  unsupported (architecture, tensor type, vocabulary kind)
   5  output error (exists without --force, unwritable, disk full)
+  6  cluster error (--cluster: no scheduler answers, no workers, a worker
+     cannot see the source at the client's path, every worker lost)
   130 interrupted (Ctrl-C); no partial file is left
 """
 from __future__ import annotations
@@ -48,3 +50,9 @@ class UnsupportedError(QuantkitError):
 
 class OutputError(QuantkitError):
     exit_code = 5
+
+
+class ClusterError(QuantkitError):
+    """--cluster: the Dask scheduler or its workers failed us (quantkit.cluster)."""
+
+    exit_code = 6
