@@ -142,6 +142,11 @@ class HostDevice:
 
         return (_round_bf16(x).view(np.uint32) >> 16).astype(np.uint16)
 
+    def half_bits(self, a, kind):
+        from quantkit.calib.backend import host_half
+
+        return host_half(a, kind)
+
     def expand_half(self, bits, kind):
         if kind == "bf16":
             return (bits.astype(np.uint32) << 16).view(np.float32)

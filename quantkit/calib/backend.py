@@ -150,6 +150,13 @@ class Cuda:
     def to_bf16_bits(self, x):
         return self._k_bf16(self.xp.ascontiguousarray(x, dtype=self.xp.float32))
 
+    def half_bits(self, a, kind: str):
+        """16-bit bits of float32 values that are exactly bf16 / f16."""
+        cp = self.xp
+        if kind == "bf16":
+            return (a.view(cp.uint32) >> 16).astype(cp.uint16)
+        return a.astype(cp.float16).view(cp.uint16)
+
     def expand_half(self, bits, kind: str):
         """float32 values of 16-bit bits."""
         cp = self.xp
@@ -255,12 +262,18 @@ class DeviceWeights:
         if a is not None:
             self._dev.move_to_end(name)
             return a
-        c = self._compact(name)
-        nb = c.nbytes
+        if self.streamed or isinstance(self.src[name], np.ndarray):
+            c = self._compact(name)
+            nb = c.nbytes
+        else:  # loaded once: float32 up, 16-bit bits made on the device (the values are exact)
+            c = self.host(name)
+            nb = c.nbytes // (2 if name in self.half else 1)
         while self._dev and self._bytes + nb > self.budget:
             _, old = self._dev.popitem(last=False)
             self._bytes -= old.nbytes
         a = self.dev.upload(c)
+        if a.dtype == np.float32 and name in self.half:
+            a = self.dev.half_bits(a, self.half[name])
         self.uploads += 1
         self.uploaded_bytes += nb
         if nb <= self.budget:
