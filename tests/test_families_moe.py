@@ -38,6 +38,7 @@ from quantkit.mixrules import Preset
 VOCAB_PRE = "smollm"
 FULL = bool(os.environ.get("QUANTKIT_FULL_PARITY"))
 KQ = {"Mixtral": "mixtral-kq", "Qwen2-MoE": "qwen2moe-kq", "Qwen3-MoE": "qwen3moe-kq", "gpt-oss": "gptoss-kq"}
+KQ.update({"Granite MoE": "granitemoe-kq"})  # stretch families (helper H)
 PRESETS = [p.name for p in Preset]
 BYTES_PRESETS = ["Q4_K_M", "MXFP4_MOE"] + (["Q2_K", "Q6_K"] if FULL else [])
 # CI runs a representative subset (8 experts, shared expert, gpt-oss' biases and sinks);
@@ -201,6 +202,7 @@ MISSING = [  # (checkpoint, HF tensor left out, what the error names)
     ("mixtral-f16-sharded", "model.layers.1.block_sparse_moe.experts.2.w2.weight", None),
     ("qwen2moe-bf16", "model.layers.0.mlp.experts.3.up_proj.weight", None),
     ("gptoss-bf16", "model.layers.1.mlp.experts.down_proj", "blk.1.ffn_down_exps.weight"),  # fused: its GGUF name
+    ("granitemoe-bf16", "model.layers.1.block_sparse_moe.input_linear.weight", "blk.1.ffn_gate_exps.weight"),
 ]
 
 
@@ -237,6 +239,7 @@ def test_expert_of_another_shape_is_named(random_checkpoint, tmp_path, capsys):
     ("qwen2moe-bf16", "num_experts"), ("qwen2moe-bf16", "moe_intermediate_size"),
     ("qwen3moe-bf16", "num_experts_per_tok"), ("gptoss-bf16", "sliding_window"),
     ("gptoss-bf16", "num_local_experts"),
+    ("granitemoe-bf16", "num_local_experts"), ("granitemoe-bf16", "num_experts_per_tok"),
 ])
 def test_moe_config_key_is_named(name, key, random_checkpoint, tmp_path, capsys):
     """Set to null (an absent key takes transformers' default, as in the converter)."""
@@ -281,3 +284,15 @@ def test_per_arch_quantize_rules_are_family_facts():
     assert mixrules.expert_categories("qwen2moe") is None
     assert mixrules.allows_quantization("blk.0.hc_attn_fn.weight", (256, 256), "glm5-next", False)
     assert mixrules.allows_quantization("blk.0.hc_attn_fn.weight", (256, 256), "llama", False) is None
+
+
+@pytest.mark.parametrize("name,bad,key", [
+    ("granitemoe-bf16", "model.layers.0.block_sparse_moe.input_linear.weight", "intermediate_size"),
+    ("granitemoeshared-f16", "model.layers.2.shared_mlp.input_linear.weight", "shared_intermediate_size"),
+])
+def test_granite_moe_fused_input_of_another_shape_is_named(name, bad, key, random_checkpoint, tmp_path, capsys):
+    """GraniteMoe's fused gate|up (input_linear) must be 2 * the width on dim -2: one line naming
+    the tensor and the config key, exit 3, nothing written."""
+    d = _rewritten(random_checkpoint, name, tmp_path, lambda ts: [(n, a[..., 1:, :] if n == bad else a) for n, a in ts])
+    rc, line = _convert_error(d, tmp_path, capsys)
+    assert rc == 3 and bad in line and key in line, line
