@@ -26,7 +26,7 @@ from .solvers import fp16_to_fp32, fp32_bits, fp32_from_bits, fp32_to_fp16
 # One set of jit options for every kernel: IEEE division (inf, not
 # ZeroDivisionError), no fastmath (bit-exactness), compiled once, on disk.
 JIT = dict(cache=True, error_model="numpy")
-PJIT = dict(cache=True, error_model="numpy", parallel=True)
+PJIT = dict(cache=True, error_model="numpy", parallel=True, nogil=True)  # nogil: a read-ahead thread runs beside them (execute.py)
 INLINE = dict(cache=True, error_model="numpy")  # small helpers
 
 _HALF = np.float32(0.5)

@@ -166,7 +166,7 @@ def _q2_K_impl_block(x, qw, y, L, scales, mins, sw, Ls, Lm, xt, wt, Lt, S):
     _q2_K_finish(x, y, L, fp16_to_fp32(hd), fp16_to_fp32(hm))
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def _q2_K_ref_rows(x, out):
     nrows, n = x.shape
     nb = n // QK_K
@@ -182,7 +182,7 @@ def _q2_K_ref_rows(x, out):
             _q2_K_ref_block(x[r, i * QK_K : (i + 1) * QK_K], out[r, i * 84 : (i + 1) * 84], L, scales, mins, xt, wt, Lt, S)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def _q2_K_impl_rows(x, qw, out):
     nrows, n = x.shape
     nb = n // QK_K
@@ -204,7 +204,7 @@ def _q2_K_impl_rows(x, qw, out):
             )
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def _q2_K_dequant_rows(data, y):
     nrows, n = y.shape
     nb = n // QK_K
@@ -344,7 +344,7 @@ def _q3_K_impl_block(x, qw, y, L, scales, weight, sw, Ls, wtmp, ra, rb):
     _q3_K_finish(x, y, L)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def _q3_K_ref_rows(x, out):
     nrows, n = x.shape
     nb = n // QK_K
@@ -359,7 +359,7 @@ def _q3_K_ref_rows(x, out):
             _q3_K_ref_block(x[r, i * QK_K : (i + 1) * QK_K], out[r, i * 110 : (i + 1) * 110], L, scales, xt, Lt, Lq, S)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def _q3_K_impl_rows(x, qw, out):
     nrows, n = x.shape
     nb = n // QK_K
@@ -379,7 +379,7 @@ def _q3_K_impl_rows(x, qw, out):
             )
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def _q3_K_dequant_rows(data, y):
     nrows, n = y.shape
     nb = n // QK_K
@@ -610,7 +610,7 @@ def _q5_K_pack(L, y):
         m2 <<= 2
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def _k4_ref_rows(x, out, bsize, nmax, rmin, rdelta, nstep, five):
     for r in prange(x.shape[0]):
         L = np.empty(QK_K, np.uint8)
@@ -623,7 +623,7 @@ def _k4_ref_rows(x, out, bsize, nmax, rmin, rdelta, nstep, five):
         _k4_ref_row(x[r], out[r], bsize, nmax, rmin, rdelta, nstep, five, L, scales, mins, xt, wt, Lt, S)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def _k4_impl_rows(x, qw, out, bsize, nmax, five):
     for r in prange(x.shape[0]):
         L = np.empty(QK_K, np.uint8)
@@ -639,7 +639,7 @@ def _k4_impl_rows(x, qw, out, bsize, nmax, five):
         _k4_impl_row(x[r], qw, out[r], bsize, nmax, five, L, scales, mins, sw, Ls, Lm, xt, wt, Lt, S)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def _k4_dequant_rows(data, y, bsize, five):
     nrows, n = y.shape
     nb = n // QK_K
@@ -740,7 +740,7 @@ def _q6_K_finish(x, y, L, scales):
             )
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def _q6_K_ref_rows(x, out):
     nrows, n = x.shape
     nb = n // QK_K
@@ -757,7 +757,7 @@ def _q6_K_ref_rows(x, out):
             _q6_K_finish(xb, out[r, i * 210 : (i + 1) * 210], L, scales)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def _q6_K_impl_rows(x, qw, out):
     nrows, n = x.shape
     nb = n // QK_K
@@ -775,7 +775,7 @@ def _q6_K_impl_rows(x, qw, out):
             _q6_K_finish(xb, out[r, i * 210 : (i + 1) * 210], L, scales)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def _q6_K_dequant_rows(data, y):
     nrows, n = y.shape
     nb = n // QK_K
