@@ -8,9 +8,15 @@ Stages, each in its own module:
   1-2. quantkit.sources.open_model(src, vocab_pre) -> ModelStream (GGUF names/metadata;
      its Source, lazy tensors, as stream.source): open_source, then arch.to_stream
      for an HF checkpoint (a GGUF source becomes a ModelStream directly)
-  3. quantkit.passes.*  (layer replication)       -> ModelStream
-  4. quantkit.mix.make_plan(stream, type, mix)    -> Plan (per-tensor types)
-  5. quantize each tensor (quantkit.quant) and stream it to quantkit.writer
+  3. stream passes (quantkit.passes.StreamPass: layer replication) -> ModelStream
+  4. the importance matrix (--imatrix, or --calib-text: calib.calibrate_cached)
+  5. quantkit.mix.make_plan(stream, type, mix)    -> Plan (per-tensor types)
+  6. plan passes (quantkit.passes.PlanPass: replica typing, --optimize's
+     error-feedback assignment)                   -> Plan (types, row encoders)
+  7. the statistics the rows' encoders need beyond the diagonal (Gram matrices:
+     calib.gram.grams_cached, cached next to the output)
+  8. encode each tensor through its row's TensorEncoder (the registry's
+     quant.quantize unless a plan pass chose another) and stream it to quantkit.writer
 
 Several presets (``--type A,B,C``, convert_ladder) run stages 1-3 and the
 importance matrix once, plan each preset, then make one pass over the tensors:
@@ -69,6 +75,14 @@ class ConvertOptions:
     # llama-gguf-split's limits: write a split set PREFIX-00001-of-0000N.gguf (writer.plan_split)
     split_max_size: str | None = None  # "500M", "50G"
     split_max_tensors: int | None = None
+    # --optimize: error feedback (passes.errfeedback) on the preset's K-quant block matrices; needs calib_text
+    optimize: bool = False
+    cluster: str | None = None  # --cluster tcp://HOST:PORT or local:N: tensors encoded on Dask workers (quantkit.cluster)
+    # --target-size SIZE / --target-bpw B: per-tensor types under a budget (passes.allocate); need calib_text
+    target_size: str | None = None  # "95MB", "3.2GiB"
+    target_bpw: float | None = None
+    # where --calib-text's calibration (and --optimize's statistics) run: "cpu" or "cuda" (calib.backend)
+    device: str = "cpu"
 
 
 @dataclass
@@ -83,6 +97,7 @@ class ConvertResult:
     notes: list[str] = field(default_factory=list)
     preset: str = ""  # the preset as resolved ("Q4_K_M")
     files: list[Path] = field(default_factory=list)  # every file written: [out], or a split set's members
+    profile: dict | None = None  # _profile: the seconds before the tensor pass, the pass's split, the commit
 
 
 def open_stream(src: str, vocab_pre: str | None = None):
@@ -136,39 +151,48 @@ def _header_shape(shape, preset: str) -> tuple[int, ...]:
     return shape
 
 
-def _producer(source, ref, tp, imatrix: dict | None, raw_name: str | None = None) -> Callable[[], np.ndarray]:
-    from . import quant
+def _producer(source, ref, tp, imatrix: dict | None, grams=None) -> Callable[[], np.ndarray]:
+    """The tensor's bytes, made when the writer asks: the stored bytes when the
+    plan keeps the type (``ref.loader.raw``), else the row's encoder
+    (passes.encoder_of: TensorPlan.encoder, or the registry's quantization) on
+    its float32 values with its statistics (importance vector; Gram matrix from
+    ``grams``, a calib.gram.Grams). A big tensor is read and encoded in row chunks."""
+    from .passes import TensorStats, encoder_of
+
+    enc = encoder_of(tp)
+    hg = grams.get(tp.name) if grams is not None and "gram" in enc.needs else None
+
+    def stats(im) -> TensorStats:
+        return TensorStats(imatrix=im, gram=hg[0] if hg else None, n_tokens=hg[1] if hg else 0)
 
     def produce() -> np.ndarray:
         big = ref.n_elements * 4 > CHUNK_BYTES
         raw = getattr(ref.loader, "raw", None)
-        if getattr(tp, "copy", False) and raw is not None:  # an HF tensor already in the planned type (MXFP4)
+        if getattr(tp, "copy", False) and raw is not None:  # stored bytes, unchanged (MXFP4 experts, GGUF input)
+            if big and getattr(ref.loader, "raw_rows", None) is not None:
+                return _raw_chunks(ref)
             return raw()
-        if (getattr(tp, "copy", False) and getattr(source, "kind", "") == "gguf" and ref.name == tp.name
-                and raw_name != ""):
-            # stored bytes, unchanged (raw_name: the source tensor of a replicated block; "" = computed values)
-            if big and hasattr(source, "raw_rows"):
-                return _raw_chunks(source, raw_name or tp.name, ref)
-            return np.array(source.raw_bytes(raw_name or tp.name))
-        if big and ref.reads_rows:  # read, decode and encode row chunk by row chunk: never whole in memory
-            return _row_chunks(quant, ref, tp, imatrix.get(tp.name) if imatrix else None)
+        im = imatrix.get(tp.name) if imatrix else None
+        if big and ref.reads_rows and enc.row_independent:  # row chunk by row chunk: never whole in memory
+            return _row_chunks(enc, ref, tp, im, stats)
         x = ref.load()
         if x.ndim == 0:
             x = x.reshape(1)
-        im = imatrix.get(tp.name) if imatrix else None
         parts = _matrices(x, im)
-        if x.nbytes <= CHUNK_BYTES:
+        if x.nbytes <= CHUNK_BYTES or not enc.row_independent:
             if len(parts) == 1:
-                return quant.quantize(x, tp.qtype, imatrix=im, name=tp.name)
-            return np.concatenate([quant.quantize(xe, tp.qtype, imatrix=ie, name=tp.name) for xe, ie in parts])
+                return enc.encode(x, tp, stats(im))
+            return np.concatenate([enc.encode(xe, tp, stats(ie)) for xe, ie in parts])
         # a big tensor: encode it in row chunks, each written as soon as it is made,
         # so the encoded copy never exists whole (rows are independent in every format)
+        from . import quant
+
         quant.check_finite(x, tp.name)
-        return (c for xe, ie in parts for c in _chunks(quant, xe, tp, ie))
+        return (c for xe, ie in parts for c in _chunks(enc, xe, tp, ie, stats))
 
     # a ladder (convert_ladder) rebinds the producer to one shared load of ``ref``
     produce.ref = ref  # type: ignore[attr-defined]
-    produce.rebind = lambda r: _producer(source, r, tp, imatrix, raw_name)  # type: ignore[attr-defined]
+    produce.rebind = lambda r: _producer(source, r, tp, imatrix, grams)  # type: ignore[attr-defined]
     return produce
 
 
@@ -186,18 +210,33 @@ def _matrices(x: np.ndarray, im: np.ndarray | None) -> list[tuple[np.ndarray, np
 CHUNK_BYTES = 32 << 20
 
 
-def _chunks(quant, x2: np.ndarray, tp, im):
+def _chunks(enc, x2: np.ndarray, tp, im, stats):
     step = max(1, CHUNK_BYTES // 4 // max(1, x2.shape[1]))
     for r0 in range(0, x2.shape[0], step):
-        yield quant.quantize(x2[r0:r0 + step], tp.qtype, imatrix=im, name=tp.name)
+        yield enc.encode(x2[r0:r0 + step], tp, stats(im))
 
 
-def _row_chunks(quant, ref, tp, im):
+def _row_chunks(enc, ref, tp, im, stats):
     """A big tensor from its source in row chunks of CHUNK_BYTES float32 (the
     rows _chunks takes from the whole array; an expert stack's chunks stay inside
     one expert, whose importance vector they take): bytes as the whole tensor's."""
     from .errors import NonFiniteError
 
+    for r0, r1, ie in _row_ranges(ref, im):
+        x = ref.load_rows(r0, r1)
+        try:
+            q = enc.encode(x, tp, stats(ie))
+        except NonFiniteError as e:  # the row in the whole tensor, as check_finite of it says
+            row = r0 + (e.row or 0)
+            raise NonFiniteError(f"tensor {tp.name!r} has NaN or Inf values (first in row {row})",
+                                 tensor=tp.name, row=row) from None
+        x = None  # not alive while the next chunk is read
+        yield q
+        q = None
+
+
+def _row_ranges(ref, im):
+    """(r0, r1, importance vector) of each row chunk _row_chunks reads, in order."""
     n = int(ref.shape[-1]) if ref.shape else 1
     total = ref.n_rows
     per = total if im is None or len(ref.shape) < 3 or im.size == n else int(ref.shape[-2])
@@ -205,30 +244,36 @@ def _row_chunks(quant, ref, tp, im):
     for m0 in range(0, total, per):
         ie = im if per == total else im[(m0 // per) * n:(m0 // per + 1) * n]
         for r0 in range(m0, m0 + per, step):
-            r1 = min(r0 + step, m0 + per)
-            x = ref.load_rows(r0, r1)
-            try:
-                q = quant.quantize(x, tp.qtype, imatrix=ie, name=tp.name)
-            except NonFiniteError as e:  # the row in the whole tensor, as check_finite of it says
-                row = r0 + (e.row or 0)
-                raise NonFiniteError(f"tensor {tp.name!r} has NaN or Inf values (first in row {row})",
-                                     tensor=tp.name, row=row) from None
-            x = None  # not alive while the next chunk is read
-            yield q
-            q = None
+            yield r0, min(r0 + step, m0 + per), ie
 
 
-def _raw_chunks(source, name: str, ref):
-    """A big tensor's stored bytes, copied row chunk by row chunk (read from the
-    file, not through the map, so they do not stay in RSS)."""
+def _read_plan(ref, tp, im) -> list:
+    """The reads ``_producer``'s produce() makes of ``ref``, in order: [None] (the
+    whole tensor, ref.load()), its row ranges [(r0, r1), ...] (load_rows), or []
+    (a copy of the stored bytes). What the read-ahead (_write_pass) reads before
+    produce() asks; a read it asks for that is not here is read on demand (same
+    bytes, no overlap): keep the two in step."""
+    raw = getattr(ref.loader, "raw", None)
+    if getattr(tp, "copy", False) and raw is not None:
+        return []
+    row_independent = getattr(getattr(tp, "encoder", None), "row_independent", True)
+    if ref.n_elements * 4 > CHUNK_BYTES and ref.reads_rows and row_independent:
+        return [(r0, r1) for r0, r1, _ in _row_ranges(ref, im)]
+    return [None]
+
+
+def _raw_chunks(ref):
+    """A big tensor's stored bytes, copied row chunk by row chunk (``loader.raw_rows``:
+    read from the file, not through the map, so they do not stay in RSS)."""
     total = ref.n_rows
     step = max(1, CHUNK_BYTES // 4 // max(1, int(ref.shape[-1]) if ref.shape else 1))
     for r0 in range(0, total, step):
-        yield np.frombuffer(source.raw_rows(name, r0, min(r0 + step, total)), dtype=np.uint8)
+        yield np.frombuffer(ref.loader.raw_rows(r0, min(r0 + step, total)), dtype=np.uint8)
 
 
 def _imatrix(opts: ConvertOptions, src_stream, out_dir: Path | None = None) -> dict | None:
-    if opts.imatrix_path is not None and opts.calib_text is not None:
+    if opts.imatrix_path is not None and opts.calib_text is not None and opts.target_size is None \
+            and opts.target_bpw is None:  # with a target, --calib-text is the sensitivities' text only
         from .errors import UsageError
 
         raise UsageError("--imatrix and --calib-text cannot be used together")
@@ -247,7 +292,7 @@ def _imatrix(opts: ConvertOptions, src_stream, out_dir: Path | None = None) -> d
         out_dir = out_dir if out_dir is not None else Path(opts.out).parent if opts.out is not None else Path.cwd()
         return calibrate_cached(src_stream, text, opts.src, out_dir, dataset=str(opts.calib_text),
                                 progress=opts.progress, quiet=opts.quiet,
-                                use_cache=opts.calib_cache).importance()
+                                use_cache=opts.calib_cache, device=opts.device).importance()
     return None
 
 
@@ -321,19 +366,24 @@ def convert(opts: ConvertOptions) -> ConvertResult:
 def convert_ladder(opts: ConvertOptions) -> list[ConvertResult]:
     """Every preset of ``opts.type`` (comma-separated) from one read of the
     source and one importance matrix: each tensor is loaded once, encoded once
-    per distinct (type, importance vector) and written to every output that
-    holds it, each output byte-identical to its own single run."""
+    per distinct (type, importance vector, encoder) and written to every output
+    that holds it, each output byte-identical to its own single run.
+
+    The stages: open -> stream passes -> importance matrix -> mix.make_plan per
+    preset -> plan passes -> the statistics the rows' encoders need (Gram
+    matrices for --optimize) -> encode each tensor through its row's encoder -> write."""
     from . import mix, quant
+    from .passes import PlanContext
     from .writer import OutputSet, TensorOut, check_output_dir, plan_split, split_limits
 
     t0 = time.perf_counter()
     presets = parse_types(opts.type)
     split = split_limits(opts.split_max_size, opts.split_max_tensors)
-    replicate_mod = None
-    if opts.layer_map is not None or opts.repeat is not None or opts.replica_type or opts.replica_scale is not None:
-        from .passes import replicate as replicate_mod
+    if opts.device != "cpu":  # without CuPy or a GPU: one line, exit 2, before anything is read
+        from .calib import backend
 
-        replicate_mod.check_options(opts.layer_map, opts.repeat, opts.replica_type, opts.replica_scale)
+        backend.get(opts.device)
+    stream_passes, plan_passes = _passes(opts)
     out = Path(opts.out) if opts.out is not None else None
     targets = output_targets(out, presets, None)
     if not opts.dry_run:
@@ -342,29 +392,42 @@ def convert_ladder(opts: ConvertOptions) -> list[ConvertResult]:
         elif out is not None:
             check_output_dir(out)
     quant.set_threads(opts.threads)
+    executor = _cluster(opts)  # connects (or refuses) before anything is read
 
-    source, stream = open_stream(opts.src, opts.vocab_pre)
     try:
-        if replicate_mod is not None:
-            stream = replicate_mod.apply(stream, opts.layer_map, opts.repeat, opts.replica_scale)
+        source, stream = open_stream(opts.src, opts.vocab_pre)
+    except BaseException:
+        if executor is not None:
+            executor.close()
+        raise
+    try:
+        if executor is not None:  # every worker must see the source at our path
+            from .cluster import stream_spec
+
+            executor.attach(source, stream_spec(source, opts, stream_passes))
+        for sp in stream_passes:
+            stream = sp.apply(stream)
         if targets is None:
             targets = output_targets(out, presets, stream.name)
             if not opts.dry_run:
                 _check_targets(targets, opts.force, split)
-        imatrix = _imatrix(opts, stream, targets[0].parent if targets else None)
+        for pp in plan_passes:  # refusals before any calibration
+            pp.check(stream, presets, opts)
+        out_dir = targets[0].parent if targets else None
+        imatrix = _imatrix(opts, stream, out_dir)
         mix_opts = replace(opts.mix, imatrix=imatrix if imatrix is not None else opts.mix.imatrix,
                            dry_run=opts.dry_run)
-        if replicate_mod is not None:  # the imatrix must come from the replicated graph
-            im_note = replicate_mod.check_imatrix(
-                stream, mix_opts.imatrix, "--imatrix" if opts.imatrix_path is not None else
-                "--calib-text, collected on the replicated graph" if opts.calib_text is not None else "given")
-            stream.notes.extend([im_note] if im_note else [])
+        plans = []
+        for preset in presets:
+            plan = mix.make_plan(stream, preset, mix_opts)
+            ctx = PlanContext(stream, {"imatrix": mix_opts.imatrix}, opts, preset)
+            for pp in plan_passes:
+                plan = pp.apply(plan, ctx)
+            plans.append(plan)
+        grams = _grams(opts, stream, plans, out_dir)
         refs = {t.name: t for t in stream.tensors}
         jobs = []
-        for preset, target in zip(presets, targets):
-            plan = mix.make_plan(stream, preset, mix_opts)
-            if replicate_mod is not None and opts.replica_type:
-                plan = replicate_mod.apply_replica_type(plan, stream, opts.replica_type)
+        for preset, target, plan in zip(presets, targets, plans):
             md, rows = _layout(stream, plan, preset)
             if opts.imatrix_path is not None and preset not in CONVERTER_TYPES:  # as llama-quantize records it
                 n_im = len(mix.effective_imatrix(mix_opts) or {})
@@ -373,10 +436,11 @@ def convert_ladder(opts: ConvertOptions) -> list[ConvertResult]:
 
                     im_file = read_imatrix(opts.imatrix_path)
                     md.update(mix.imatrix_kv(str(opts.imatrix_path), im_file.datasets, n_im, im_file.chunk_count))
+            _encoder_kv(md, rows, opts, preset)
+            md.update(getattr(plan, "metadata", None) or {})  # plan passes' keys (quantkit.allocation)
             used_im = getattr(plan, "imatrix", None) or mix_opts.imatrix
             outs = [TensorOut(tp.name, _header_shape(tp.shape, preset), GGMLQuantizationType(tp.qtype),
-                              _producer(source, refs[tp.name], tp, used_im,
-                                        replicate_mod.raw_source_name(stream, refs[tp.name]) if replicate_mod else None))
+                              _producer(source, refs[tp.name], tp, used_im, grams))
                     for tp in rows]
             job = _Job(preset, plan, md, rows, outs, used_im, target)
             if split is not None:  # a limit smaller than a tensor: refused before any file exists
@@ -393,15 +457,111 @@ def convert_ladder(opts: ConvertOptions) -> list[ConvertResult]:
             with OutputSet(force=opts.force, on_bytes=bar.update if bar is not None else None) as outset:
                 for j in jobs:
                     j.output = outset.add(j.target, stream.arch, j.md, j.outs, split=split)
-                _write_pass(jobs)
+                prof, t_pass = None, time.perf_counter()
+                if executor is not None:
+                    executor.run(jobs, grams)
+                else:
+                    prof = _write_pass(jobs)
+                t_commit = time.perf_counter()
                 written = outset.commit()
         finally:
             if bar is not None:
                 bar.close()
     finally:
         source.close()
-    return [_result(j, files[0][0], [p for p, _ in files], sum(n for _, n in files), t0, notes)
-            for j, files in zip(jobs, written)]
+        if executor is not None:
+            executor.close()
+    results = [_result(j, files[0][0], [p for p, _ in files], sum(n for _, n in files), t0, notes)
+               for j, files in zip(jobs, written)]
+    for r in results:  # where the time went (--profile): one pass for every preset
+        r.profile = _profile(prof, r.seconds, t_pass - t0, time.perf_counter() - t_commit)
+    return results
+
+
+def _passes(opts: ConvertOptions) -> tuple[list, list]:
+    """The stream passes and plan passes the options ask for (their option
+    errors raised here, before any work): layer replication (passes.replicate),
+    --optimize (passes.errfeedback.OptimizePass)."""
+    from .passes import replicate
+
+    stream_passes, plan_passes = replicate.passes_from(opts.layer_map, opts.repeat, opts.replica_type,
+                                                       opts.replica_scale)
+    from .passes.allocate import AllocatePass, budget_from
+
+    budget = budget_from(opts)  # --target-size / --target-bpw: before --optimize, whose encoders see the types
+    if budget is not None:
+        plan_passes.append(AllocatePass(budget))
+    if opts.optimize:
+        from .errors import UsageError
+        from .passes.errfeedback import OptimizePass
+
+        if opts.calib_text is None:
+            if opts.imatrix_path is not None:
+                raise UsageError("--optimize needs --calib-text FILE: an --imatrix file holds only the diagonal "
+                                 "of the Gram matrices X^T X that error feedback uses")
+            raise UsageError("--optimize needs --calib-text FILE (error feedback uses the Gram matrices of the "
+                             "model's activations on that text)")
+        plan_passes.append(OptimizePass())
+    return stream_passes, plan_passes
+
+
+def _grams(opts: ConvertOptions, stream, plans: list, out_dir: Path | None):
+    """The Gram matrices some row's encoder needs (calib.gram, cached next to
+    the output as the --calib-text imatrix), or None (none needed, or a dry run)."""
+    from .passes import needed_stats
+
+    if opts.dry_run or not any("gram" in needed_stats(p.tensors) for p in plans):
+        return None
+    from .calib.gram import grams_cached
+
+    text = Path(opts.calib_text).read_text(encoding="utf-8")  # read (and checked) by _imatrix already
+    log = None if opts.quiet else (lambda s: print(f"note: {s}", file=sys.stderr))
+    g, _, _ = grams_cached(stream, text, opts.src, out_dir if out_dir is not None else Path.cwd(),
+                           dataset=str(opts.calib_text), use_cache=opts.calib_cache, progress=opts.progress,
+                           quiet=opts.quiet, log=log, device=opts.device)
+    return g
+
+
+def _encoder_kv(md: dict, rows: list, opts: ConvertOptions, preset: str) -> None:
+    """quantkit.optimize.* in the metadata when some row has an encoder other
+    than the registry's (before llama-quantize's trailing keys)."""
+    from gguf import GGUFValueType
+
+    from .model import KV
+
+    encs = [tp.encoder for tp in rows if getattr(tp, "encoder", None) is not None]
+    if not encs:
+        return
+    kinds = sorted({e.describe() for e in encs})
+    md["quantkit.optimize.method"] = KV("; ".join(kinds), GGUFValueType.STRING)
+    md["quantkit.optimize.tensors"] = KV(len(encs), GGUFValueType.UINT32)
+    if opts.calib_text is not None:
+        md["quantkit.optimize.calib_text"] = KV(Path(opts.calib_text).name, GGUFValueType.STRING)
+    if preset not in CONVERTER_TYPES:
+        for k in _QUANT_KEYS:
+            md[k] = md.pop(k)
+
+
+def _cluster(opts: ConvertOptions):
+    """--cluster: a connected quantkit.cluster.DaskExecutor (None without one; a dry run only checks the syntax)."""
+    if opts.cluster is None:
+        return None
+    from . import cluster
+
+    if opts.dry_run:
+        cluster.parse_address(opts.cluster)
+        return None
+    return cluster.DaskExecutor(opts.cluster, opts.threads)
+
+
+def _profile(prof, seconds: float, setup: float, commit: float) -> dict:
+    """--profile's numbers: ``seconds`` end to end; ``setup`` (open, plan,
+    headers) before the tensor pass; the pass's execute.Profile (read +
+    decode, encode, write, their overlap; None on a cluster); ``commit``
+    (flush, fsync, rename)."""
+    return {"seconds": round(seconds, 4), "setup": round(setup, 4), "commit": round(commit, 4),
+            "tensors": prof.as_dict() if prof is not None else None,
+            "end_to_end_over_encode": round(seconds / prof.encode, 3) if prof is not None and prof.encode > 0 else None}
 
 
 def _check_targets(targets: list[Path], force: bool, split) -> None:
@@ -418,29 +578,109 @@ def _result(j: _Job, out: Path | None, files: list[Path], n_bytes: int, t0: floa
                          files=files)
 
 
-def _write_pass(jobs: list[_Job]) -> None:
+def _write_pass(jobs: list[_Job], overlap: bool | None = None):
     """One pass over the tensors (in the first output's file order): each is
-    loaded once, encoded once per distinct encoding, written to every output."""
-    from .writer import write_tensor
+    loaded once, encoded once per distinct encoding, written to every output.
+    Run by execute.LocalExecutor: the next tensors' reads (_read_plan) run on a
+    thread of their own while the current one is encoded, and finished chunks
+    are written on another (``overlap`` False, or QUANTKIT_NO_OVERLAP=1: one
+    after the other). Returns the pass's execute.Profile."""
+    from .execute import executor
 
-    order = [t.name for t in jobs[0].outs]
     by_name = [{t.name: (t, tp) for t, tp in zip(j.outs, j.rows)} for j in jobs]
-    for name in order:
-        if len(jobs) == 1:  # one output: its producer as is
-            write_tensor(jobs[0].output, by_name[0][name][0])
-            continue
-        groups: dict[tuple, list[int]] = {}
-        for k, j in enumerate(jobs):
-            t, tp = by_name[k][name]
-            groups.setdefault(_encoding_key(t, tp, j.imatrix), []).append(k)
-        shared = _SharedLoad()
-        for ks in groups.values():
-            t, _ = by_name[ks[0]][name]
-            data = shared.wrap(t).produce()
-            for c in ([data] if isinstance(data, np.ndarray) else data):
-                for k in ks:
-                    jobs[k].output.write(name, c)
-        shared.release()
+    tasks = [_tensor_job(name, jobs, by_name) for name in (t.name for t in jobs[0].outs)]
+
+    def write(task, ks, chunk) -> None:
+        for k in ks:
+            jobs[k].output.write(task.name, chunk)
+
+    return executor(overlap=overlap, ahead_bytes=CHUNK_BYTES).run(tasks, write)
+
+
+def _tensor_job(name: str, jobs: list[_Job], by_name: list[dict]):
+    """One tensor's execute.Job: its reads (every encoding's, _read_plan; a whole
+    load once, shared) and an encode that runs each distinct encoding's producer
+    on a loader taking those reads, yielding (the outputs, chunk)."""
+    import dataclasses
+
+    from .execute import Job
+
+    groups: dict[tuple, list[int]] = {}
+    for k, j in enumerate(jobs):
+        t, tp = by_name[k][name]
+        key = _encoding_key(t, tp, j.imatrix) if len(jobs) > 1 else ()
+        groups.setdefault(key, []).append(k)
+    encs = [(by_name[ks[0]][name], ks) for ks in groups.values()]
+    ref = getattr(encs[0][0][0].produce, "ref", None)
+    plan: list = []
+    if dataclasses.is_dataclass(ref) and hasattr(ref, "loader"):  # a TensorRef: its reads can run ahead
+        for (t, tp), ks in encs:
+            p = _read_plan(ref, tp, jobs[ks[0]].imatrix.get(tp.name) if jobs[ks[0]].imatrix else None)
+            plan += [r for r in p if r is not None or None not in plan]  # a whole load is shared
+    n = int(ref.shape[-1]) if plan and ref.shape else 1
+    reads = [ref.load if r is None else (lambda r=r: ref.load_rows(*r)) for r in plan]
+    sizes = [ref.n_elements * 4 if r is None else (r[1] - r[0]) * n * 4 for r in plan]
+
+    def encode(get):
+        ahead = _ReadAhead(ref, plan, get) if plan else None
+        shared = _SharedLoad() if len(jobs) > 1 else None
+        try:
+            for (t, _), ks in encs:
+                if ahead is not None:
+                    t = ahead.wrap(t)
+                if shared is not None:
+                    t = shared.wrap(t)
+                data = t.produce()
+                if isinstance(data, np.ndarray):
+                    if data.nbytes != t.nbytes:
+                        raise ValueError(f"tensor {name!r}: produced {data.nbytes} bytes, expected {t.nbytes}")
+                    yield ks, data
+                else:
+                    for c in data:
+                        yield ks, c
+                data = None
+        finally:
+            if shared is not None:
+                shared.release()
+
+    return Job(name, reads, encode, sizes)
+
+
+class _ReadAhead:
+    """A tensor's loader whose reads come from the executor (``get``: read ahead
+    on the prefetch thread, or now), in the order _read_plan listed them; a read
+    out of that order is made on demand (``get(None, fn)``)."""
+
+    def __init__(self, ref, plan: list, get):
+        self.ref, self.plan, self.get, self.pos = ref, plan, get, 0
+
+    def wrap(self, t):
+        from .writer import TensorOut
+
+        try:
+            r = replace(self.ref, loader=self._loader())
+        except TypeError:  # not a TensorRef dataclass: its producer reads as it is
+            return t
+        return TensorOut(t.name, t.shape, t.qtype, t.produce.rebind(r))
+
+    def _take(self, want, fn):
+        if self.pos < len(self.plan) and self.plan[self.pos] == want:
+            self.pos += 1
+            return self.get(self.pos - 1)
+        return self.get(None, fn)
+
+    def _loader(self):
+        orig = self.ref.loader
+
+        def load() -> np.ndarray:
+            return self._take(None, self.ref.load)
+        rows = getattr(orig, "rows", None)
+        if rows is not None:
+            load.rows = lambda r0, r1: self._take((r0, r1), lambda: self.ref.load_rows(r0, r1))  # type: ignore[attr-defined]
+        for a in ("raw", "raw_rows"):  # stored bytes a copy writes unchanged: read by the producer
+            if hasattr(orig, a):
+                setattr(load, a, getattr(orig, a))
+        return load
 
 
 def _encoding_key(t, tp, imatrix: dict | None) -> tuple:
@@ -449,7 +689,8 @@ def _encoding_key(t, tp, imatrix: dict | None) -> tuple:
 
     im = imatrix.get(tp.name) if imatrix else None
     h = hashlib.sha1(np.ascontiguousarray(im).tobytes()).digest() if im is not None else None
-    return (int(t.qtype), h, bool(getattr(tp, "copy", False)))
+    enc = getattr(tp, "encoder", None)
+    return (int(t.qtype), h, bool(getattr(tp, "copy", False)), enc.key() if enc is not None else None)
 
 
 class _SharedLoad:
@@ -475,8 +716,10 @@ class _SharedLoad:
             return self._x
         if ref.reads_rows:  # a big tensor is read in row chunks by each encoding instead
             load.rows = ref.loader.rows  # type: ignore[attr-defined]
-        if hasattr(ref.loader, "raw"):  # stored bytes a copy writes unchanged (gpt-oss MXFP4 experts)
+        if hasattr(ref.loader, "raw"):  # stored bytes a copy writes unchanged (MXFP4 experts, GGUF input)
             load.raw = ref.loader.raw  # type: ignore[attr-defined]
+        if hasattr(ref.loader, "raw_rows"):
+            load.raw_rows = ref.loader.raw_rows  # type: ignore[attr-defined]
         return load
 
     def release(self) -> None:

@@ -130,3 +130,192 @@ def _apply(m: Model, name: str, res) -> None:
     m.w[name] = np.asarray(w_hat, dtype=np.float32).reshape(m.w[name].shape)
     if m.emulate and typ:
         m.act[name] = VEC_DOT_TYPE.get(str(typ).upper())
+
+
+# --------------------------------------------------------------------------
+# one-shot Gram matrices of the float model, cached next to the output
+# (convert --optimize: the "gram" statistics of passes.errfeedback's encoder)
+# --------------------------------------------------------------------------
+_BLOCK_MATRIX = __import__("re").compile(r"^blk\.\d+\.(" + "|".join(g for grp in GROUPS for g in grp) + r")\.weight$")
+
+
+class Grams:
+    """Gram matrices by weight name; matrices reading one input (q/k/v,
+    gate/up) share one array. ``H`` key -> float32 (cols, cols) (what every
+    encoder reads: a fresh and a cached run encode alike), ``n`` key -> tokens,
+    ``of`` weight name -> key."""
+
+    def __init__(self, H: dict, n: dict, of: dict):
+        self.H, self.n, self.of = H, n, of
+
+    def get(self, name: str) -> "tuple[np.ndarray, int] | None":
+        k = self.of.get(name)
+        return None if k is None else (self.H[k], int(self.n[k]))
+
+    def names(self) -> list[str]:
+        return list(self.of)
+
+    def write(self, path, meta: dict | None = None) -> None:
+        """A GGUF file (gguf-py's writer): one F32 tensor per key, the name map
+        and token counts as quantkit.gram.* arrays; written to a temp name, then renamed."""
+        import os
+        from pathlib import Path
+
+        import gguf
+
+        path = Path(path)
+        tmp = path.with_name(path.name + ".partial")
+        w = gguf.GGUFWriter(str(tmp), arch="quantkit-gram")
+        keys = list(self.H)
+        w.add_array("quantkit.gram.keys", keys)
+        w.add_array("quantkit.gram.tokens", [int(self.n[k]) for k in keys])
+        w.add_array("quantkit.gram.names", list(self.of))
+        w.add_array("quantkit.gram.of", [self.of[n] for n in self.of])
+        for k, v in (meta or {}).items():
+            w.add_string(f"quantkit.gram.{k}", str(v))
+        for k in keys:
+            w.add_tensor(k, np.ascontiguousarray(self.H[k], dtype=np.float32))
+        try:
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+            os.replace(tmp, path)
+        except BaseException:
+            w.close()
+            tmp.unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def read(cls, path) -> "Grams":
+        """The cache file (tensors memory-mapped: loaded as an encoder reads them)."""
+        import gguf
+
+        r = gguf.GGUFReader(str(path))
+
+        keys = [str(k) for k in r.fields["quantkit.gram.keys"].contents()]
+        tokens = [int(t) for t in r.fields["quantkit.gram.tokens"].contents()]
+        names = [str(k) for k in r.fields["quantkit.gram.names"].contents()]
+        of = [str(k) for k in r.fields["quantkit.gram.of"].contents()]
+        t = {x.name: x for x in r.tensors}
+        H = {k: np.asarray(t[k].data).reshape(int(t[k].shape[0]), int(t[k].shape[0])) for k in keys}
+        return cls(H, dict(zip(keys, tokens)), dict(zip(names, of)))
+
+
+class _SharedInputs:
+    """Hook: X^T X per distinct input of the wanted matrices (one product for
+    q/k/v, one for gate/up: the same array reaches their hooks), float32 per
+    chunk, summed in float64."""
+
+    def __init__(self, names):
+        self.want = set(names)
+        self.H: dict[str, np.ndarray] = {}
+        self.n: dict[str, int] = {}
+        self.of: dict[str, str] = {}
+        self._chunk: list = []  # (input array, key) seen in this chunk
+
+    def new_chunk(self) -> None:
+        self._chunk = []
+
+    def __call__(self, name: str, x: np.ndarray) -> None:
+        w = name if name.endswith(".weight") else name + ".weight"
+        if w not in self.want:
+            return
+        for xs, k in self._chunk:
+            if xs is x:
+                self.of.setdefault(w, k)
+                return
+        k = self.of.setdefault(w, w)
+        from .backend import xp_of
+
+        x32 = xp_of(x).asarray(x, dtype=np.float32)  # on a GPU: a device product (calib.backend)
+        g = (x32.T @ x32).astype(np.float64)
+        if k in self.H:
+            self.H[k] += g
+        else:
+            self.H[k] = g
+        self.n[k] = self.n.get(k, 0) + int(x.shape[0])
+        self._chunk.append((x, k))
+
+
+def one_shot(model: Model, chunks: list[np.ndarray], names=None,
+             progress: Callable[[int], None] | None = None) -> Grams:
+    """Every block matrix's Gram matrix (or ``names``'), from one forward pass
+    of the float ``model`` over ``chunks`` (no feedback of quantization)."""
+    names = [n for n in model.w if _BLOCK_MATRIX.match(n) and np.ndim(model.w[n]) == 2] if names is None else names
+    col = _SharedInputs(names)
+    from . import gpu_batches
+    from .backend import to_host
+
+    runs = chunks if model.dev is None else [b for _, b in gpu_batches(chunks, len(chunks[0]) if chunks else 1)]
+    for c in runs:  # on a GPU: batches of chunks at once
+        col.new_chunk()
+        model.forward(c, hook=col, logits_from=None)
+        if progress:
+            progress(c.size)
+    return Grams({k: to_host(v).astype(np.float32) for k, v in col.H.items()}, col.n, col.of)
+
+
+def cache_path(stream, text: str, out_dir, ctx: int = 512, device: str | None = None):
+    """Next to the output, keyed as the --calib-text imatrix is (calib.cache_path:
+    the model's tensors and hyperparameters, the text, ctx)."""
+    from pathlib import Path
+
+    from . import cache_path as imatrix_cache
+
+    p = imatrix_cache(stream, text, out_dir, ctx, device)
+    return Path(str(p)[:-len(".imatrix.gguf")] + ".gram.gguf")
+
+
+def grams_cached(stream, text: str, src, out_dir, ctx: int = 512, dataset: str = "", use_cache: bool = True,
+                 progress: bool | None = None, quiet: bool = False, log: Callable[[str], None] | None = None,
+                 device: str | None = None):
+    """(Grams, path, reused): the cached Gram matrices of this model and text,
+    else one float forward pass over every ctx-token chunk of the text (as the
+    --calib-text imatrix), then cached (unless ``use_cache`` is false)."""
+    import sys
+
+    from ..errors import InputError
+    from ..model import ModelStream
+    from . import make_chunks
+    from .tokenize import load_tokenizer
+
+    path = cache_path(stream, text, out_dir, ctx, device)
+    if use_cache and path.is_file():
+        try:
+            g = Grams.read(path)
+            if log:
+                log(f"Gram matrices: reused {path}")
+            return g, path, True
+        except Exception:  # unreadable cache: recompute
+            pass
+    tok = load_tokenizer(stream, src if not isinstance(src, ModelStream) else None)
+    chunks = make_chunks(tok.encode(text), ctx, None, tok.bos_id if tok.add_bos else None)
+    model = Model.from_stream(stream, device=device)  # device "cuda": the forward pass and X^T X on the GPU
+    update, close = None, (lambda: None)
+    if progress is None:
+        progress = sys.stderr.isatty() and not quiet
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(chunks) * ctx, unit="tok", unit_scale=True, desc="Gram matrices", file=sys.stderr,
+                   leave=False)
+        update, close = bar.update, bar.close
+    try:
+        g = one_shot(model, chunks, progress=update)
+    finally:
+        close()
+    del model
+    for k, H in g.H.items():
+        if not np.isfinite(H).all():
+            raise InputError(f"non-finite activations reaching {k}")
+    if use_cache:
+        try:
+            g.write(path, {"dataset": dataset, "ctx": ctx, "chunks": len(chunks)})
+            if log:
+                log(f"Gram matrices: computed, cached in {path}")
+        except OSError:  # the cache is a convenience: an unwritable dir is not an error
+            pass
+    elif log:
+        log("Gram matrices: computed (not cached)")
+    return g, path, False

@@ -28,6 +28,12 @@ source and one importance matrix for all) it prints one object
 ``{"schema": "quantkit.convert.ladder/1", "seconds": ..., "outputs": [...]}``
 with one "quantkit.convert/1" object per preset, in the order given.
 
+With ``--profile`` each object has a "profile" field (convert._profile: "seconds"
+end to end, "setup", "commit", "end_to_end_over_encode", and "tensors", the
+tensor pass's execute.Profile: wall, read (read + decode), encode, write,
+overlap, waits, CPU seconds, reads ahead / on demand); without --json the same
+split is printed on stderr.
+
 ``shape`` is in numpy/Hugging Face order (rows first), ``wanted`` is the type a
 rule chose before a shape fallback (or null). Without ``--json`` a one-line
 summary goes to stderr (nothing with ``--quiet``) and stdout stays empty,
@@ -45,7 +51,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from . import app
-from .options import Debug, flag, Force, Json, Quiet, SplitMaxSize, SplitMaxTensors, Threads, VocabPre
+from .options import Debug, Device, flag, Force, Json, Quiet, SplitMaxSize, SplitMaxTensors, Threads, VocabPre
 
 
 def _tensor_types(values: list[str]) -> list[tuple[str, str]]:
@@ -93,11 +99,29 @@ def convert(
     allow_requantize: Annotated[bool, flag("--allow-requantize", help="Allow re-quantizing quantized GGUF input.")] = False,
     dry_run: Annotated[bool, flag("--dry-run", help="Plan only: print the per-tensor types, write nothing.")] = False,
     calib_text: Optional[Path] = typer.Option(None, "--calib-text", help="Compute an importance matrix from this text (cached next to the output)."),
+    device: Device = "cpu",
     no_calib_cache: Annotated[bool, flag("--no-calib-cache", help="With --calib-text: neither reuse nor keep the cached imatrix.")] = False,
     layer_map: Optional[str] = typer.Option(None, "--layer-map", help="Experimental: the new block sequence as half-open source ranges, e.g. 0:20,12:30 runs blocks 12-19 twice (stored again: file and KV cache grow). K-quant layer-position rules see the new indices. An imatrix must be collected on the mapped model (quantkit calibrate --layer-map)."),
     repeat: Optional[str] = typer.Option(None, "--repeat", help="Repeat layers A:B once (--layer-map 0:B,A:N)."),
     replica_type: Optional[str] = typer.Option(None, "--replica-type", help="Type for replicated layers' weights."),
     replica_scale: Optional[float] = typer.Option(None, "--replica-scale", help="Scale of replicas' residual writes."),
+    optimize: Annotated[bool, flag("--optimize", help="With --calib-text: encode the preset's Q2_K..Q6_K block "
+                                   "matrices with error feedback (GPTQ-style, Gram matrices of the text's "
+                                   "activations, cached next to the output): same types and size, lower error. "
+                                   "The file records it (quantkit.optimize.*).")] = False,
+    target_size: Optional[str] = typer.Option(
+        None, "--target-size", help="With --calib-text: choose each quantized tensor's type (the registry's ladder "
+        "Q2_K..Q8_0) so that the file is at most SIZE (95MB, 800MiB, 3.2GiB: decimal and binary units) and the "
+        "measured KL divergence to the float model is least; --type is the base preset. The file records the "
+        "map (quantkit.allocation)."),
+    target_bpw: Optional[str] = typer.Option(
+        None, "--target-bpw", help="As --target-size, with a budget of B bits per weight (tensor data / weights, "
+        "as llama-quantize counts)."),
+    cluster: Optional[str] = typer.Option(
+        None, "--cluster", help="Encode the tensors on a Dask cluster: tcp://HOST:PORT (a running dask scheduler; "
+        "workers open SRC at the same path) or local:N (N worker processes here). Needs the cluster extra."),
+    profile: Annotated[bool, flag("--profile", help="Print where the time went on stderr (with --json: a \"profile\" "
+                                  "field): end to end, the encode (kernel) time, read+decode, write, their overlap.")] = False,
 ) -> None:
     """Convert a Hugging Face checkpoint (or GGUF) to a GGUF file of the given type."""
     from ..convert import ConvertOptions, convert_ladder as run_ladder
@@ -113,12 +137,13 @@ def convert(
         src=src, type=type_, out=out, force=force, threads=threads, vocab_pre=vocab_pre, mix=mix,
         imatrix_path=imatrix, calib_text=calib_text, calib_cache=not no_calib_cache, dry_run=dry_run, quiet=quiet or as_json,
         layer_map=layer_map, repeat=repeat, replica_type=replica_type, replica_scale=replica_scale,
-        split_max_size=split_max_size, split_max_tensors=split_max_tensors,
+        split_max_size=split_max_size, split_max_tensors=split_max_tensors, cluster=cluster, optimize=optimize,
+        target_size=target_size, target_bpw=target_bpw, device=device,
     )
     results = run_ladder(opts)
     ladder = len(results) > 1
     if as_json:
-        objs = [result_json(r, r.preset, dry_run) for r in results]
+        objs = [result_json(r, r.preset, dry_run) | ({"profile": r.profile} if profile else {}) for r in results]
         doc = ({"schema": "quantkit.convert.ladder/1", "seconds": round(max(r.seconds for r in results), 3),
                 "outputs": objs} if ladder else objs[0])
         typer.echo(json.dumps(doc, ensure_ascii=False))
@@ -130,6 +155,11 @@ def convert(
             if ladder:
                 typer.echo(f"# {r.preset}")
             typer.echo(render_plan(_as_plan(r, r.preset)))
+    if profile and results and results[0].profile is not None:  # one pass for every preset: its profile once
+        from ..execute import report
+
+        for line in report(results[0].profile):
+            print(line, file=sys.stderr)
     if not quiet:
         for n in dict.fromkeys(n for r in results for n in r.notes):
             print(f"note: {n}", file=sys.stderr)

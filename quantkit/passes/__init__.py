@@ -67,6 +67,11 @@ class PlanPass:
 
     name: ClassVar[str] = "plan-pass"
 
+    def check(self, stream, presets: list[str], options) -> None:
+        """Refuse what cannot work (UsageError, one line) before any calibration
+        or output: called once with the passed stream, the resolved presets and
+        the ConvertOptions. Default: nothing to check."""
+
     def apply(self, plan, ctx: PlanContext):  # -> mix.Plan
         raise NotImplementedError
 

@@ -28,6 +28,7 @@ Memory: W in float64, U (cols x cols) float64 and one block's scratch.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -337,3 +338,101 @@ def gram_error(H: np.ndarray, W: np.ndarray, W_hat: np.ndarray) -> float:
     """The same from H = X^T X: sqrt(trace(dW H dW^T))."""
     dW = np.asarray(W, np.float64) - W_hat
     return float(np.sqrt(max(float(np.sum((dW @ np.asarray(H, np.float64)) * dW)), 0.0)))
+
+
+# --------------------------------------------------------------------------
+# the pipeline's encoder and plan pass (convert --optimize)
+# --------------------------------------------------------------------------
+import re as _re  # noqa: E402
+from typing import ClassVar  # noqa: E402
+
+from . import PlanPass, TensorEncoder, TensorStats  # noqa: E402
+
+# the block matrices whose inputs calib.gram collects (its GROUPS), as GGUF names
+BLOCK_LINEAR = _re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
+METHOD = "error feedback (GPTQ-style) into K-quant blocks, one-shot Gram matrices of the float model"
+
+_FACTORS: dict = {}  # (sha1 of H, n, damp) -> U: q/k/v (gate/up) share one H, a chunked tensor one per chunk
+
+
+def _factor(H: np.ndarray, damp: float) -> np.ndarray:
+    import hashlib
+
+    H = np.ascontiguousarray(H)
+    key = (hashlib.sha1(H.view(np.uint8)).hexdigest(), H.shape, H.dtype.str, float(damp))
+    U = _FACTORS.get(key)
+    if U is None:
+        U = inverse_factor(np.asarray(H, dtype=np.float64), damp)
+        if len(_FACTORS) >= 2:
+            _FACTORS.clear()
+        _FACTORS[key] = U
+    return U
+
+
+@dataclass(frozen=True)
+class ErrorFeedbackEncoder(TensorEncoder):
+    """A block matrix (rows, cols) of a K-quant type, encoded with error
+    feedback through its input's Gram matrix (stats.gram, damped by
+    ``damp``); the scale search weighted by diag(H) / tokens. Same type and
+    bytes per row as the registry's encoding."""
+
+    damp: float = 0.01
+    needs: ClassVar[tuple[str, ...]] = ("gram",)
+
+    def encode(self, x: np.ndarray, row, stats: TensorStats) -> np.ndarray:
+        H = None if stats is None else stats.gram
+        if H is None:
+            raise UnsupportedError(f"error feedback for {row.name!r}: no Gram matrix collected")
+        x2 = np.asarray(x, dtype=np.float32).reshape(-1, int(row.shape[-1]))
+        quant.check_finite(x2, row.name)
+        w = (np.diag(H).astype(np.float64) / max(int(stats.n_tokens), 1)).astype(np.float32)
+        data, _ = encode(x2, row.qtype.name, _factor(H, self.damp), w)
+        return data
+
+    def describe(self) -> str:
+        return f"error feedback (damp {self.damp:g})"
+
+
+def optimizable(row) -> bool:
+    """A row error feedback encodes: a 2-D block matrix (BLOCK_LINEAR) of a
+    type in SPECS whose rows are whole super-blocks, changing type (not a copy)."""
+    return (row.qtype.name in SPECS and len(row.shape) == 2 and int(row.shape[-1]) % QK_K == 0
+            and BLOCK_LINEAR.match(row.name) is not None and not row.copy)
+
+
+@dataclass
+class OptimizePass(PlanPass):
+    """--optimize: every optimizable row (Q2_K..Q6_K block matrices) gets the
+    error-feedback encoder; the types stay the preset's."""
+
+    damp: float = 0.01
+    name = "optimize"
+
+    def check(self, stream, presets, options) -> None:
+        """Refuse presets with nothing to optimize, before any calibration (one line, exit 2)."""
+        from .. import mix
+        from ..convert import CONVERTER_TYPES
+        from ..errors import UsageError
+
+        for p in presets:
+            if p in CONVERTER_TYPES:
+                raise UsageError(f"--optimize: {p} is a float type; error feedback encodes the K-quant "
+                                 f"tensors ({', '.join(SPECS)}) of a quantized preset such as Q4_K_M")
+            # the types as planned with an imatrix (a placeholder: only which rows are K-quant matters)
+            probe = dataclasses.replace(options.mix, imatrix={"\0probe": np.zeros(1, np.float32)}, dry_run=True,
+                                        include_weights=[], exclude_weights=[])
+            plan = mix.make_plan(stream, p, probe)
+            if not any(optimizable(tp) for tp in plan.tensors):
+                raise UsageError(f"--optimize: preset {p} has no {'/'.join(SPECS)} block matrices to encode "
+                                 f"with error feedback; use a K-quant preset such as Q4_K_M")
+
+    def apply(self, plan, ctx):
+        enc = ErrorFeedbackEncoder(self.damp)
+        n = 0
+        for tp in plan.tensors:
+            if optimizable(tp):
+                tp.encoder = enc
+                n += 1
+        plan.notes.append(f"--optimize: {n} block matrices encoded with error feedback (same types), "
+                          f"the other {len(plan.tensors) - n} tensors as llama.cpp")
+        return plan

@@ -487,3 +487,49 @@ def apply_replica_type(plan, stream: ModelStream, replica_type: str):
     plan.notes.append(f"replica type {t.name}: {n} replica tensor(s) retyped"
                       + (f", {n_fb} by shape fallback" if n_fb else ""))
     return plan
+
+
+# ------------------------------------------------------------ the pipeline's passes ---
+from . import PlanPass, StreamPass  # noqa: E402
+
+
+@dataclasses.dataclass
+class ReplicatePass(StreamPass):
+    """--layer-map / --repeat [--replica-scale] as a stream pass."""
+    layer_map: str | None = None
+    repeat: str | None = None
+    replica_scale: float | None = None
+    name = "replicate"
+
+    def apply(self, stream: ModelStream) -> ModelStream:
+        return apply(stream, self.layer_map, self.repeat, self.replica_scale)
+
+
+@dataclasses.dataclass
+class ReplicaPlanPass(PlanPass):
+    """On a replicated stream: the importance matrix must come from the
+    replicated graph (check_imatrix; its note once on the stream), and
+    --replica-type retypes the replicas' matrices (apply_replica_type)."""
+    replica_type: str | None = None
+    name = "replica-type"
+
+    def apply(self, plan, ctx):
+        stream, opts = ctx.stream, ctx.options
+        im = ctx.stats.get("imatrix")
+        origin = ("--imatrix" if getattr(opts, "imatrix_path", None) is not None else
+                  "--calib-text, collected on the replicated graph" if getattr(opts, "calib_text", None) is not None
+                  else "given")
+        note = check_imatrix(stream, im, origin)
+        if note and note not in stream.notes:
+            stream.notes.append(note)
+        if self.replica_type:
+            plan = apply_replica_type(plan, stream, self.replica_type)
+        return plan
+
+
+def passes_from(layer_map: str | None, repeat: str | None, replica_type: str | None,
+                replica_scale: float | None) -> tuple[list[StreamPass], list[PlanPass]]:
+    """The passes convert runs for these options (checked first, before any work); none without a map."""
+    if not check_options(layer_map, repeat, replica_type, replica_scale):
+        return [], []
+    return [ReplicatePass(layer_map, repeat, replica_scale)], [ReplicaPlanPass(replica_type)]

@@ -104,8 +104,11 @@ class GGUFSource(Source):
         def load() -> np.ndarray:
             return self._load(t)
 
+        # the stored bytes, for a plan that keeps the type (a renamed ref, e.g. a replica, keeps them)
+        load.raw = lambda: np.array(self.raw_bytes(t.name))  # type: ignore[attr-defined]
         if self._row_bytes(t):
             load.rows = lambda r0, r1: self.load_rows(t.name, r0, r1)  # type: ignore[attr-defined]
+            load.raw_rows = lambda r0, r1: self.raw_rows(t.name, r0, r1)  # type: ignore[attr-defined]
         return load
 
     @staticmethod
