@@ -105,15 +105,17 @@ CASES: dict[str, tuple[str, dict, int, str]] = {
     "gpt-oss": ("gptoss-bf16", {ROUTER: 256.0, SINKS: 100.0}, CTX,
                 "softmax over the top-2 logits, router and expert biases, clamped SwiGLU; sinks x100 (about +-2); "
                 "layer 0 sliding (window 32), YaRN x32"),
+    # stretch families (helper H)
+    "olmo3": ("olmo3-bf16", {}, CTX, "OLMo 3: window 16 on 3 of 4 layers (Olmo3Config's default layer_types)"),
+    "olmo3-yarn": ("olmo3-f16-yarn", {}, CTX, "OLMo 3: YaRN x8 on the global layer, the sliding one roped plain; MHA"),
+    "granitemoe": ("granitemoe-bf16", {SCALE: 32.0, ROUTER: 384.0}, CTX,
+                   "Granite MoE: the four multipliers, 4 experts, top 2 renormalised, tied (sharpened x32)"),
 }
 CI_CASES = ["gemma3", "phi3-longrope", "qwen2moe"]
 RUN = list(CASES) if os.environ.get("QUANTKIT_FULL_PARITY") else CI_CASES
 
 
 # ---------------------------------------------------------------- files
-    # stretch families (helper H)
-    "olmo3": ("olmo3-bf16", {}, CTX, "OLMo 3: window 16 on 3 of 4 layers (Olmo3Config's default layer_types)"),
-    "olmo3-yarn": ("olmo3-f16-yarn", {}, CTX, "OLMo 3: YaRN x8 on the global layer, the sliding one roped plain; MHA"),
 
 
 def _kv_items(r: GGUFReader):
@@ -423,7 +425,7 @@ HF_CASES = ["gemma2-hf", "gemma3-hf", "gemma3-mm-hf", "smollm3-hf", "granite-hf"
             # MoE in transformers' layouts (F32 files: router logits exact to ~1e-7, while the smallest
             # top-k margin on these tokens is 3.8e-4 .. 1.3e-3; measured 1.3e-6 .. 1.4e-5 of max |logit|)
             "qwen2moe-hf", "qwen3moe-hf", "mixtral-hf", "gptoss-hf",
-            "olmo3-hf"]  # stretch families (helper H)
+            "olmo3-hf", "granitemoe-hf"]  # stretch families (helper H)
 
 
 @pytest.mark.skipif(not os.environ.get("QUANTKIT_FULL_PARITY"), reason="QUANTKIT_FULL_PARITY=1 (CI time)")
