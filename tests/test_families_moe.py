@@ -296,3 +296,19 @@ def test_granite_moe_fused_input_of_another_shape_is_named(name, bad, key, rando
     d = _rewritten(random_checkpoint, name, tmp_path, lambda ts: [(n, a[..., 1:, :] if n == bad else a) for n, a in ts])
     rc, line = _convert_error(d, tmp_path, capsys)
     assert rc == 3 and bad in line and key in line, line
+
+
+def test_granite_moe_shared_expert_is_refused_by_the_forward_pass(random_checkpoint, tmp_path, capsys):
+    """GraniteMoeShared's ungated shared expert is converted, not computed: calibrate on its F16 file
+    is one line naming the key (granitemoe.expert_shared_feed_forward_length), exit 4, nothing written."""
+    f16 = tmp_path / "shared.f16.gguf"
+    assert main(["convert", str(random_checkpoint("granitemoeshared-f16")), "--type", "F16", "-o", str(f16),
+                 "--vocab-pre", VOCAB_PRE, "--quiet"]) == 0
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    out = tmp_path / "im.gguf"
+    capsys.readouterr()
+    rc = main(["calibrate", str(f16), "--text", str(text), "-o", str(out), "--ctx", "64", "--chunks", "1", "--quiet"])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 4 and len(lines) == 1 and "granitemoe.expert_shared_feed_forward_length" in lines[0], lines
+    assert not out.exists()
