@@ -3,7 +3,7 @@
     from quantkit.execute import Job, executor
     ex = executor(threads=2)             # LocalExecutor (overlapping); QUANTKIT_NO_OVERLAP=1: serial
     prof = ex.run(jobs, write)           # write(job, sink, chunk) for every encoded chunk
-    prof.as_dict(), prof.summary()
+    prof.as_dict(), prof.summary()        # the split: read+decode, encode, write, overlap, waits, CPU
 
 A ``Job`` is one tensor's work, in two parts:
 
@@ -103,13 +103,7 @@ class Profile:
         return d
 
     def summary(self) -> str:
-        ratio = f" ({self.wall / self.encode:.2f}x the encode time)" if self.encode > 0 else ""
-        how = "overlapped" if self.overlapped else "serial"
-        return (f"profile ({how}): tensors {self.wall:.2f} s{ratio}: encode {self.encode:.2f} s, read+decode "
-                f"{self.read:.2f} s, write {self.write:.2f} s, overlap {self.overlap:.2f} s, waiting {self.wait:.2f} s for "
-                f"reads, {self.wait_write:.2f} s for the writer; "
-                f"CPU {self.cpu:.2f} s (read thread {self.read_cpu:.2f}, write thread {self.write_cpu:.2f}); "
-                f"{self.jobs} tensors, {self.hits} reads ahead, {self.misses} on demand")
+        return summary(self.as_dict())
 
     def _finish(self, t0: float, t1: float) -> None:
         self.wall = t1 - t0
@@ -129,6 +123,27 @@ class Profile:
                 end = b
         self.overlap = max(0.0, self.read + self.encode + self.write - union)
         self._spans = []
+
+
+def summary(d: dict) -> str:
+    """One line of a Profile.as_dict() (``quantkit convert --profile``)."""
+    ratio = f" ({d['wall'] / d['encode']:.2f}x the encode time)" if d["encode"] > 0 else ""
+    how = "overlapped" if d["overlapped"] else "serial"
+    return (f"tensor pass ({how}) {d['wall']:.2f} s{ratio}: encode {d['encode']:.2f} s, read+decode "
+            f"{d['read']:.2f} s, write {d['write']:.2f} s, overlap {d['overlap']:.2f} s, waiting {d['wait']:.2f} s "
+            f"for reads and {d['wait_write']:.2f} s for the writer; CPU {d['cpu']:.2f} s (read thread "
+            f"{d['read_cpu']:.2f} s, write thread {d['write_cpu']:.2f} s); {d['jobs']} tensors, {d['hits']} reads "
+            f"ahead, {d['misses']} on demand")
+
+
+def report(p: dict) -> list[str]:
+    """convert's profile (ConvertResult.profile) as the lines --profile prints."""
+    lines = [f"profile: {p['seconds']:.2f} s end to end = {p['setup']:.2f} s open/plan/headers + tensor pass + "
+             f"{p['commit']:.2f} s commit"
+             + (f"; {p['end_to_end_over_encode']:.2f}x the encode time" if p.get("end_to_end_over_encode") else "")]
+    if p.get("tensors"):
+        lines.append("profile: " + summary(p["tensors"]))
+    return lines
 
 
 class _Clock:
@@ -170,6 +185,7 @@ class LocalExecutor:
         t0, c0 = time.perf_counter(), time.process_time()
         pre = _Prefetch(jobs, self.ahead_bytes, prof, _numba_threads()) if self.overlap else None
         wr = _Writer(write, self.write_bytes, prof) if self.overlap else None
+        finished = False
         try:
             for ji, job in enumerate(jobs):
                 get = self._getter(ji, job, pre, prof, clock)
@@ -189,14 +205,16 @@ class LocalExecutor:
                 clock.to("wait_write")
                 wr.close()
                 clock.to(None)
+            finished = True
         finally:
             clock.to(None)
-            # stop and join the threads on every way out (an error, KeyboardInterrupt) before the
-            # caller removes its files; a normal end has finished them already
-            if pre is not None:
-                pre.stop()
+            # stop the threads on every way out (an error, KeyboardInterrupt) before the caller removes
+            # its files: the writer is joined (nothing writes after run returns); a read in progress
+            # writes nothing, so on an error the prefetch thread is not waited for past a moment
             if wr is not None:
                 wr.stop()
+            if pre is not None:
+                pre.stop(None if finished else 1.0)
         if pre is not None:
             prof.read_cpu = pre.cpu
         if wr is not None:
@@ -345,13 +363,13 @@ class _Prefetch:
             self._drop_below(self.first[ji + 1])
             self.cond.notify_all()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
         with self.cond:
             self.stopped = True
             self.ready.clear()
             self.cond.notify_all()
         if self.thread.is_alive():
-            self.thread.join()
+            self.thread.join(timeout)
 
 
 class _Writer:
@@ -438,4 +456,4 @@ class _Writer:
             self.thread.join()
 
 
-__all__ = ["Job", "Profile", "LocalExecutor", "executor", "NO_OVERLAP_ENV", "AHEAD_BYTES"]
+__all__ = ["Job", "Profile", "LocalExecutor", "executor", "summary", "report", "NO_OVERLAP_ENV", "AHEAD_BYTES"]
