@@ -275,7 +275,7 @@ def chart(res: dict) -> None:
     try:
         from quantkit.experiments.chart import Series, scatter_png
     except ImportError:
-        from quantkit.passes.chart import Series, scatter_png
+        from quantkit.experiments.chart import Series, scatter_png
     colors = {"padded": ((90, 90, 90), (31, 119, 180), (214, 39, 40)),
               "smollm2": ((150, 150, 150), (44, 160, 44), (255, 127, 14))}
     series = []

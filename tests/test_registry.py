@@ -212,7 +212,7 @@ def test_quantize_needs_imatrix_equals_llama_quant():
 def test_ladder():
     """The size ladder grows in bits per weight, every step writable; the
     replicate-search preset ladder is derived from it."""
-    from quantkit.passes.search import LADDER
+    from quantkit.experiments.search import LADDER
 
     lad = quant.ladder()
     assert [t.name for t in lad] == ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "F16"]

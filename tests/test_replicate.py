@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from quantkit.errors import UnsupportedError, UsageError
 from quantkit.model import KV, ModelStream
 from quantkit.passes import replicate as R
-from quantkit.passes.chart import Series, read_png, scatter_png
+from quantkit.experiments.chart import Series, read_png, scatter_png
 from quantkit.sources.base import TensorRef
 
 

@@ -46,7 +46,7 @@ def replicate_search(
 ) -> None:
     """Greedy search for blocks worth repeating at TYPE, by KL divergence to SRC on dev text (experimental)."""
     from ..errors import OutputError, UsageError
-    from ..passes import search as S
+    from ..experiments import search as S
     from .calibrate import read_text
 
     if ctx < 16 or ctx % 2:

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..quant import float_types
-from . import replicate as R
+from ..passes import replicate as R
 
 
 def preset_ladder() -> list[str]:
