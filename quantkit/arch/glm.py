@@ -51,13 +51,19 @@ def glm4_params(m: Model, w: GGUFWriter) -> None:
 def glm4_vocab(m: Model, w: GGUFWriter) -> None:
     """Glm4Model.set_vocab: _set_vocab_gpt2, then special tokens from the added vocabulary
     (each only where tokenizer_config.json / tokenizer.json set none: SpecialVocab keeps the first)."""
+    glm_vocab(m, w, GLM4_SPECIAL_TOKENS)
+
+
+def glm_vocab(m: Model, w: GGUFWriter, specials: tuple[tuple[str, str], ...]) -> None:
+    """Byte-level BPE, then ``specials`` (type, added token) set from the added vocabulary, in order
+    (Glm4Model.set_vocab's table; TextModel._set_vocab_glm's for GLM-4.5)."""
     d = m.model_dir
     assert d is not None
     if not (d / "tokenizer.json").is_file():
         raise InputError(f"{d}: no tokenizer.json (GLM-4 uses a byte-level BPE vocabulary)")
     tok = vocab.HFTokenizer(d, m.hp.get("model_type"))
     added = {str(a.content): i for i, a in sorted(tok.added_tokens_decoder().items())}
-    for _, content in GLM4_SPECIAL_TOKENS:
+    for _, content in specials:
         if content not in added:
             raise InputError(f"{d}: the tokenizer has no added token {content!r} (GLM-4 models need it)")
     tokens, types = vocab.gpt2_tokens(tok, m.hp.get("vocab_size", len(tok.vocab)))
@@ -66,7 +72,7 @@ def glm4_vocab(m: Model, w: GGUFWriter) -> None:
     w.add_token_list(tokens)
     w.add_token_types(types)
     sv = vocab.SpecialVocab(d, load_merges=True)
-    for typ, content in GLM4_SPECIAL_TOKENS:
+    for typ, content in specials:
         sv._set_special_token(typ, added[content])
     sv.add_to_gguf(w)
 
