@@ -501,7 +501,7 @@ def _passes(opts: ConvertOptions) -> tuple[list, list]:
                                  "of the Gram matrices X^T X that error feedback uses")
             raise UsageError("--optimize needs --calib-text FILE (error feedback uses the Gram matrices of the "
                              "model's activations on that text)")
-        plan_passes.append(OptimizePass())
+        plan_passes.append(OptimizePass(device=opts.device))
     return stream_passes, plan_passes
 
 

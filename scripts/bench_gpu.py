@@ -38,6 +38,8 @@ SHAPES = {  # fixtures.random_checkpoints.Spec fields; vocab: tokenizer tokens +
     "8b": dict(arch="llama", hidden=4096, intermediate=14336, n_layers=32, n_head=32, n_kv_head=8,
                vocab=512, vocab_pad=128256 - 512, dtype="BF16", tied=False, rope_theta=500000.0),
 }
+SHAPES["8b-1layer"] = dict(SHAPES["8b"], n_layers=1)  # the CPU path's time per layer (--optimize)
+
 
 
 def log(**kw) -> None:
@@ -272,6 +274,22 @@ def convert_e2e(ckpt: Path, work: Path, threads: int, llama_cpp: Path, quantize_
             "identical": filecmp.cmp(ours, ref, shallow=False), "bytes": ours.stat().st_size}
 
 
+def optimize_time(ckpt: Path, work: Path, text: Path, device: str, threads: int, optimize: bool = True) -> float:
+    """Wall seconds of quantkit convert -t Q4_K_M --calib-text TEXT [--optimize] --device DEVICE (no caches)."""
+    import subprocess
+
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / f"{ckpt.name}-{device}-{'opt' if optimize else 'plain'}.gguf"
+    out.unlink(missing_ok=True)
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "quantkit", "convert", str(ckpt), "-t", "Q4_K_M", "--calib-text", str(text),
+                    *(["--optimize"] if optimize else []), "--device", device, "--no-calib-cache", "--threads",
+                    str(threads), "--vocab-pre", "smollm", "-o", str(out), "--quiet"], check=True, cwd=str(ROOT))
+    dt = time.perf_counter() - t
+    out.unlink(missing_ok=True)
+    return dt
+
+
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -294,8 +312,27 @@ def main(argv=None) -> int:
     ap.add_argument("--llama-cpp", type=Path, default=ROOT / ".gpu" / "llama.cpp",
                     help="llama.cpp source: convert_hf_to_gguf.py, conversion/, gguf-py/")
     ap.add_argument("--llama-quantize", type=Path, default=ROOT / ".gpu" / "bin" / "llama-quantize")
+    ap.add_argument("--optimize", default="", help="time convert -t Q4_K_M --calib-text --optimize on these "
+                    "models with --device cuda (8b), and with --device cpu on 8b-1layer (one layer)")
+    ap.add_argument("--optimize-chars", type=int, default=60000, help="characters of calibration text")
     args = ap.parse_args(argv)
 
+    if args.optimize:
+        from pydoc_data.topics import topics
+
+        text = args.work / "calib.txt"
+        args.work.mkdir(parents=True, exist_ok=True)
+        text.write_text("\n\n".join(topics[k] for k in sorted(topics))[: args.optimize_chars], encoding="utf-8")
+        print(f"\nconvert -t Q4_K_M --calib-text ({args.optimize_chars} characters) --optimize, wall seconds "
+              f"({args.convert_threads} threads):\n")
+        print("| model | device | --optimize s | without --optimize s |\n|---|---|--:|--:|")
+        for name in args.optimize.split(","):
+            dev = "cpu" if name.endswith("layer") else "cuda"
+            ckpt = make_checkpoint(name, args.work / name)
+            t_opt = optimize_time(ckpt, args.work / "opt", text, dev, args.convert_threads)
+            t_plain = optimize_time(ckpt, args.work / "opt", text, dev, args.convert_threads, optimize=False)
+            log(optimize=name, device=dev, seconds=t_opt, plain_seconds=t_plain)
+            print(f"| {name} | {dev} | {t_opt:.1f} | {t_plain:.1f} |", flush=True)
     if args.convert:
         ckpt = make_checkpoint(args.convert, args.work / args.convert)
         warm = make_checkpoint("smollm2", args.work / "smollm2")  # compiles the kernels outside the timing

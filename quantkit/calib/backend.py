@@ -50,6 +50,13 @@ def xp_of(a) -> Any:
     return _cupy.get_array_module(a)
 
 
+def device_of(a):
+    """The Cuda backend holding array ``a``; None for numpy arrays."""
+    if _cupy is None or isinstance(a, np.ndarray):
+        return None
+    return Cuda._instance
+
+
 def to_host(a) -> np.ndarray:
     """A numpy array of ``a`` (a device array copied back)."""
     if _cupy is not None and not isinstance(a, np.ndarray) and isinstance(a, _cupy.ndarray):
@@ -106,6 +113,10 @@ class Cuda:
             "float32 x", "float64 y", "(double)x * (double)x", "a + b", "y = a", "0", "quantkit_sumsq")
         self._gemm_ok = True
         self.gemm_fallbacks = 0
+        self._last_bits = None  # (x, kind, bits): q/k/v and gate/up read one input, rounded once
+        self._raw = {}
+        self._ew = {}
+        self.fused_failures: dict[str, str] = {}  # fused kernel -> why it fell back to the plain CuPy ops
 
     @classmethod
     def open(cls) -> "Cuda":
@@ -144,8 +155,107 @@ class Cuda:
     # -- arithmetic
 
     def sumsq(self, x):
-        """Per column sum of x**2 in float64 (llama-imatrix's statistic)."""
+        """Per column sum of x**2 in float64 (llama-imatrix's statistic): each thread one column of a
+        64-row slab (coalesced reads), slabs added atomically; CuPy's reduction if that fails."""
+        cp = self.xp
+        rows, cols = x.shape
+        if "sumsq" not in self.fused_failures:
+            try:
+                x = cp.ascontiguousarray(x, dtype=cp.float32)
+                out = cp.zeros(cols, dtype=cp.float64)
+                k = self._kernel("sumsq")
+                per = 64
+                k(((cols + 255) // 256, (rows + per - 1) // per), (256,),
+                  (x, out, np.int64(rows), np.int32(cols), np.int32(per)))
+                return out
+            except Exception as e:
+                self._failed("sumsq", e)
         return self._k_sumsq(x, axis=0)
+
+    def inverse_factor(self, Hd: np.ndarray) -> np.ndarray:
+        """passes.errfeedback.inverse_factor's linear algebra on the device, float64:
+        upper U with U^T U = Hd^-1 (Hd already damped)."""
+        cp = self.xp
+        Hinv = cp.linalg.inv(cp.asarray(Hd, dtype=cp.float64))
+        U = cp.linalg.cholesky((Hinv + Hinv.T) * 0.5).T
+        return cp.asnumpy(cp.ascontiguousarray(U))
+
+    # -- fused kernels (one pass where the numpy path makes temporaries); any failure: the plain ops
+
+    def _failed(self, name: str, e: Exception) -> None:
+        import sys
+
+        self.fused_failures[name] = f"{type(e).__name__}: {e}"
+        print(f"note: GPU kernel {name} unavailable ({type(e).__name__}: {str(e)[:200]}); using CuPy's ops",
+              file=sys.stderr)
+
+    def _kernel(self, name: str):
+        k = self._raw.get(name)
+        if k is None:
+            k = self._raw[name] = self.xp.RawKernel(_CUDA_SRC, name)
+        return k
+
+    def rms_norm(self, x, w, eps: float):
+        """forward.rms_norm: x * (1 / sqrt(mean(x^2) + eps)) (* w), per row of the last axis."""
+        cp = self.xp
+        if "rms_norm" not in self.fused_failures:
+            try:
+                n = x.shape[-1]
+                xc = cp.ascontiguousarray(x, dtype=cp.float32)
+                y = cp.empty_like(xc)
+                rows = xc.size // n
+                wc = cp.ascontiguousarray(w, dtype=cp.float32) if w is not None else xc
+                self._kernel("rms_norm")((rows,), (256,), (xc, wc, y, np.int32(n), np.float32(eps),
+                                                           np.int32(w is not None)))
+                return y
+            except Exception as e:
+                self._failed("rms_norm", e)
+        return None
+
+    def silu_mul(self, gate, up):
+        """silu(gate) * up in one pass."""
+        if "silu_mul" not in self.fused_failures:
+            try:
+                k = self._ew.get("silu_mul")
+                if k is None:
+                    k = self._ew["silu_mul"] = self.xp.ElementwiseKernel(
+                        "float32 g, float32 u", "float32 h", "h = g / (1.0f + expf(-g)) * u", "quantkit_silu_mul")
+                return k(gate, up)
+            except Exception as e:
+                self._failed("silu_mul", e)
+        return None
+
+    def masked_softmax(self, s, scale: float, T: int, window: int):
+        """In place on contiguous scores (..., T, T): s * scale, the causal (and sliding-window) mask,
+        softmax over the last axis; None when the kernel is not available."""
+        if "masked_softmax" not in self.fused_failures:
+            try:
+                rows = s.size // T
+                self._kernel("masked_softmax")((rows,), (128,), (s, np.int32(T), np.float32(scale),
+                                                                 np.int32(window)))
+                return s
+            except Exception as e:
+                self._failed("masked_softmax", e)
+        return None
+
+    def rope(self, x, cos, sin, n_rot: int, neox: bool):
+        """forward.apply_rope on contiguous x (..., T, H, head_dim)."""
+        cp = self.xp
+        if "rope" not in self.fused_failures:
+            try:
+                xc = cp.ascontiguousarray(x, dtype=cp.float32)
+                T, H, hd = xc.shape[-3:]
+                y = cp.empty_like(xc)
+                c = cp.ascontiguousarray(cos, dtype=cp.float32)
+                sn = cp.ascontiguousarray(sin, dtype=cp.float32)
+                n = xc.size
+                self._kernel("rope")(((n + 255) // 256,), (256,), (xc, y, c, sn, np.int64(n), np.int32(T),
+                                                                   np.int32(H), np.int32(hd), np.int32(n_rot),
+                                                                   np.int32(neox)))
+                return y
+            except Exception as e:
+                self._failed("rope", e)
+        return None
 
     def to_bf16_bits(self, x):
         return self._k_bf16(self.xp.ascontiguousarray(x, dtype=self.xp.float32))
@@ -171,8 +281,13 @@ class Cuda:
         cp = self.xp
         n_rows, k = x.shape
         n_out = wbits.shape[0]
-        xb = self.to_bf16_bits(x) if kind == "bf16" else cp.ascontiguousarray(x, dtype=cp.float32).astype(
-            cp.float16).view(cp.uint16)
+        last = self._last_bits
+        if last is not None and last[0] is x and last[1] == kind:
+            xb = last[2]
+        else:
+            xb = self.to_bf16_bits(x) if kind == "bf16" else cp.ascontiguousarray(x, dtype=cp.float32).astype(
+                cp.float16).view(cp.uint16)
+            self._last_bits = (x, kind, xb)
         wbits = cp.ascontiguousarray(wbits)
         if self._gemm_ok:
             try:
@@ -203,6 +318,97 @@ class Cuda:
         finally:
             cublas.setPointerMode(h, mode)
         return y
+
+
+_CUDA_SRC = r"""
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+// block-wide reduction (blockDim.x a multiple of 32, at most 1024); every thread gets the result
+__device__ float block_reduce(float v, bool is_max) {
+    __shared__ float red[32];
+    __shared__ float res;
+    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = is_max ? warp_max(v) : warp_sum(v);
+    __syncthreads();
+    if (lane == 0) red[wid] = v;
+    __syncthreads();
+    if (wid == 0) {
+        float t = lane < nw ? red[lane] : (is_max ? -INFINITY : 0.0f);
+        t = is_max ? warp_max(t) : warp_sum(t);
+        if (lane == 0) res = t;
+    }
+    __syncthreads();
+    return res;
+}
+
+extern "C" __global__ void sumsq(const float* x, double* out, long long rows, int cols, int per) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= cols) return;
+    long long r0 = (long long)blockIdx.y * per, r1 = r0 + per < rows ? r0 + per : rows;
+    double s = 0.0;
+    for (long long r = r0; r < r1; r++) { double v = (double)x[r * cols + j]; s += v * v; }
+    atomicAdd(out + j, s);
+}
+
+extern "C" __global__ void rms_norm(const float* x, const float* w, float* y, int n, float eps, int has_w) {
+    const float* xr = x + (long long)blockIdx.x * n;
+    float* yr = y + (long long)blockIdx.x * n;
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) s += xr[j] * xr[j];
+    s = block_reduce(s, false);
+    float inv = 1.0f / sqrtf(s / (float)n + eps);
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        float v = xr[j] * inv;
+        yr[j] = has_w ? v * w[j] : v;
+    }
+}
+
+extern "C" __global__ void masked_softmax(float* s, int T, float scale, int window) {
+    long long r = blockIdx.x;
+    int i = (int)(r % T);  // the query position: rows are (..., T) of T x T score matrices
+    float* row = s + r * T;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < T; j += blockDim.x) {
+        bool ok = j <= i && (window <= 0 || i - j < window);
+        float v = ok ? row[j] * scale : -INFINITY;
+        row[j] = v;
+        m = fmaxf(m, v);
+    }
+    m = block_reduce(m, true);
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j < T; j += blockDim.x) {
+        float e = expf(row[j] - m);
+        row[j] = e;
+        sum += e;
+    }
+    sum = block_reduce(sum, false);
+    for (int j = threadIdx.x; j < T; j += blockDim.x) row[j] = row[j] / sum;
+}
+
+extern "C" __global__ void rope(const float* x, float* y, const float* c, const float* s, long long n,
+                                int T, int H, int hd, int n_rot, int neox) {
+    long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= n) return;
+    int d = (int)(k % hd);
+    int t = (int)((k / ((long long)hd * H)) % T);
+    if (d >= n_rot) { y[k] = x[k]; return; }
+    int h = n_rot / 2;
+    if (neox) {
+        if (d < h) { y[k] = x[k] * c[t * h + d] - x[k + h] * s[t * h + d]; }
+        else { int p = d - h; y[k] = x[k - h] * s[t * h + p] + x[k] * c[t * h + p]; }
+    } else {
+        int p = d / 2;
+        if ((d & 1) == 0) { y[k] = x[k] * c[t * h + p] - x[k + 1] * s[t * h + p]; }
+        else { y[k] = x[k - 1] * s[t * h + p] + x[k] * c[t * h + p]; }
+    }
+}
+"""
 
 
 class DeviceWeights:

@@ -144,6 +144,11 @@ def rope_cache(hp: HParams, n_pos: int, freq_factors: np.ndarray | None = None) 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_rot: int, rope_type: int) -> np.ndarray:
     """x: (T, H, head_dim) in place-safe; rotates the first n_rot dims of each head."""
+    dev = backend.device_of(x)
+    if dev is not None:  # one fused pass on a GPU
+        y = dev.rope(x, cos, sin, n_rot, rope_type == ROPE_NEOX)
+        if y is not None:
+            return y
     if rope_type == ROPE_NEOX:
         h = n_rot // 2
         x0, x1 = x[..., :h], x[..., h:n_rot]
@@ -278,6 +283,11 @@ def blas_threads(n: int | None):
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray | None, eps: float) -> np.ndarray:
+    dev = backend.device_of(x)
+    if dev is not None:  # one fused pass on a GPU
+        y = dev.rms_norm(x, w, eps)
+        if y is not None:
+            return y
     xp = xp_of(x)
     ms = xp.mean(xp.square(x, dtype=np.float32), axis=-1, keepdims=True, dtype=np.float32)
     y = x * (1.0 / xp.sqrt(ms + np.float32(eps))).astype(np.float32)
@@ -448,7 +458,12 @@ class Model:
         vh = v.transpose(*lx, a + 1, a, a + 2)  # (Hkv, T, dv)
         s = xp.matmul(qh, kh)
         cap = plan.attn_softcap
-        if cap and self.attn == "flash":  # ggml flash_attn_ext: tanh(s * (scale / cap)) * cap
+        fused = None
+        if self.dev is not None and not cap and not self.graph.sinks:  # scale, mask, softmax in one pass
+            fused = self.dev.masked_softmax(s, plan.kq_scale, T, layer.window)
+        if fused is not None:
+            s = fused
+        elif cap and self.attn == "flash":  # ggml flash_attn_ext: tanh(s * (scale / cap)) * cap
             s *= np.float32(np.float32(plan.kq_scale) / np.float32(cap))
             xp.tanh(s, out=s)
             s *= np.float32(cap)
@@ -457,8 +472,22 @@ class Model:
             s *= np.float32(plan.kq_scale)
         else:
             s *= np.float32(plan.kq_scale)
+        if fused is None:
+            s = self._softmax(s, i, lead, T)
+        if self.kv_f16 and self.attn == "plain":  # mul_mat(v_f16, kq): probabilities rounded to F16
+            s = s.astype(np.float16).astype(np.float32)
+        o = xp.matmul(s.reshape(*lead, hp.n_head_kv, g * T, T), vh)  # (Hkv, g*T, dv)
+        o = o.reshape(*lead, hp.n_head_kv, g, T, hp.head_dim_v).transpose(*lx, a + 2, a, a + 1, a + 3).reshape(
+            n_seq * T, hp.n_head * hp.head_dim_v)
+        return self._lin(p + "attn_output", xp.ascontiguousarray(o), hook)
+
+    def _softmax(self, s, i: int, lead: tuple, T: int):
+        """The masked softmax of scaled scores (..., Hkv, g*T, T) (attention sinks joining the sum)."""
+        hp, xp = self.hp, self.xp
+        g = hp.n_head // hp.n_head_kv
+        p = f"blk.{i}."
         s = s.reshape(*lead, hp.n_head_kv, g, T, T)
-        s += self._mask(T, layer.window)
+        s += self._mask(T, self.plan.layers[i].window)
         if self.graph.sinks:  # flash_attn_ext / soft_max_ext sinks: exp(sink_h - M) joins the sum, no value
             sink = self.w[p + "attn_sinks.weight"].astype(np.float32).reshape(hp.n_head_kv, g, 1, 1)
             mx = xp.maximum(s.max(axis=-1, keepdims=True), sink)
@@ -469,12 +498,7 @@ class Model:
             s -= s.max(axis=-1, keepdims=True)
             xp.exp(s, out=s)
             s /= s.sum(axis=-1, keepdims=True)
-        if self.kv_f16 and self.attn == "plain":  # mul_mat(v_f16, kq): probabilities rounded to F16
-            s = s.astype(np.float16).astype(np.float32)
-        o = xp.matmul(s.reshape(*lead, hp.n_head_kv, g * T, T), vh)  # (Hkv, g*T, dv)
-        o = o.reshape(*lead, hp.n_head_kv, g, T, hp.head_dim_v).transpose(*lx, a + 2, a, a + 1, a + 3).reshape(
-            n_seq * T, hp.n_head * hp.head_dim_v)
-        return self._lin(p + "attn_output", xp.ascontiguousarray(o), hook)
+        return s
 
     def prepare(self, T: int) -> None:
         """Fill the rope/mask caches for sequences of T tokens (before threads share the model)."""
@@ -525,8 +549,10 @@ class Model:
         else:
             gate = self._lin(p + "ffn_gate", x, hook)
             up = self._lin(p + "ffn_up", x, hook)
-        h = ACTIVATIONS[self.graph.activation](gate, self.emulate)
-        h *= up
+        h = self.dev.silu_mul(gate, up) if self.dev is not None and self.graph.activation == "silu" else None
+        if h is None:
+            h = ACTIVATIONS[self.graph.activation](gate, self.emulate)
+            h *= up
         return self._lin(p + "ffn_down", self.xp.ascontiguousarray(h), hook)
 
     # -- whole model

@@ -257,9 +257,14 @@ def damped(H: np.ndarray, damp: float = 0.01) -> np.ndarray:
     return H
 
 
-def inverse_factor(H: np.ndarray, damp: float = 0.01) -> np.ndarray:
-    """U, upper triangular, U^T U = (damped H)^-1 (GPTQ's Hinv)."""
+def inverse_factor(H: np.ndarray, damp: float = 0.01, device: str | None = None) -> np.ndarray:
+    """U, upper triangular, U^T U = (damped H)^-1 (GPTQ's Hinv). ``device``
+    "cuda": the inverse and the Cholesky factor in float64 on the GPU (calib.backend)."""
     Hd = damped(H, damp)
+    if device not in (None, "cpu"):
+        from ..calib import backend
+
+        return backend.get(device).inverse_factor(Hd)
     Hinv = np.linalg.inv(Hd)
     return np.linalg.cholesky((Hinv + Hinv.T) * 0.5).T.copy()
 
@@ -355,14 +360,14 @@ METHOD = "error feedback (GPTQ-style) into K-quant blocks, one-shot Gram matrice
 _FACTORS: dict = {}  # (sha1 of H, n, damp) -> U: q/k/v (gate/up) share one H, a chunked tensor one per chunk
 
 
-def _factor(H: np.ndarray, damp: float) -> np.ndarray:
+def _factor(H: np.ndarray, damp: float, device: str = "cpu") -> np.ndarray:
     import hashlib
 
     H = np.ascontiguousarray(H)
     key = (hashlib.sha1(H.view(np.uint8)).hexdigest(), H.shape, H.dtype.str, float(damp))
     U = _FACTORS.get(key)
     if U is None:
-        U = inverse_factor(np.asarray(H, dtype=np.float64), damp)
+        U = inverse_factor(np.asarray(H, dtype=np.float64), damp, device)
         if len(_FACTORS) >= 2:
             _FACTORS.clear()
         _FACTORS[key] = U
@@ -377,6 +382,7 @@ class ErrorFeedbackEncoder(TensorEncoder):
     bytes per row as the registry's encoding."""
 
     damp: float = 0.01
+    device: str = "cpu"  # where the inverse factor of H is computed (--device)
     needs: ClassVar[tuple[str, ...]] = ("gram",)
 
     def encode(self, x: np.ndarray, row, stats: TensorStats) -> np.ndarray:
@@ -386,7 +392,7 @@ class ErrorFeedbackEncoder(TensorEncoder):
         x2 = np.asarray(x, dtype=np.float32).reshape(-1, int(row.shape[-1]))
         quant.check_finite(x2, row.name)
         w = (np.diag(H).astype(np.float64) / max(int(stats.n_tokens), 1)).astype(np.float32)
-        data, _ = encode(x2, row.qtype.name, _factor(H, self.damp), w)
+        data, _ = encode(x2, row.qtype.name, _factor(H, self.damp, self.device), w)
         return data
 
     def describe(self) -> str:
@@ -406,6 +412,7 @@ class OptimizePass(PlanPass):
     error-feedback encoder; the types stay the preset's."""
 
     damp: float = 0.01
+    device: str = "cpu"  # --device: the inverse factors on the GPU
     name = "optimize"
 
     def check(self, stream, presets, options) -> None:
@@ -427,7 +434,7 @@ class OptimizePass(PlanPass):
                                  f"with error feedback; use a K-quant preset such as Q4_K_M")
 
     def apply(self, plan, ctx):
-        enc = ErrorFeedbackEncoder(self.damp)
+        enc = ErrorFeedbackEncoder(self.damp, self.device)
         n = 0
         for tp in plan.tensors:
             if optimizable(tp):
