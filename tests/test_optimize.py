@@ -147,18 +147,23 @@ def test_gram_cache_reused_and_ladder(runs, texts, smollm2_padded_checkpoint, ca
     assert _types(d / "lad-Q3_K_S.gguf") != _types(f["opt"])
 
 
-def test_changed_text_is_not_reused(runs, texts, smollm2_padded_checkpoint, tmp_path):
-    """The cache key covers the text: another text maps to another cache file."""
+def test_changed_text_or_model_is_not_reused(runs, texts, smollm2_padded_checkpoint):
+    """The cache key covers the text and the model (the stream after its passes:
+    here the 2-block map): another text or model maps to another cache file."""
     from quantkit.calib.gram import cache_path
+    from quantkit.passes.replicate import ReplicatePass
     from quantkit.sources import open_model
 
     d, _ = runs
     calib, _ = texts
     text = calib.read_text(encoding="utf-8")
     with open_model(str(smollm2_padded_checkpoint)) as s:
-        a = cache_path(s, text, d)
-        b = cache_path(s, text + " ", d)
-    assert a.is_file() and a != b and not b.exists()
+        whole = cache_path(s, text, d)
+        mapped = ReplicatePass(layer_map=MAP[1]).apply(s)
+        a = cache_path(mapped, text, d)
+        b = cache_path(mapped, text + " ", d)
+    assert sorted(d.glob("*.gram.gguf")) == [a]
+    assert len({a, b, whole}) == 3
 
 
 @pytest.mark.parametrize("args, needle", [
