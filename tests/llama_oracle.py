@@ -213,10 +213,13 @@ def llama_dry_run(src: Path, ftype: int, **kw) -> tuple[int, dict[str, str], str
 DRY_RUN_NEEDS_IMATRIX = "actually completing this quantization will require an imatrix"
 
 
-def llama_perplexity_tool(tools: Path, gguf: Path, text_file: Path, ctx: int, chunks: int) -> float:
-    """The llama-perplexity tool's final estimate on ``text_file`` (2 threads)."""
+def llama_perplexity_tool(tools: Path, gguf: Path, text_file: Path, ctx: int, chunks: int,
+                          batch: int | None = None) -> float:
+    """The llama-perplexity tool's final estimate on ``text_file`` (2 threads; ``batch``: its -b, by
+    default 2048, i.e. 2048 / ctx sequences per batch)."""
     r = subprocess.run([str(tools / "llama-perplexity"), "-m", str(gguf), "-f", str(text_file), "-c", str(ctx),
-                        "--chunks", str(chunks), "-t", "2"], capture_output=True, text=True)
+                        "--chunks", str(chunks), "-t", "2", *(["-b", str(batch)] if batch else [])],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
     assert m, (r.stdout + r.stderr)[-2000:]
