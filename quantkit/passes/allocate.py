@@ -128,11 +128,11 @@ def group_of(name: str, block: int) -> str:
 @dataclass
 class Settings:
     ctx: int = 128
-    chunks: int = 4  # the text's last chunks (the dev split)
+    chunks: int = 2  # the text's last chunks (the dev split)
     first: int = 16  # scored positions first .. ctx-2
-    measure: tuple[str, ...] = ("Q2_K", "Q4_K")
+    measure: tuple[str, ...] = ("Q3_K",)
     block: int = 0  # layers per group; 0: ceil(n_layer / 6)
-    row_step: int = 8  # proxy on every row_step-th row
+    row_step: int = 16  # proxy on every row_step-th row
 
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -222,6 +222,8 @@ def _proxy(W: np.ndarray, t: T, im: np.ndarray | None, step: int) -> float:
 
     n = W.shape[-1]
     W2 = W.reshape(-1, n)
+    if im is not None and im.size != n:  # an expert stack's vectors (one per expert): their mean for the proxy
+        im = np.ascontiguousarray(im.reshape(-1, n).mean(axis=0), dtype=np.float32)
     sub = np.ascontiguousarray(W2[::step]) if step > 1 and W2.shape[0] >= 4 * step else W2
     d = quant.dequantize(quant.quantize(sub, t, imatrix=im), t, sub.shape)
     v = im if im is not None and im.size == n else np.ones(n, np.float32)
@@ -229,22 +231,27 @@ def _proxy(W: np.ndarray, t: T, im: np.ndarray | None, step: int) -> float:
     return err * (W2.shape[0] / sub.shape[0])
 
 
+def dev_harness(stream, text: str, settings: Settings):
+    """calib.evaluate.Harness on the text's last ``settings.chunks`` chunks (the dev split)."""
+    from ..calib import make_chunks
+    from ..calib.evaluate import Harness
+    from ..calib.tokenize import load_tokenizer
+
+    tok = load_tokenizer(stream, None)
+    chunks = make_chunks(tok.encode(text), settings.ctx, None, tok.bos_id if tok.add_bos else None)
+    return Harness(stream, chunks[-settings.chunks:], first=settings.first)
+
+
 def measure(stream, rows: list, imatrix: dict | None, text: str, settings: Settings,
             log: Callable[[str], None] | None = None, harness=None) -> Sensitivity:
     """The sensitivity table of ``rows`` (plan rows of ``stream``) on ``text``'s dev split."""
     from .. import quant
-    from ..calib.evaluate import Harness
+    from ..calib.evaluate import encode_rows
 
     log = log or (lambda s: None)
     t0 = time.perf_counter()
     if harness is None:
-        from ..calib import make_chunks
-        from ..calib.tokenize import load_tokenizer
-
-        tok = load_tokenizer(stream, None)
-        chunks = make_chunks(tok.encode(text), settings.ctx, None, tok.bos_id if tok.add_bos else None)
-        dev = chunks[-settings.chunks:]
-        harness = Harness(stream, dev, first=settings.first)
+        harness = dev_harness(stream, text, settings)
     base = harness.base
     n_layer = base.hp.n_layer
     block = settings.block or max(1, math.ceil(n_layer / 6))
@@ -266,7 +273,7 @@ def measure(stream, rows: list, imatrix: dict | None, text: str, settings: Setti
             for r in rs:
                 t = quant.fit_row(T[mt], int(r.shape[-1]))
                 im = imatrix.get(r.name) if imatrix else None
-                over[r.name] = (t.name, quant.quantize(base.w[r.name], t, imatrix=im, name=r.name))
+                over[r.name] = (t.name, encode_rows(base.w[r.name], t, im, r.name))
             start = harness.start_of([r.name for r in rs])
             sens.measured[g][mt] = float(harness.score(harness.lowered(over), start=start)["kld"])
         log(f"allocation: sensitivity {k + 1}/{len(by_group)} {g}: "
@@ -484,8 +491,9 @@ class AllocatePass(PlanPass):
 
     name = "allocate"
 
-    def __init__(self, budget: Budget, settings: Settings | None = None):
+    def __init__(self, budget: Budget, settings: Settings | None = None, guard: bool = True):
         self.budget = budget
+        self.guard = guard  # compare with the preset's own types when those fit (measured on the dev split)
         self.settings = settings or Settings()
         self.sensitivity: Sensitivity | None = None
 
@@ -531,6 +539,29 @@ class AllocatePass(PlanPass):
         options = {r.name: [(t, pad(_nbytes(t, r.shape)), sens.estimate(r.name, t)) for t in candidates(r)]
                    for r in rows}
         choice = choose(options, avail)
+        preset_types = {r.name: r.qtype for r in rows}
+        kept = None
+        if self.guard and sum(pad(r.n_bytes) for r in rows) <= avail and choice != preset_types:
+            # the preset's own types fit: keep whichever of the two scores the lower KLD on the dev split
+            from ..calib.evaluate import encode_rows
+
+            h = dev_harness(ctx.stream, text, self.settings)
+            enc: dict = {}  # (name, type) -> bytes, each encoded once for both plans
+
+            def data(types):
+                for r in rows:
+                    key = (r.name, types[r.name])
+                    if key not in enc:
+                        enc[key] = encode_rows(h.base.w[r.name], key[1], imatrix.get(r.name) if imatrix else None,
+                                               r.name)
+                return {r.name: enc[(r.name, types[r.name])] for r in rows}
+
+            k_alloc = h.evaluate(_with_types(plan, choice), data=data(choice))["kld"]
+            k_preset = h.evaluate(_with_types(plan, preset_types), data=data(preset_types))["kld"]
+            enc.clear()
+            kept = (k_preset, k_alloc)
+            if k_preset <= k_alloc:
+                choice = preset_types
         for r in rows:
             t = choice[r.name]
             if t != r.qtype:
@@ -541,15 +572,28 @@ class AllocatePass(PlanPass):
             r.wanted = None
         types = {r.name: r.qtype.name for r in rows}
         kv = allocation_kv(record_json(self.budget.describe(), types))
+        self.kept_preset = choice == preset_types
         plan.metadata = {**(getattr(plan, "metadata", None) or {}), **kv}
         est = sum(sens.estimate(r.name, r.qtype) for r in rows)
         sp = ", ".join(f"{k} {v:.3f}" for k, v in sens.spearman.items())
         cr = ", ".join(f"{k} {v:.3f}" for k, v in sens.cross.items())
+        if kept is not None:
+            plan.notes.append(f"allocation: dev-split KLD {kept[1]:.5f} allocated, {kept[0]:.5f} with {plan.preset}'s "
+                              f"own types (which fit the budget): "
+                              + (f"{plan.preset}'s types kept" if choice == preset_types else "allocation kept"))
         plan.notes.append(f"allocation: {len(rows)} tensors under {self.budget.describe()}: estimated KLD sum "
                           f"{est:.4f}; rank correlation over {len(sens.measured)} groups of the raw proxy with the "
                           f"measured KLD: {sp}" + (f"; of each measured type's KLD predicted from the other: {cr}"
                                                    if cr else ""))
         return plan
+
+
+def _with_types(plan, types: dict):
+    """A copy of ``plan`` with the rows in ``types`` set to those types."""
+    from dataclasses import replace
+
+    return replace(plan, tensors=[replace(tp, qtype=types[tp.name]) if tp.name in types else tp
+                                  for tp in plan.tensors])
 
 
 def _mix_fields(m) -> dict:
