@@ -541,11 +541,12 @@ def _k4_impl_finish(x, y, L, scales, mins, sw, Ls, Lm, Lt, c0, nmax, clamp63):
 
 
 @njit(cache=True, error_model="numpy")
-def _k4_ref_row(x, out, bsize, nmax, rmin, rdelta, nstep, five, L, scales, mins, xt, wt, Lt, S):
+def _k4_ref_row(x, out, bsize, nmax, rmin, rdelta, nstep, five, L, scales, mins, xt, wt, Lt, S, tail=True):
     """One row of Q4_K/Q5_K, _ref path. Two super-blocks share one call of the
-    solver (16 lanes; an odd last block is solved twice, once ignored)."""
+    solver (16 lanes; an odd last block is solved twice, once ignored; without
+    ``tail`` it is left to _k4_ref_tails, which pairs it with another row's)."""
     nb = x.shape[0] // QK_K
-    for i in range(0, nb, 2):
+    for i in range(0, nb if tail else nb - nb % 2, 2):
         i2 = i + 1 if i + 1 < nb else i
         _k4_ref_prep(x[i * QK_K : (i + 1) * QK_K], xt, wt, 0)
         _k4_ref_prep(x[i2 * QK_K : (i2 + 1) * QK_K], xt, wt, 8)
@@ -562,10 +563,10 @@ def _k4_ref_row(x, out, bsize, nmax, rmin, rdelta, nstep, five, L, scales, mins,
 
 
 @njit(cache=True, error_model="numpy")
-def _k4_impl_row(x, qw, out, bsize, nmax, five, L, scales, mins, sw, Ls, Lm, xt, wt, Lt, S):
-    """One row of Q4_K/Q5_K, weighted path (two super-blocks per solver call)."""
+def _k4_impl_row(x, qw, out, bsize, nmax, five, L, scales, mins, sw, Ls, Lm, xt, wt, Lt, S, tail=True):
+    """One row of Q4_K/Q5_K, weighted path (two super-blocks per solver call; ``tail`` as _k4_ref_row)."""
     nb = x.shape[0] // QK_K
-    for i in range(0, nb, 2):
+    for i in range(0, nb if tail else nb - nb % 2, 2):
         i2 = i + 1 if i + 1 < nb else i
         _k4_impl_prep(x[i * QK_K : (i + 1) * QK_K], qw[i * QK_K : (i + 1) * QK_K], xt, wt, sw, 0)
         _k4_impl_prep(x[i2 * QK_K : (i2 + 1) * QK_K], qw[i2 * QK_K : (i2 + 1) * QK_K], xt, wt, sw, 8)
@@ -610,9 +611,48 @@ def _q5_K_pack(L, y):
         m2 <<= 2
 
 
+@njit(cache=True, error_model="numpy")
+def _k4_pack(L, y, five):
+    if five:
+        _q5_K_pack(L, y)
+    else:
+        _q4_K_pack(L, y)
+
+
+# Rows with an odd number of super-blocks (256-wide rows: MoE experts' down projections, 8 of 16 solver
+# lanes idle) go in pairs: each row's even pairs as before, then the two rows' last blocks in one solver
+# call (lanes 0-7 and 8-15 are independent, so every block's bytes are the same as solved alone).
+@njit(cache=True, error_model="numpy")
+def _k4_ref_tails(xa, ya, xb, yb, bsize, nmax, rmin, rdelta, nstep, five, L, scales, mins, xt, wt, Lt, S):
+    i = xa.shape[0] // QK_K - 1
+    _k4_ref_prep(xa[i * QK_K : (i + 1) * QK_K], xt, wt, 0)
+    _k4_ref_prep(xb[i * QK_K : (i + 1) * QK_K], xt, wt, 8)
+    make_qkx_lanes(16, 32, nmax, xt, wt, Lt, rmin, rdelta, nstep, False, False, scales, mins, S)
+    for k in range(2):
+        xx, yy = (xa, ya) if k == 0 else (xb, yb)
+        y = yy[i * bsize : (i + 1) * bsize]
+        _k4_ref_finish(xx[i * QK_K : (i + 1) * QK_K], y, L, scales, mins, Lt, 8 * k, nmax)
+        _k4_pack(L, y, five)
+
+
+@njit(cache=True, error_model="numpy")
+def _k4_impl_tails(xa, ya, xb, yb, qw, bsize, nmax, five, L, scales, mins, sw, Ls, Lm, xt, wt, Lt, S):
+    i = xa.shape[0] // QK_K - 1
+    _k4_impl_prep(xa[i * QK_K : (i + 1) * QK_K], qw[i * QK_K : (i + 1) * QK_K], xt, wt, sw, 0)
+    _k4_impl_prep(xb[i * QK_K : (i + 1) * QK_K], qw[i * QK_K : (i + 1) * QK_K], xt, wt, sw, 8)
+    make_qkx_lanes(16, 32, nmax, xt, wt, Lt, _M0_9, _P0_05, 36, False, True, scales, mins, S)
+    for k in range(2):
+        xx, yy = (xa, ya) if k == 0 else (xb, yb)
+        y = yy[i * bsize : (i + 1) * bsize]
+        _k4_impl_finish(xx[i * QK_K : (i + 1) * QK_K], y, L, scales, mins, sw, Ls, Lm, Lt, 8 * k, nmax, five)
+        _k4_pack(L, y, five)
+
+
 @njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def _k4_ref_rows(x, out, bsize, nmax, rmin, rdelta, nstep, five):
-    for r in prange(x.shape[0]):
+    nr = x.shape[0]
+    step = 2 if (x.shape[1] // QK_K) % 2 else 1  # odd super-blocks per row: rows in pairs
+    for p in prange((nr + step - 1) // step):
         L = np.empty(QK_K, np.uint8)
         xt = np.empty((32, 16), np.float32)
         wt = np.empty((32, 16), np.float32)
@@ -620,12 +660,22 @@ def _k4_ref_rows(x, out, bsize, nmax, rmin, rdelta, nstep, five):
         S = np.empty((QKX_ROWS, 16), np.float32)
         scales = np.empty(16, np.float32)
         mins = np.empty(16, np.float32)
-        _k4_ref_row(x[r], out[r], bsize, nmax, rmin, rdelta, nstep, five, L, scales, mins, xt, wt, Lt, S)
+        r0 = p * step
+        r1 = min(r0 + step, nr)
+        pair = r1 - r0 == 2
+        for r in range(r0, r1):
+            _k4_ref_row(x[r], out[r], bsize, nmax, rmin, rdelta, nstep, five, L, scales, mins, xt, wt, Lt, S,
+                        not pair)
+        if pair:
+            _k4_ref_tails(x[r0], out[r0], x[r0 + 1], out[r0 + 1], bsize, nmax, rmin, rdelta, nstep, five, L,
+                          scales, mins, xt, wt, Lt, S)
 
 
 @njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def _k4_impl_rows(x, qw, out, bsize, nmax, five):
-    for r in prange(x.shape[0]):
+    nr = x.shape[0]
+    step = 2 if (x.shape[1] // QK_K) % 2 else 1  # as _k4_ref_rows
+    for p in prange((nr + step - 1) // step):
         L = np.empty(QK_K, np.uint8)
         xt = np.empty((32, 16), np.float32)
         wt = np.empty((32, 16), np.float32)
@@ -636,7 +686,14 @@ def _k4_impl_rows(x, qw, out, bsize, nmax, five):
         sw = np.empty(16, np.float32)
         Ls = np.empty(8, np.uint8)
         Lm = np.empty(8, np.uint8)
-        _k4_impl_row(x[r], qw, out[r], bsize, nmax, five, L, scales, mins, sw, Ls, Lm, xt, wt, Lt, S)
+        r0 = p * step
+        r1 = min(r0 + step, nr)
+        pair = r1 - r0 == 2
+        for r in range(r0, r1):
+            _k4_impl_row(x[r], qw, out[r], bsize, nmax, five, L, scales, mins, sw, Ls, Lm, xt, wt, Lt, S, not pair)
+        if pair:
+            _k4_impl_tails(x[r0], out[r0], x[r0 + 1], out[r0 + 1], qw, bsize, nmax, five, L, scales, mins, sw, Ls,
+                           Lm, xt, wt, Lt, S)
 
 
 @njit(cache=True, error_model="numpy", parallel=True, nogil=True)
