@@ -9,14 +9,16 @@ Who does what:
 * the client (the ``convert`` process) opens the source, plans every preset,
   reads or computes the importance matrix and creates the outputs
   (writer.OutputSet: headers written, tensor data at planned offsets);
-* each task names one tensor (or a row range of one larger than
-  convert.CHUNK_BYTES of float32) and every distinct encoding a preset wants
+* each task names one tensor (or a row range of about TASK_BYTES of float32
+  of a larger one) and every distinct encoding a preset wants
   of it (plan row + its importance vector: a ladder's presets share the read);
   a worker opens the source itself, by the client's absolute path (once per
   worker process), reads and decodes the tensor, encodes it with the same
   producer a local run uses (convert._producer) and returns the bytes;
-* the client writes them at their planned offsets. Tensor bytes cross the
-  network once, worker -> client; the weights are read from the path.
+* the client fetches them from the worker (``direct_to_workers``: not
+  relayed by the scheduler, so the client must reach the workers' ports) and
+  writes them at their planned offsets. Tensor bytes cross the network once,
+  worker -> client; the weights are read from the path.
 
 Before any tensor is read: the scheduler must answer within CONNECT_TIMEOUT
 seconds, some worker must be there within WORKER_WAIT, and every worker must
@@ -25,8 +27,10 @@ by a function run on each worker): otherwise one ClusterError line, exit 6,
 nothing written.
 
 Memory is bounded: at most ``window`` tasks are submitted or finished but not
-yet written (2 per worker thread, at most MAX_IN_FLIGHT); a result is released
-on the worker once written. A worker that dies mid-job loses its tasks to
+yet written (2 per worker thread, at most MAX_IN_FLIGHT), holding at most
+MAX_BYTES_IN_FLIGHT encoded bytes (or one task); a result is released on the
+worker once written. A worker holds a task's float32 rows (TASK_BYTES) and
+their encodings per thread. A worker that dies mid-job loses its tasks to
 Dask's scheduler, which runs them again elsewhere (a task that killed
 ``distributed.scheduler.allowed-failures`` workers fails: KilledWorker); the
 output is the same bytes. If every worker is gone for WORKER_WAIT seconds, or
@@ -55,7 +59,12 @@ from .errors import ClusterError, UsageError
 
 CONNECT_TIMEOUT = 10.0  # seconds for the scheduler to answer
 WORKER_WAIT = 60.0  # seconds without any worker before giving up
-MAX_IN_FLIGHT = 64  # tasks submitted or not yet written, at most (each <= CHUNK_BYTES of float32)
+MAX_IN_FLIGHT = 64  # tasks submitted or not yet written, at most
+# A tensor above this many bytes of float32 goes as row-range tasks of about this size: few enough
+# tasks that the client's per-task cost (milliseconds, one event loop) stays below the encoding's
+TASK_BYTES = 256 << 20
+# encoded bytes of the tasks in flight, at most (at least one task): the client's memory bound
+MAX_BYTES_IN_FLIGHT = 2 << 30
 EXTRA = 'pip install "quantkit[cluster]"'
 
 _SPEC = re.compile(r"^(?:(?P<tcp>tcp://[^\s/:]+:[0-9]{1,5})|local:(?P<n>[0-9]+))$")
@@ -195,21 +204,30 @@ def encode_task(spec: StreamSpec, name: str, encs: list, rows: tuple[int, int] |
     if rows is not None:  # a row range of a big tensor: read and decode it once
         from .errors import NonFiniteError
 
-        r0, r1 = rows
+        r0, r1, per = rows
         x = None
         out = []
-        for tp, ie, hg in encs:
+        n = int(ref.shape[-1]) if ref.shape else 1
+        for tp, im, hg in encs:
             if _raw_copy(tp, ref):
                 out.append(np.frombuffer(ref.loader.raw_rows(r0, r1), dtype=np.uint8))
                 continue
             x = ref.load_rows(r0, r1) if x is None else x
-            st = TensorStats(imatrix=ie, gram=hg[0] if hg else None, n_tokens=hg[1] if hg else 0)
-            try:
-                out.append(_as_bytes(encoder_of(tp).encode(x, tp, st)))
-            except NonFiniteError as e:  # the row in the whole tensor
-                row = r0 + (e.row or 0)
-                raise NonFiniteError(f"tensor {tp.name!r} has NaN or Inf values (first in row {row})",
-                                     tensor=tp.name, row=row) from None
+            parts = []
+            a = r0
+            while a < r1:  # one importance vector per expert matrix (``im``: those of experts r0 // per ..)
+                b = min(r1, (a // per + 1) * per)
+                e = a // per - r0 // per
+                ie = im if im is None or im.size == n else im[e * n:(e + 1) * n]
+                st = TensorStats(imatrix=ie, gram=hg[0] if hg else None, n_tokens=hg[1] if hg else 0)
+                try:
+                    parts.append(_as_bytes(encoder_of(tp).encode(x[a - r0:b - r0], tp, st)))
+                except NonFiniteError as err:  # the row in the whole tensor
+                    row = a + (err.row or 0)
+                    raise NonFiniteError(f"tensor {tp.name!r} has NaN or Inf values (first in row {row})",
+                                         tensor=tp.name, row=row) from None
+                a = b
+            out.append(parts[0] if len(parts) == 1 else np.concatenate(parts))
         return out
     shared = _SharedLoad()
     out = []
@@ -229,20 +247,19 @@ class _Task:
     name: str
     encs: list  # (plan row, importance vector or slice) per distinct encoding
     targets: list  # per encoding: the job indices whose outputs take it
-    rows: tuple[int, int] | None
+    rows: tuple[int, int, int] | None  # (r0, r1, rows per expert matrix), or None: the whole tensor
     index: int  # chunk number within the tensor
     last: bool
+    nbytes: int = 0  # encoded bytes of its results (all encodings)
 
 
 def _row_ranges(ref, encs: list) -> list[tuple[int, int]] | None:
-    """Row ranges of CHUNK_BYTES float32 (within one expert matrix of a 3-D
-    stack), as convert._row_chunks reads them; None for a tensor encoded whole
-    (small, or some encoding cannot take row ranges: a non-row-independent
-    encoder, a source that reads no row ranges)."""
-    from .convert import CHUNK_BYTES
+    """Row ranges of about TASK_BYTES of float32 each, or None for a tensor
+    encoded whole (at most TASK_BYTES, or some encoding cannot take row ranges:
+    a non-row-independent encoder, a source that reads no row ranges)."""
     from .passes import encoder_of
 
-    if ref.n_elements * 4 <= CHUNK_BYTES:
+    if ref.n_elements * 4 <= TASK_BYTES:
         return None
     for tp, _, _ in encs:
         if _raw_copy(tp, ref):
@@ -252,9 +269,8 @@ def _row_ranges(ref, encs: list) -> list[tuple[int, int]] | None:
             return None
     n = int(ref.shape[-1]) if ref.shape else 1
     total = ref.n_rows
-    per = int(ref.shape[-2]) if len(ref.shape) >= 3 else total
-    step = max(1, CHUNK_BYTES // 4 // max(1, n))
-    return [(r0, min(r0 + step, m0 + per)) for m0 in range(0, total, per) for r0 in range(m0, m0 + per, step)]
+    step = max(1, TASK_BYTES // 4 // max(1, n))
+    return [(r0, min(r0 + step, total)) for r0 in range(0, total, step)]
 
 
 def plan_tasks(jobs, grams=None) -> list[_Task]:
@@ -264,6 +280,7 @@ def plan_tasks(jobs, grams=None) -> list[_Task]:
     with the statistics each needs (importance vector; Gram matrix from ``grams``)."""
     from .convert import _encoding_key
     from .passes import encoder_of
+    from .quant import nbytes
 
     tasks: list[_Task] = []
     by_name = [{t.name: (t, tp) for t, tp in zip(j.outs, j.rows)} for j in jobs]
@@ -283,14 +300,16 @@ def plan_tasks(jobs, grams=None) -> list[_Task]:
         ref = t0.produce.ref
         ranges = _row_ranges(ref, encs)
         if ranges is None:
-            tasks.append(_Task(name, encs, targets, None, 0, True))
+            tasks.append(_Task(name, encs, targets, None, 0, True,
+                               sum(by_name[ks[0]][name][0].nbytes for ks in targets)))
             continue
         n = int(ref.shape[-1])
-        per = int(ref.shape[-2]) if len(ref.shape) >= 3 else ref.n_rows
+        per = int(ref.shape[-2]) if len(ref.shape) >= 3 else ref.n_rows  # rows of one (expert) matrix
         for i, (r0, r1) in enumerate(ranges):
-            e = r0 // per
-            sl = [(tp, im if im is None or im.size == n else im[e * n:(e + 1) * n], hg) for tp, im, hg in encs]
-            tasks.append(_Task(name, sl, targets, (r0, r1), i, i == len(ranges) - 1))
+            e0, e1 = r0 // per, (r1 - 1) // per + 1  # the experts the range touches: their vectors only
+            sl = [(tp, im if im is None or im.size == n else im[e0 * n:e1 * n], hg) for tp, im, hg in encs]
+            tasks.append(_Task(name, sl, targets, (r0, r1, per), i, i == len(ranges) - 1,
+                               sum(nbytes(tp.qtype, (r1 - r0, n)) for tp, _, _ in encs)))
     return tasks
 
 
@@ -310,9 +329,10 @@ class DaskExecutor:
                 self.cluster = distributed.LocalCluster(
                     n_workers=where, threads_per_worker=1, processes=True, host="127.0.0.1",
                     dashboard_address=":0", silence_logs=logging.ERROR if not debug else logging.WARNING)
-                self.client = distributed.Client(self.cluster, set_as_default=False)
-            else:
-                self.client = distributed.Client(where, timeout=CONNECT_TIMEOUT, set_as_default=False)
+                self.client = distributed.Client(self.cluster, set_as_default=False, direct_to_workers=True)
+            else:  # results fetched from the workers themselves, not relayed by the scheduler
+                self.client = distributed.Client(where, timeout=CONNECT_TIMEOUT, set_as_default=False,
+                                                 direct_to_workers=True)
         except (OSError, TimeoutError) as e:
             self.close()
             if kind == "local":
@@ -376,18 +396,25 @@ class DaskExecutor:
         n_waiting = 0
         todo = iter(enumerate(tasks))
         exhausted = False
+        peek = None
+        held = 0  # encoded bytes of the tasks submitted and not yet written
         no_worker_since: float | None = None
         try:
             while True:
                 while not exhausted and len(active) + n_waiting < window:
-                    nxt = next(todo, None)
+                    nxt = peek if peek is not None else next(todo, None)
+                    peek = None
                     if nxt is None:
                         exhausted = True
                         break
                     i, t = nxt
+                    if held and held + t.nbytes > MAX_BYTES_IN_FLIGHT:  # room for one more task's bytes later
+                        peek = nxt
+                        break
                     f = self.client.submit(encode_task, self.spec, t.name, t.encs, t.rows, self.threads,
                                            key=f"quantkit-{run_id}-{i}-{t.name}", pure=False)
                     active[f] = t
+                    held += t.nbytes
                 if not active:
                     break
                 try:
@@ -407,7 +434,9 @@ class DaskExecutor:
                     f.release()
                     waiting.setdefault(t.name, {})[t.index] = (t, res)
                     n_waiting += 1
-                    n_waiting -= self._flush(jobs, t.name, waiting, next_index)
+                    for w in self._flush(jobs, t.name, waiting, next_index):
+                        n_waiting -= 1
+                        held -= w.nbytes
         finally:
             if active:
                 try:
@@ -449,22 +478,22 @@ class DaskExecutor:
                 raise ClusterError(f"--cluster {self.address}: lost the scheduler: {e}") from None
             raise
 
-    def _flush(self, jobs, name: str, waiting: dict, next_index: dict) -> int:
-        """Write tensor ``name``'s finished chunks that are next in order; how many were written."""
+    def _flush(self, jobs, name: str, waiting: dict, next_index: dict) -> list[_Task]:
+        """Write tensor ``name``'s finished chunks that are next in order; the tasks written."""
         pending = waiting[name]
         k = next_index.get(name, 0)
-        n = 0
+        done = []
         while k in pending:
             t, res = pending.pop(k)
             for data, ks in zip(res, t.targets):
                 for j in ks:
                     jobs[j].output.write(name, data)
             k += 1
-            n += 1
+            done.append(t)
         next_index[name] = k
         if not pending:
             del waiting[name]
-        return n
+        return done
 
     def close(self) -> None:
         for obj in (getattr(self, "client", None), self.cluster):

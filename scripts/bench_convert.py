@@ -7,6 +7,18 @@ same file, measured in the same run (the anchor), ratio printed.
     python scripts/bench_convert.py --ladder --types Q4_K_M,Q5_K_M,Q6_K,Q8_0 --models smollm2 [--calib-text F]
     python scripts/bench_convert.py --families [--params 60e6] [--only Llama,gpt-oss] --json docs/families-bench.json --doc docs/families.md
     python scripts/bench_convert.py --bounded [65536x8192x64] --roots before=/tmp/old-checkout,now=.
+    python scripts/bench_convert.py --profile --models bench --types Q4_K_M --repeat 3   # overlap off vs on
+
+Profile (--profile): `quantkit convert --profile --json` with the overlap of
+reading/decoding, encoding and writing off (QUANTKIT_NO_OVERLAP=1: "before",
+one step after the other) and on ("after"), alternating, --repeat times each,
+in the same run of this script; per mode the run with the least end-to-end
+time: end to end (the convert's own seconds; the child process's wall, imports
+included, beside it), the tensor pass's split (encode = kernel time, read +
+decode, write, overlap, waits), CPU seconds of the child, load average. Ratios:
+end to end / the serial run's encode time (the kernels alone, nothing beside
+them), and / the same run's encode time. "same": both modes' files identical.
+    python scripts/bench_convert.py --cluster --models bench --types Q4_K_M   # local vs 1 and 2 dask workers
 
 Bounded memory (--bounded): a checkpoint whose BF16 embedding is ROWS x HIDDEN
 (1 GiB by default; fixtures.big_embedding), converted from HF and from its F32
@@ -417,6 +429,123 @@ def bench_families(a) -> None:
         write_family_section(family_sections() if a.json and a.json.resolve() in FAMILY_JSONS else families_markdown(data), a.doc)
 
 
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used (/proc/PID/stat)."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_cluster(model: str, t: str, threads: int, d: Path, workers=(1, 2)) -> list[tuple]:
+    """`convert --type T` locally (first and last: the anchor and its drift) and
+    with --cluster against a `dask scheduler` and N `dask worker --nthreads 1
+    --no-nanny` processes on this machine, started (and warmed by one convert of
+    the tiny kquant checkpoint) before the timed run and ended by PID after it.
+    Rows: (route, wall s, client CPU s, workers' + scheduler's CPU s, load
+    average before -> after, same bytes as the local run)."""
+    import socket
+
+    ckpt, pre = checkpoint(model)
+    tiny, tiny_pre = checkpoint("kquant")
+    dask = Path(sys.executable).parent / "dask"
+    rows = []
+    ref = d / "local.gguf"
+
+    def local(label: str) -> None:
+        cpu: list[float] = []
+        la = os.getloadavg()[0]
+        s, _ = run(quantkit_cmd(ckpt, t, ref if label == "local" else d / "local2.gguf", pre, threads), cwd=d, cpu=cpu)
+        same = None if label == "local" else (d / "local2.gguf").read_bytes() == ref.read_bytes()
+        rows.append((label, s, cpu[0], 0.0, la, os.getloadavg()[0], same))
+
+    local("local")
+    for n in workers:
+        with socket.socket() as so:
+            so.bind(("127.0.0.1", 0))
+            addr = f"tcp://127.0.0.1:{so.getsockname()[1]}"
+        procs = [subprocess.Popen([str(dask), "scheduler", "--host", "127.0.0.1", "--port", addr.rsplit(":", 1)[1],
+                                   "--no-dashboard"], cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+        try:
+            for i in range(n):
+                (d / f"w{n}-{i}").mkdir()
+                procs.append(subprocess.Popen([str(dask), "worker", addr, "--nthreads", "1", "--no-nanny",
+                                               "--no-dashboard", "--local-directory", str(d / f"w{n}-{i}")],
+                                              cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            import distributed
+
+            with distributed.Client(addr, timeout=120) as c:
+                c.wait_for_workers(n, timeout=300)
+            cl = ["--cluster", addr]  # no --threads: each worker takes the host's cores / worker threads
+            warm = quantkit_cmd(tiny, t, d / "warm.gguf", tiny_pre, threads)
+            run([x for x in warm if x not in ("--threads", str(threads))] + cl, cwd=d)
+            out = d / f"cluster{n}.gguf"
+            cmd = [x for x in quantkit_cmd(ckpt, t, out, pre, threads) if x not in ("--threads", str(threads))] + cl
+            w0 = sum(_proc_cpu(p.pid) for p in procs)  # the scheduler's CPU counted with the workers'
+            cpu = []
+            la = os.getloadavg()[0]
+            s, _ = run(cmd, cwd=d, cpu=cpu)
+            w1 = sum(_proc_cpu(p.pid) for p in procs)
+            rows.append((f"{n} worker{'s' if n > 1 else ''}", s, cpu[0], w1 - w0, la, os.getloadavg()[0],
+                         out.read_bytes() == ref.read_bytes()))
+            out.unlink()
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+    local("local again")
+    return rows
+
+
+def bench_profile(model: str, t: str, threads: int, repeat: int, d: Path) -> dict:
+    """Overlap off ("before") and on ("after"), alternating, ``repeat`` runs each:
+    per mode the run with the least end-to-end seconds (``seconds`` of --json's
+    profile), its profile, the child's CPU seconds and wall, the load average."""
+    import json
+
+    ckpt, pre = checkpoint(model)
+    best: dict[str, dict] = {}
+    digests = {}
+    runs: dict[str, list] = {"before": [], "after": []}
+    for i in range(repeat):
+        for mode, env_val in (("before", "1"), ("after", "0")):
+            out = d / f"{mode}.gguf"
+            cmd = quantkit_cmd(ckpt, t, out, pre, threads) + ["--profile", "--json"]
+            env = {**os.environ, "QUANTKIT_NO_OVERLAP": env_val}
+            la = os.getloadavg()
+            with open(d / "stdout", "w+b") as so, open(d / "stderr", "w+b") as se:
+                t0 = time.perf_counter()
+                p = subprocess.Popen(cmd, cwd=d, env=env, stdout=so, stderr=se)
+                _, status, ru = os.wait4(p.pid, 0)
+                wall = time.perf_counter() - t0
+                so.seek(0), se.seek(0)
+                if os.waitstatus_to_exitcode(status):
+                    raise SystemExit(f"failed: {' '.join(map(str, cmd))}\n{se.read().decode()[-3000:]}")
+                prof = json.loads(so.read())["profile"]
+            r = dict(profile=prof, wall=wall, cpu=ru.ru_utime + ru.ru_stime, load=la[0], load_after=os.getloadavg()[0])
+            runs[mode].append(r)
+            if mode not in best or prof["seconds"] < best[mode]["profile"]["seconds"]:
+                best[mode] = r
+            digests[mode] = _digest(out)
+            out.unlink()
+    return dict(model=model, type=t, threads=threads, best=best, runs=runs, same=digests["before"] == digests["after"])
+
+
+def print_profile(res: dict) -> None:
+    b, a = res["best"]["before"], res["best"]["after"]
+    kernel = b["profile"]["tensors"]["encode"]  # the kernels with nothing beside them
+    print(f"{res['model']} {res['type']}, {res['threads']} threads; best of {len(res['runs']['before'])} runs per "
+          f"mode; same bytes: {'yes' if res['same'] else 'NO'}", flush=True)
+    print(f"{'mode':8s} {'e2e s':>7s} {'proc s':>7s} {'tensors':>8s} {'encode':>7s} {'read+dec':>8s} {'write':>6s} "
+          f"{'overlap':>7s} {'wait':>6s} {'cpu s':>6s} {'load':>5s}  e2e/kernel(serial)  e2e/encode(same run)")
+    for mode, r in (("before", b), ("after", a)):
+        p, tp = r["profile"], r["profile"]["tensors"]
+        print(f"{mode:8s} {p['seconds']:7.2f} {r['wall']:7.2f} {tp['wall']:8.2f} {tp['encode']:7.2f} {tp['read']:8.2f} "
+              f"{tp['write']:6.2f} {tp['overlap']:7.2f} {tp['wait'] + tp['wait_write']:6.2f} {tp['cpu']:6.2f} "
+              f"{r['load']:5.1f}  {p['seconds'] / kernel:18.2f}x  {p['seconds'] / tp['encode']:19.2f}x"
+              f"   (child cpu {r['cpu']:.2f} s)", flush=True)
+    print("all runs (e2e s, load):", {m: [(round(r["profile"]["seconds"], 2), round(r["load"], 1)) for r in rs]
+                                      for m, rs in res["runs"].items()}, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--types", default="Q4_K_M")
@@ -442,9 +571,39 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="with --families: save the results here")
     ap.add_argument("--doc", type=Path, default=None, help="with --families: write the table into this file "
                     "(docs/families.md: below the generated table)")
+    ap.add_argument("--cluster", action="store_true",
+                    help="local run vs --cluster against a dask scheduler with 1 and 2 workers (--nthreads 1) here")
+    ap.add_argument("--profile", action="store_true",
+                    help="overlap of read/decode, encode, write off (QUANTKIT_NO_OVERLAP=1) vs on: end to end vs "
+                         "kernel time (with --repeat N: best of N per mode; --json: save the runs)")
     a = ap.parse_args()
+    if a.profile:
+        import json
+
+        allres = []
+        for m in a.models.split(","):
+            for t in a.types.split(","):
+                with tempfile.TemporaryDirectory(dir=os.environ.get("QUANTKIT_BENCH_TMP")) as d:
+                    run(quantkit_cmd(checkpoint(m)[0], t, Path(d) / "warm.gguf", checkpoint(m)[1], a.threads), cwd=d)
+                    res = bench_profile(m, t, a.threads, max(1, a.repeat), Path(d))
+                print_profile(res)
+                allres.append(res)
+        if a.json:
+            a.json.write_text(json.dumps(allres, indent=1) + "\n")
+        return
     if a.families:
         return bench_families(a)
+    if a.cluster:
+        print(f"{'model':8s} {'type':7s} {'route':12s} {'wall s':>7s} {'client cpu s':>12s} {'cluster cpu s':>13s} "
+              f"{'load 1m':>13s} {'same':>5s}", flush=True)
+        for m in a.models.split(","):
+            for t in a.types.split(","):
+                with tempfile.TemporaryDirectory(dir=os.environ.get("QUANTKIT_BENCH_TMP")) as d:
+                    for r in bench_cluster(m, t, a.threads, Path(d)):
+                        same = "" if r[6] is None else ("yes" if r[6] else "NO")
+                        print(f"{m:8s} {t:7s} {r[0]:12s} {r[1]:7.1f} {r[2]:12.1f} {r[3]:13.1f} "
+                              f"{r[4]:5.1f} -> {r[5]:4.1f} {same:>5s}", flush=True)
+        return
     if a.bounded:
         roots = [(r.split("=", 1)[0], Path(r.split("=", 1)[1]).resolve()) for r in a.roots.split(",")] if a.roots \
             else [("now", ROOT)]

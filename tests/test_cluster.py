@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import quantkit.convert as qconvert
 from quantkit import cluster
 from quantkit.cli import main
 
@@ -30,7 +29,7 @@ from cli_helpers import cli as _cli, one_error_line as _one_error_line  # noqa: 
 
 VOCAB_PRE = "smollm"
 DASK = Path(sys.executable).parent / "dask"
-SMALL_CHUNK = 1 << 19  # 512 KiB of float32: kquant's embeddings and FFN matrices become 2 row-range tasks each
+SMALL_TASK = 1 << 19  # 512 KiB of float32: kquant's embeddings and FFN matrices become 2 row-range tasks each
 
 
 def _free_port() -> int:
@@ -113,23 +112,26 @@ def ckpt(random_checkpoint) -> Path:
     return random_checkpoint("kquant")
 
 
-@pytest.fixture(scope="module")
-def imatrix_file(ckpt, tmp_path_factory) -> Path:
-    """A random importance matrix with an entry for every matrix of kquant."""
+def _random_imatrix(src: Path, out: Path, seed: int = 7) -> Path:
+    """A random importance matrix for every matrix of ``src`` (one vector per expert of a stack)."""
     from quantkit.calib import imatrix as imx
-
-    d = tmp_path_factory.mktemp("im")
-    rng = np.random.default_rng(7)
-    im = imx.IMatrix(datasets=["random"], chunk_count=3, chunk_size=512)
     from quantkit.sources import open_model
 
-    with open_model(str(ckpt), VOCAB_PRE) as stream:
+    rng = np.random.default_rng(seed)
+    im = imx.IMatrix(datasets=["random"], chunk_count=3, chunk_size=512)
+    with open_model(str(src), VOCAB_PRE) as stream:
         for t in stream.tensors:
-            if len(t.shape) == 2 and t.name != "token_embd.weight":
-                im.sums[t.name] = (rng.random((1, t.shape[-1]), dtype=np.float32) ** 3 * 50).astype(np.float32)
-                im.counts[t.name] = np.array([1536], dtype=np.int64)
-    imx.write_imatrix(d / "im.gguf", im)
-    return d / "im.gguf"
+            if len(t.shape) in (2, 3) and t.name != "token_embd.weight":
+                e = t.shape[0] if len(t.shape) == 3 else 1
+                im.sums[t.name] = (rng.random((e, t.shape[-1]), dtype=np.float32) ** 3 * 50).astype(np.float32)
+                im.counts[t.name] = np.full(e, 1536, dtype=np.int64)
+    imx.write_imatrix(out, im)
+    return out
+
+
+@pytest.fixture(scope="module")
+def imatrix_file(ckpt, tmp_path_factory) -> Path:
+    return _random_imatrix(ckpt, tmp_path_factory.mktemp("im") / "im.gguf")
 
 
 LADDER = ["--type", "Q4_K_M,IQ4_XS,Q6_K", "--split-max-tensors", "30"]
@@ -179,8 +181,8 @@ def test_tcp_workers_equal_local_run(pair, ckpt, local, tmp_path, capsys):
 def test_tcp_ladder_imatrix_split_row_tasks_equal_local(pair, ckpt, imatrix_file, local, tmp_path, capsys,
                                                        monkeypatch):
     """Three presets sharing each read, --imatrix, split sets; tensors above
-    CHUNK_BYTES go as row-range tasks (so both task kinds run), every file as the local run's."""
-    monkeypatch.setattr(qconvert, "CHUNK_BYTES", SMALL_CHUNK)
+    TASK_BYTES go as row-range tasks (so both task kinds run), every file as the local run's."""
+    monkeypatch.setattr(cluster, "TASK_BYTES", SMALL_TASK)
     tasks = _count_tasks(monkeypatch)
     rc, _, err = _cli([*_base(ckpt), *LADDER, "--imatrix", str(imatrix_file), "-o", str(tmp_path),
                        "--cluster", pair.address], capsys)
@@ -189,6 +191,25 @@ def test_tcp_ladder_imatrix_split_row_tasks_equal_local(pair, ckpt, imatrix_file
     assert max(len(t.encs) for t in tasks) == 3  # one read of a tensor for three encodings
     assert _files(tmp_path) == local["ladder"]
     assert len(local["ladder"]) > 3  # split sets, not single files
+
+
+def test_tcp_experts_per_expert_imatrix_equal_local(pair, random_checkpoint, tmp_path, capsys, monkeypatch):
+    """Stacked experts (Mixtral, from its BF16 GGUF: a GGUF source reads row
+    ranges) with one importance vector per expert, in row-range tasks that
+    cross expert boundaries: each expert's rows take its own vector."""
+    moe = random_checkpoint("mixtral-kq")
+    src = tmp_path / "moe-bf16.gguf"
+    assert main([*_base(moe), "-t", "BF16", "-o", str(src)]) == 0
+    im = _random_imatrix(moe, tmp_path / "im.gguf", seed=3)
+    args = ["convert", str(src), "-q", "-t", "Q4_K_M", "--imatrix", str(im)]
+    assert main([*args, "-o", str(tmp_path / "local.gguf")]) == 0
+    monkeypatch.setattr(cluster, "TASK_BYTES", 5 << 17)  # 640 KiB: 2.5 expert matrices of 256 x 256
+    tasks = _count_tasks(monkeypatch)
+    rc, _, err = _cli([*args, "-o", str(tmp_path / "c.gguf"), "--cluster", pair.address], capsys)
+    assert rc == 0, err
+    spans = [t for t in tasks if t.rows is not None and t.rows[0] // t.rows[2] != (t.rows[1] - 1) // t.rows[2]]
+    assert any("_exps" in t.name and t.encs[0][1] is not None for t in spans)  # a task crosses experts, with vectors
+    assert (tmp_path / "c.gguf").read_bytes() == (tmp_path / "local.gguf").read_bytes()
 
 
 def test_local_cluster_equals_local_run(ckpt, local, tmp_path, capsys):
@@ -220,7 +241,7 @@ def test_worker_killed_mid_job(dask_procs, ckpt, local, tmp_path, capsys, monkey
     other, the file is the local run's. Then kill the last one mid-job: one
     line, exit 6, no split member and no temporary file left."""
     dp = dask_procs(2)
-    monkeypatch.setattr(qconvert, "CHUNK_BYTES", SMALL_CHUNK)  # more, smaller tasks
+    monkeypatch.setattr(cluster, "TASK_BYTES", SMALL_TASK)  # more, smaller tasks
     rec: dict = {}
     _kill_at_first_result(monkeypatch, dp, None, rec)
     rc, _, err = _cli([*_base(ckpt), "-t", "Q4_K_M", "-o", str(tmp_path / "c.gguf"), "--cluster", dp.address],
@@ -244,7 +265,7 @@ def test_worker_killed_mid_job(dask_procs, ckpt, local, tmp_path, capsys, monkey
 
 
 def test_ctrl_c_leaves_nothing_and_cancels(pair, ckpt, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(qconvert, "CHUNK_BYTES", SMALL_CHUNK)
+    monkeypatch.setattr(cluster, "TASK_BYTES", SMALL_TASK)
 
     def interrupt(self, *a, **k):
         raise KeyboardInterrupt
