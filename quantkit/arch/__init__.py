@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import InputError, UnsupportedError
 from ..model import ModelStream
-from . import (exaone, gemma, glm, glm_moe, gpt_oss, granite, granite_moe, llama, mixtral, olmo, phi, qwen, qwen_moe,
+from . import (deepseek, exaone, gemma, glm, glm_moe, gpt_oss, granite, granite_moe, llama, mixtral, olmo, phi, qwen, qwen_moe,
                smollm3)
 from .graph import BlockGraph
 from .quant_only import QUANT_ONLY
@@ -27,7 +27,8 @@ from .spec import Family, QuantRules
 SPECS: tuple[Family, ...] = (*llama.FAMILIES, *qwen.FAMILIES, *gemma.FAMILIES, *phi.FAMILIES,
                              *smollm3.FAMILIES, *granite.FAMILIES, *olmo.FAMILIES,
                              *exaone.FAMILIES, *glm.FAMILIES, *mixtral.FAMILIES, *qwen_moe.FAMILIES,
-                             *gpt_oss.FAMILIES, *granite_moe.FAMILIES, *glm_moe.FAMILIES)
+                             *gpt_oss.FAMILIES, *granite_moe.FAMILIES, *glm_moe.FAMILIES,
+                             *deepseek.FAMILIES)
 
 # HF architecture name -> its family (callable: FAMILIES[name](source, vocab_pre) -> spec.Model)
 FAMILIES: dict[str, Family] = {name: fam for fam in SPECS for name in fam.hf_architectures}
