@@ -146,6 +146,47 @@ def best_time(fn, repeat: int) -> tuple[float, float]:
     return wall, cpu
 
 
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) of each thread of this process, by thread id
+    (Linux /proc; empty elsewhere)."""
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    tick = os.sysconf("SC_CLK_TCK")
+    for t in tids:
+        try:
+            with open(f"/proc/self/task/{t}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[t] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def best_time_threads(fn, repeat: int) -> tuple[float, float, float | None]:
+    """best_time plus the CPU seconds of the busiest thread in the run with the
+    least process CPU. 1-thread CPU / that figure is the speed-up the threads
+    would give with a core each: it counts the work each thread did, not the
+    time it waited for a core (on a shared machine wall clock measures the
+    other load too), so it shows serial parts and unequal shares of rows."""
+    wall = cpu = float("inf")
+    busiest = None
+    for _ in range(repeat):
+        a = _thread_cpu()
+        t, c = time.perf_counter(), time.process_time()
+        fn()
+        dt, dc = time.perf_counter() - t, time.process_time() - c
+        b = _thread_cpu()
+        wall = min(wall, dt)
+        if dc < cpu:
+            cpu = dc
+            per = [b[k] - a.get(k, 0.0) for k in b]
+            busiest = max(per) if per else None
+    return wall, cpu, busiest
+
+
 def gguf_py_quantizer(qtype):
     """gguf.quants.quantize for types gguf-py implements, else None."""
     from gguf import quants as gq
@@ -222,11 +263,11 @@ def main(argv: list[str] | None = None) -> int:
             t1, c1 = best_time(lambda: quant.quantize(x, qt, imatrix=im), args.repeat)
             tg, cg = best_time(lambda: ggml.quantize(int(qt.qtype), x, im), args.repeat)
             quant.set_threads(0)
-            tn, cn = best_time(lambda: quant.quantize(x, qt, imatrix=im), args.repeat)
+            tn, cn, busiest = best_time_threads(lambda: quant.quantize(x, qt, imatrix=im), args.repeat)
             load_n = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
             tp = None if (gpy is None or weighted) else best_time(lambda: gpy(x), max(1, args.repeat - 1))
             r = dict(name=name, weighted=weighted, same=same, q1=mb / t1, q1c=mb / c1, g=mb / tg, gc=mb / cg,
-                     qn=mb / tn, work=cn / c1, load=load_n, p=None if tp is None else mb / tp[0],
+                     qn=mb / tn, work=cn / c1, cpu_speedup=c1 / busiest if busiest else None, load=load_n, p=None if tp is None else mb / tp[0],
                      pc=None if tp is None else mb / tp[1])
             rows.append(r)
             print(f"# {name:7s} {'imatrix' if weighted else 'ref':7s} qk1 {r['q1']:7.1f} ({r['q1c']:7.1f} cpu)  "
@@ -240,16 +281,21 @@ def main(argv: list[str] | None = None) -> int:
     print("MB/s of float32 input. 1-thread columns: wall clock / per CPU-second of the process "
           "(the second is immune to other load on the machine). Ratios use the CPU figures for 1 thread; "
           f"{nthreads}T/1T is wall clock; work = CPU seconds with {nthreads} threads / with 1 (1.00 = no "
-          "parallel overhead).\n")
+          f"parallel overhead); {nthreads}T/1T (CPU) = CPU seconds with 1 thread / CPU seconds of the busiest "
+          f"of the {nthreads} threads (the speed-up with a core per thread: serial parts and unequal shares of "
+          "rows lower it, other load on the machine does not; per-thread CPU from /proc, Linux). On a tick of "
+          "10 ms it is coarse for the fast types (tens of ms per call).\n")
     print(f"| type | weights | quantkit 1T | ggml 1T | gguf-py 1T | quantkit/ggml | gguf-py/ggml "
-          f"| quantkit {nthreads}T (wall) | {nthreads}T/1T | {nthreads}T/ggml 1T | load | work | bytes = ggml |")
-    print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|:-:|")
+          f"| quantkit {nthreads}T (wall) | {nthreads}T/1T | {nthreads}T/1T (CPU) | {nthreads}T/ggml 1T | load "
+          "| work | bytes = ggml |")
+    print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|:-:|")
     for r in rows:
         gp = None if r["pc"] is None else f"{r['p']:.0f} / {r['pc']:.0f}"
         print(f"| {r['name']} | {'imatrix' if r['weighted'] else '—'} | {r['q1']:.0f} / {r['q1c']:.0f} "
               f"| {r['g']:.0f} / {r['gc']:.0f} | {gp or '—'} | **{r['q1c'] / r['gc']:.2f}x** "
               f"| {fmt(None if r['pc'] is None else r['pc'] / r['gc'], '{:.2f}x')} | {r['qn']:.0f} "
-              f"| {r['qn'] / r['q1']:.2f}x | {r['qn'] / r['g']:.2f}x | {r['load']:.1f} | {r['work']:.2f} "
+              f"| {r['qn'] / r['q1']:.2f}x | {fmt(r['cpu_speedup'], '{:.2f}x')} | {r['qn'] / r['g']:.2f}x "
+              f"| {r['load']:.1f} | {r['work']:.2f} "
               f"| {'yes' if r['same'] else 'NO'} |")
 
     if not args.no_one_off and args.cold_each:
