@@ -315,6 +315,7 @@ def main(argv=None) -> int:
     ap.add_argument("--optimize", default="", help="time convert -t Q4_K_M --calib-text --optimize on these "
                     "models with --device cuda (8b), and with --device cpu on 8b-1layer (one layer)")
     ap.add_argument("--optimize-chars", type=int, default=60000, help="characters of calibration text")
+    ap.add_argument("--no-plain", action="store_true", help="with --optimize: skip the run without --optimize")
     args = ap.parse_args(argv)
 
     if args.optimize:
@@ -330,9 +331,11 @@ def main(argv=None) -> int:
             dev = "cpu" if name.endswith("layer") else "cuda"
             ckpt = make_checkpoint(name, args.work / name)
             t_opt = optimize_time(ckpt, args.work / "opt", text, dev, args.convert_threads)
-            t_plain = optimize_time(ckpt, args.work / "opt", text, dev, args.convert_threads, optimize=False)
+            print(f"# {name} {dev} --optimize: {t_opt:.1f} s", file=sys.stderr, flush=True)
+            t_plain = (optimize_time(ckpt, args.work / "opt", text, dev, args.convert_threads, optimize=False)
+                       if not args.no_plain else None)
             log(optimize=name, device=dev, seconds=t_opt, plain_seconds=t_plain)
-            print(f"| {name} | {dev} | {t_opt:.1f} | {t_plain:.1f} |", flush=True)
+            print(f"| {name} | {dev} | {t_opt:.1f} | {'—' if t_plain is None else f'{t_plain:.1f}'} |", flush=True)
     if args.convert:
         ckpt = make_checkpoint(args.convert, args.work / args.convert)
         warm = make_checkpoint("smollm2", args.work / "smollm2")  # compiles the kernels outside the timing

@@ -321,6 +321,7 @@ class Cuda:
 
 
 _CUDA_SRC = r"""
+#define QK_NEG_INF __int_as_float(0xff800000)  /* NVRTC has no math.h (no INFINITY) */
 __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
     return v;
@@ -339,7 +340,7 @@ __device__ float block_reduce(float v, bool is_max) {
     if (lane == 0) red[wid] = v;
     __syncthreads();
     if (wid == 0) {
-        float t = lane < nw ? red[lane] : (is_max ? -INFINITY : 0.0f);
+        float t = lane < nw ? red[lane] : (is_max ? QK_NEG_INF : 0.0f);
         t = is_max ? warp_max(t) : warp_sum(t);
         if (lane == 0) res = t;
     }
@@ -373,10 +374,10 @@ extern "C" __global__ void masked_softmax(float* s, int T, float scale, int wind
     long long r = blockIdx.x;
     int i = (int)(r % T);  // the query position: rows are (..., T) of T x T score matrices
     float* row = s + r * T;
-    float m = -INFINITY;
+    float m = QK_NEG_INF;
     for (int j = threadIdx.x; j < T; j += blockDim.x) {
         bool ok = j <= i && (window <= 0 || i - j < window);
-        float v = ok ? row[j] * scale : -INFINITY;
+        float v = ok ? row[j] * scale : QK_NEG_INF;
         row[j] = v;
         m = fmaxf(m, v);
     }
