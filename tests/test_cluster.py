@@ -8,10 +8,12 @@ mid-job: Dask runs its tasks again, same bytes; every worker gone: one line,
 exit 6, no file and no split member. Ctrl-C: exit 130, nothing left, the
 tasks cancelled. Error paths: unreachable scheduler, a worker that sees other
 files at the source's path, bad --cluster values, the extra missing.
-One tiny random checkpoint (kquant, 75 tensors)."""
+One tiny random checkpoint (kquant, 75 tensors), and Mixtral's for stacked
+experts; --optimize on the cluster with QUANTKIT_FULL_PARITY=1."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -29,6 +31,7 @@ from cli_helpers import cli as _cli, one_error_line as _one_error_line  # noqa: 
 
 VOCAB_PRE = "smollm"
 DASK = Path(sys.executable).parent / "dask"
+FULL = bool(os.environ.get("QUANTKIT_FULL_PARITY"))  # --optimize on the cluster too (a calibration: slow)
 SMALL_TASK = 1 << 19  # 512 KiB of float32: kquant's embeddings and FFN matrices become 2 row-range tasks each
 
 
@@ -209,6 +212,24 @@ def test_tcp_experts_per_expert_imatrix_equal_local(pair, random_checkpoint, tmp
     assert rc == 0, err
     spans = [t for t in tasks if t.rows is not None and t.rows[0] // t.rows[2] != (t.rows[1] - 1) // t.rows[2]]
     assert any("_exps" in t.name and t.encs[0][1] is not None for t in spans)  # a task crosses experts, with vectors
+    assert (tmp_path / "c.gguf").read_bytes() == (tmp_path / "local.gguf").read_bytes()
+
+
+@pytest.mark.skipif(not FULL, reason="QUANTKIT_FULL_PARITY=1: --optimize (a Gram calibration) on the cluster")
+def test_tcp_optimize_equals_local(pair, ckpt, tmp_path, capsys, monkeypatch):
+    """--optimize: the error-feedback encoder and its Gram matrices travel with
+    the tasks; row-range tasks of the big tensors too."""
+    from pydoc_data.topics import topics
+
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join(topics[k] for k in sorted(topics))[:6000], encoding="utf-8")
+    args = [*_base(ckpt), "-t", "Q4_K_M", "--optimize", "--calib-text", str(text)]
+    assert main([*args, "-o", str(tmp_path / "local.gguf")]) == 0  # the Gram cache, reused by the next run
+    monkeypatch.setattr(cluster, "TASK_BYTES", SMALL_TASK)
+    tasks = _count_tasks(monkeypatch)
+    rc, _, err = _cli([*args, "-o", str(tmp_path / "c.gguf"), "--cluster", pair.address], capsys)
+    assert rc == 0, err
+    assert any(t.encs[0][2] is not None for t in tasks)  # Gram matrices went with the tasks
     assert (tmp_path / "c.gguf").read_bytes() == (tmp_path / "local.gguf").read_bytes()
 
 
