@@ -48,8 +48,10 @@ CHECKPOINTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "OLMo 3": (("olmo3-bf16", "olmo3-f16-yarn", "olmo3-kq"), ("olmo3-hf",)),
     "Granite MoE": (("granitemoe-bf16", "granitemoeshared-f16", "granitemoe-kq"),
                     ("granitemoe-hf", "granitemoeshared-hf")),
-    "GLM-4.5 (MoE)": (("glm4moe-bf16", "glm4moe-f16-qknorm", "glm4moe-kq"), ("glm4moe-hf",)),
-    "DeepSeek-V3 (MLA)": (("deepseekv3-bf16", "deepseekv3-f16-yarn", "deepseekv3-kq"), ("deepseekv3-hf",)),
+    "GLM-4.5 (MoE)": (("glm4moe-bf16", "glm4moe-f16-qknorm", "glm4moe-kq", "glm4moe-mtp", "glm4moe-mtp-kq"),
+                      ("glm4moe-hf",)),
+    "DeepSeek-V3 (MLA)": (("deepseekv3-bf16", "deepseekv3-f16-yarn", "deepseekv3-kq", "deepseekv3-mtp",
+                           "deepseekv3-mtp-kq"), ("deepseekv3-hf",)),
 }
 # the representative subset CI runs: every family once, each tensor dtype, both builders
 CI = [("gemma2-bf16-spm", "bf16"), ("gemma3-bf16", "bf16"), ("phi3-f32-longrope", "bf16"), ("phi4-bf16", "f16"),
@@ -58,7 +60,7 @@ CI = [("gemma2-bf16-spm", "bf16"), ("gemma3-bf16", "bf16"), ("phi3-f32-longrope"
       ("mixtral-f16-sharded", "f16"), ("qwen2moe-hf", "bf16"), ("qwen3moe-bf16", "f32"),
       ("gptoss-hf", "bf16"),
       ("olmo3-hf", "bf16"), ("granitemoeshared-f16", "f16"), ("glm4moe-bf16", "bf16"),
-      ("deepseekv3-bf16", "bf16")]
+      ("deepseekv3-bf16", "bf16"), ("glm4moe-mtp", "bf16")]
 ALL = [(n, t) for np_, hf in CHECKPOINTS.values() for n in np_ + hf for t in TYPES]
 CASES = ALL if FULL else CI
 

@@ -19,9 +19,10 @@ scale and norm, the rope dimension count (qk_rope_head_dim) and YaRN's log
 multiplier (0.1 * mscale_all_dim). transformers' DeepseekV3Config sets
 head_dim to qk_rope_head_dim (``adjust``). Vocabulary: byte-level BPE.
 
-Not here: the multi-token-prediction layers the converter skips (layers past
-num_hidden_layers, in DeepSeek-V3's released checkpoints) are refused, the
-tensor named; the forward pass (MLA, sigmoid group routing) is declared, not
+Multi-token-prediction layers (``model.layers.<i>.*`` with i >=
+num_hidden_layers, in DeepSeek-V3's released checkpoints) are dropped as the
+converter drops them (DeepseekV2Model.skip_mtp: ``Mtp(keep=False)``): no
+block, no nextn key. Not here: the forward pass (MLA, sigmoid group routing) is declared, not
 computed (forward=False).
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ from . import features as F
 from .common import tensor_name
 from .glm_moe import GLM4MOE_EXPERTS
 from .graph import LLAMA_GRAPH_KEYS, MOE_KEYS, ROPE_NORM, BlockGraph, block
-from .spec import Dims, Family, Model
+from .spec import Dims, Family, Model, Mtp
 
 T = F.T
 
@@ -196,6 +197,8 @@ DEEPSEEK2 = Family(
     shapes=(F.top, _attention, _ffn),
     optional=(F.tied_output,),
     stacks=(DEEPSEEK_EXPERTS,),
+    mtp=Mtp(keep=False, reason="DeepseekV2Model.skip_mtp = True: modify_tensors returns nothing for "
+                               "model.layers.<i> with i >= num_hidden_layers (TODO upstream: MTP for deepseek)"),
     splits=((r"self_attn\.kv_b_proj\.weight$", _split_kv_b,
              "DeepseekV2Model.modify_tensors splits kv_b per head into k_b (transposed) and v_b"),),
     params=(mla_params, F.text_params, deepseek2_params),

@@ -16,9 +16,14 @@ leading_dense_block_count, the sigmoid gating function, expert_weights_scale
 (routed_scaling_factor) and expert_weights_norm (norm_topk_prob).
 Vocabulary: byte-level BPE with TextModel._set_vocab_glm's special tokens.
 
-Not here: the multi-token-prediction layers (num_nextn_predict_layers > 0,
-which the converter appends as extra blocks) are refused in one line; the
-forward pass (sigmoid routing with the score-correction bias and group
+Multi-token-prediction layers: num_nextn_predict_layers blocks past
+num_hidden_layers, kept as the converter keeps them (``Mtp(keep=True)``):
+block_count counts them, each is a full routed block plus
+``eh_proj``/``enorm``/``hnorm`` and, where the checkpoint has them,
+``embed_tokens``/``shared_head.head``/``shared_head.norm`` (``blk.<i>.nextn.*``),
+and ``glm4moe.nextn_predict_layers`` is written last.
+
+Not here: the forward pass (sigmoid routing with the score-correction bias and group
 selection) is declared, not computed (forward=False).
 """
 from __future__ import annotations
@@ -27,12 +32,11 @@ from typing import Any
 
 from gguf import GGUFWriter, MODEL_ARCH, ExpertGatingFuncType
 
-from ..errors import UnsupportedError
 from . import features as F
 from .common import tensor_name
 from .glm import _rope_dim, glm_vocab
 from .graph import LLAMA_GRAPH_KEYS, MOE_KEYS, ROPE_NEOX, BlockGraph, block
-from .spec import ExpertStack, Family, Model
+from .spec import ExpertStack, Family, Model, Mtp
 
 T = F.T
 
@@ -91,12 +95,27 @@ def _qk_norm(m: Model, b: int | None) -> dict:
     return F.head_qk_norm(m, b) if m.hp.get("use_qk_norm") else {}
 
 
+# NextN block tensors beyond a routed block's: (tensor, shape from (n_embd, n_vocab), required); llama.cpp
+# src/models/glm4-moe.cpp creates embed_tokens / shared_head_head / shared_head_norm TENSOR_NOT_REQUIRED
+_NEXTN = ((T.NEXTN_EH_PROJ, lambda e, v: (e, 2 * e), True), (T.NEXTN_ENORM, lambda e, v: (e,), True),
+          (T.NEXTN_HNORM, lambda e, v: (e,), True), (T.NEXTN_EMBED_TOKENS, lambda e, v: (v, e), False),
+          (T.NEXTN_SHARED_HEAD_HEAD, lambda e, v: (v, e), False), (T.NEXTN_SHARED_HEAD_NORM, lambda e, v: (e,), False))
+
+
+def _nextn(m: Model, b: int | None) -> dict:
+    """The MTP blocks' own tensors (blocks main_blocks .. block_count-1)."""
+    if b is None or b < m.main_blocks:
+        return {}
+    return {tensor_name(t, b): shape(m.dims.n_embd, m.dims.n_vocab) for t, shape, _ in _NEXTN}
+
+
+def _nextn_optional(m: Model) -> set[str]:
+    return {tensor_name(t, b) for b in range(m.main_blocks, m.block_count) for t, _, req in _NEXTN if not req}
+
+
 def glm4moe_params(m: Model, w: GGUFWriter) -> None:
     """Glm4MoeModel.set_gguf_parameters' additions, in its order."""
     hp = m.hp
-    if hp.get("num_nextn_predict_layers"):
-        raise UnsupportedError(f"config.json: num_nextn_predict_layers={hp['num_nextn_predict_layers']} "
-                               "(GLM-4.5's multi-token-prediction layers) is not supported yet")
     w.add_rope_dimension_count(_rope_dim(m))
     if (v := hp.get("n_routed_experts")) is not None:
         w.add_expert_count(v)
@@ -111,6 +130,8 @@ def glm4moe_params(m: Model, w: GGUFWriter) -> None:
         w.add_expert_weights_scale(v)
     if (v := hp.get("norm_topk_prob")) is not None:
         w.add_expert_weights_norm(v)
+    if (v := hp.get("num_nextn_predict_layers")) is not None:
+        w.add_nextn_predict_layers(v)
 
 
 def glm45_vocab(m: Model, w: GGUFWriter) -> None:
@@ -138,9 +159,11 @@ GLM4MOE = Family(
     computed=(),  # Glm4MoeConfig derives nothing
     required=("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size",
               "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"),
-    shapes=(F.top, _norms, F.attention, F.qkv_bias_if_attention_bias, _qk_norm, _ffn),
-    optional=(F.tied_output,),
+    shapes=(F.top, _norms, F.attention, F.qkv_bias_if_attention_bias, _qk_norm, _ffn, _nextn),
+    optional=(F.tied_output, _nextn_optional),
     stacks=(GLM4MOE_EXPERTS,),
+    mtp=Mtp(keep=True, reason="Glm4MoeModel.__init__: block_count += num_nextn_predict_layers (no --no-mtp), "
+                              "the tensor map rebuilt for it; set_gguf_parameters writes nextn_predict_layers"),
     params=(F.text_params, glm4moe_params),
     vocab=glm45_vocab,
     export=None,

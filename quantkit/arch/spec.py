@@ -110,6 +110,18 @@ class QuantRules:
 
 
 @dataclass(frozen=True)
+class Mtp:
+    """The converter's handling of multi-token-prediction (NextN) layers, the
+    ``count_key`` blocks a checkpoint stores past num_hidden_layers: kept
+    (appended as blocks: block_count += count, their nextn.* tensors mapped by
+    gguf-py's TensorNameMap) or dropped (every ``model.layers.<i>.*`` with i >=
+    num_hidden_layers skipped, block_count as the config says)."""
+    keep: bool
+    count_key: str = "num_nextn_predict_layers"
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class Export:
     """The way back (quantkit export): config.json's architecture and model_type,
     whether the Q/K row permutation is undone, keys config.json gets as is, the
@@ -156,6 +168,7 @@ class Family:
     stacks: tuple[ExpertStack, ...] = ()        # per-expert tensors merged into 3-D ones
     splits: tuple[tuple[str, Split, str], ...] = ()  # (pattern, split, reason): one HF tensor -> several
     quant: QuantRules = QuantRules()            # llama-quantize's rules for this arch
+    mtp: Mtp | None = None                      # multi-token-prediction layers: kept or dropped
 
     def __call__(self, source: Any, vocab_pre: str | None = None) -> "Model":
         return Model(self, source, vocab_pre)
@@ -196,6 +209,9 @@ class Model:
             spec.adjust(hp)
         self.hp = hp
         self.block_count = require_int(hp, "num_hidden_layers")
+        self.main_blocks = self.block_count     # the trunk; blocks past it are MTP (NextN) layers
+        if spec.mtp is not None and spec.mtp.keep and hp.get(spec.mtp.count_key) is not None:
+            self.block_count += require_int(hp, spec.mtp.count_key)
         for k in spec.required:
             if hp.get(k) is None:
                 raise InputError(f"config.json: {k} is not set; {spec.name} models need it")
@@ -264,7 +280,7 @@ class Model:
             if skip_hf_tensor(ref.name):
                 continue
             hf = hf_name_filter(ref.name)
-            if hf in self.spec.dropped_tensors:
+            if hf in self.spec.dropped_tensors or self._dropped_mtp(hf):
                 continue
             parts = self._split(ref, hf)
             if parts is not None:
@@ -292,6 +308,13 @@ class Model:
             if tuple(t.shape) != tuple(shape):
                 raise InputError(f"tensor {hf!r} has shape {list(t.shape)}, the config implies {list(shape)}")
         return out
+
+    def _dropped_mtp(self, hf: str) -> bool:
+        """DeepseekV2Model.modify_tensors (skip_mtp): re.match(r"model.layers.(\\d+)") >= num_hidden_layers."""
+        if self.spec.mtp is None or self.spec.mtp.keep:
+            return False
+        mt = re.match(r"model.layers.(\d+)", hf)
+        return mt is not None and int(mt.group(1)) >= self.main_blocks
 
     def _split(self, ref: TensorRef, hf: str) -> "list[tuple[str, TensorRef]] | None":
         for pattern, split, _ in self.spec.splits:
