@@ -347,7 +347,7 @@ def families_markdown(data: dict, check: bool = False) -> str:
     opts = (f" --only '{data['only']}'" if data.get("only") else "") + (
         f" --repeat {data['repeat']}" if data.get("repeat", 1) > 1 else "") + (
         f" --params {data['target']:.0f}" if data["target"] != 60e6 else "")
-    head = ("### Check run" if check else FAMILY_SECTION)
+    head = (f"### Check run, {data['date']}" if check else FAMILY_SECTION)
     least = (f" quantkit's columns: the least CPU of {data['repeat']} runs (each run's CPU s in the JSON)."
              if data.get("repeat", 1) > 1 else "")
     lines = [head, "",
@@ -359,7 +359,8 @@ def families_markdown(data: dict, check: bool = False) -> str:
              "by the load. llama.cpp's route: the vendored `convert_hf_to_gguf.py --outtype bf16` (reference "
              "venv, torch), then `llama-quantize ... Q4_K_M`. \"same\": quantkit's file is byte-identical with "
              "that route's." + (f" Llama ran first and last: its CPU per parameter differed by {noise:.1f}% "
-                                "between the two runs (noise)." if noise is not None else "") + least, "",
+                                "between the two runs (noise)." if noise is not None else "") + least
+             + (f" {data['note']}" if data.get("note") else ""), "",
              "| Family | params | layers | quantkit wall s | quantkit CPU s | CPU ns/param | vs Llama (CPU/param) "
              "| llama.cpp route wall s | route CPU s (convert + quantize) | route CPU / quantkit CPU | same | load |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -375,7 +376,8 @@ def families_markdown(data: dict, check: bool = False) -> str:
 
 
 # the saved runs docs/families.md shows: the full one, then a check run (some families again, --repeat)
-FAMILY_JSONS = (ROOT / "docs" / "families-bench.json", ROOT / "docs" / "families-bench-check.json")
+FAMILY_JSONS = (ROOT / "docs" / "families-bench.json", ROOT / "docs" / "families-bench-check.json",
+                ROOT / "docs" / "families-bench-check2.json")
 
 
 def family_sections() -> str:
