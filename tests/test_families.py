@@ -49,7 +49,7 @@ CHECKPOINTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "Granite MoE": (("granitemoe-bf16", "granitemoeshared-f16", "granitemoe-kq"),
                     ("granitemoe-hf", "granitemoeshared-hf")),
     "GLM-4.5 (MoE)": (("glm4moe-bf16", "glm4moe-f16-qknorm", "glm4moe-kq", "glm4moe-mtp", "glm4moe-mtp-kq"),
-                      ("glm4moe-hf",)),
+                      ("glm4moe-hf", "glm4moe-mtp-hf")),
     "DeepSeek-V3 (MLA)": (("deepseekv3-bf16", "deepseekv3-f16-yarn", "deepseekv3-kq", "deepseekv3-mtp",
                            "deepseekv3-mtp-kq"), ("deepseekv3-hf",)),
 }
