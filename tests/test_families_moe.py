@@ -49,6 +49,13 @@ BYTES_CASES = ([(m, p) for m in KQ.values() for p in BYTES_PRESETS] if FULL else
                [("mixtral-kq", "Q4_K_M"), ("qwen2moe-kq", "MXFP4_MOE"), ("gptoss-kq", "Q4_K_M")])
 LOAD_MODELS = list(KQ.values()) if FULL else ["qwen2moe-kq", "gptoss-kq"]
 FUSED = [("qwen2moe-bf16", "f32"), ("qwen3moe-bf16", "bf16")] if FULL else [("qwen3moe-bf16", "bf16")]
+# multi-token-prediction (NextN) layers (helper H2): GLM-4.5's kept as blocks, DeepSeek-V3's dropped by the
+# converter; every check with QUANTKIT_FULL_PARITY=1 (CI: the trunk-only and dropped-layer cases below)
+MTP_KQ = ("glm4moe-mtp-kq", "deepseekv3-mtp-kq")
+if FULL:
+    TYPE_MODELS += list(MTP_KQ)
+    BYTES_CASES += [(m, p) for m in MTP_KQ for p in BYTES_PRESETS]
+    LOAD_MODELS += list(MTP_KQ)
 
 
 @pytest.fixture(scope="module")
@@ -322,29 +329,51 @@ def test_granite_moe_shared_expert_is_refused_by_the_forward_pass(random_checkpo
     assert not out.exists()
 
 
-def test_glm45_multi_token_prediction_layers_are_refused(random_checkpoint, tmp_path, capsys):
-    """GLM-4.5's MTP layers (num_nextn_predict_layers > 0: the converter appends them as blocks) are
-    not converted yet: one line naming the key, exit 4 (unsupported), nothing written."""
+def _parity(d: Path, outtype: str, reference_gguf, tmp_path: Path) -> Path:
+    ref = reference_gguf(d, outtype, VOCAB_PRE)
+    out = tmp_path / "ours.gguf"
+    assert main(["convert", str(d), "--type", outtype.upper(), "-o", str(out), "--vocab-pre", VOCAB_PRE,
+                 "--quiet"]) == 0
+    assert diff(out, ref) == []
+    assert filecmp.cmp(out, ref, shallow=False)
+    return out
+
+
+def test_glm45_mtp_config_without_mtp_tensors_converts(random_checkpoint, reference_gguf, tmp_path):
+    """num_nextn_predict_layers = 1 with the MTP weights stripped: the converter counts the block
+    (block_count = num_hidden_layers + 1, glm4moe.nextn_predict_layers = 1) and writes no tensor for it
+    (llama.cpp loads it trunk-only); quantkit's file == the converter's."""
+    import gguf
+
     d = tmp_path / "glm45"
     shutil.copytree(random_checkpoint("glm4moe-bf16"), d)
     cfg = json.loads((d / "config.json").read_text())
     cfg["num_nextn_predict_layers"] = 1
     (d / "config.json").write_text(json.dumps(cfg))
+    r = gguf.GGUFReader(_parity(d, "bf16", reference_gguf, tmp_path))
+    assert int(r.fields["glm4moe.block_count"].parts[-1][0]) == cfg["num_hidden_layers"] + 1
+    assert int(r.fields["glm4moe.nextn_predict_layers"].parts[-1][0]) == 1
+    assert not [t.name for t in r.tensors if t.name.startswith(f"blk.{cfg['num_hidden_layers']}.")]
+
+
+def test_glm45_mtp_block_missing_a_tensor_is_named(random_checkpoint, tmp_path, capsys):
+    """An MTP block with some of its tensors (eh_proj dropped) is named, as any missing block tensor:
+    one line, exit 3, nothing written (llama.cpp would not load the file the converter writes)."""
+    gone = "model.layers.2.eh_proj.weight"
+    d = _rewritten(random_checkpoint, "glm4moe-mtp", tmp_path, lambda ts: [(n, a) for n, a in ts if n != gone])
     rc, line = _convert_error(d, tmp_path, capsys)
-    assert rc == 4 and "num_nextn_predict_layers" in line, line
+    assert rc == 3 and "blk.2.nextn.eh_proj.weight" in line and gone in line, line
 
 
-def test_deepseek_v3_mtp_layer_is_named(random_checkpoint, tmp_path, capsys):
-    """DeepSeek-V3's multi-token-prediction layer (model.layers.N, N = num_hidden_layers, which the
-    converter skips) is not converted yet: one line naming its tensor, exit 3, nothing written."""
-    extra = "model.layers.3.eh_proj.weight"
+def test_deepseek_v3_mtp_layer_is_dropped(random_checkpoint, reference_gguf, tmp_path):
+    """DeepSeek-V3's MTP layer (model.layers.N.*, N = num_hidden_layers) is skipped as
+    DeepseekV2Model.skip_mtp skips it: quantkit's file == the converter's, no block N, no nextn key."""
+    import gguf
 
-    def edit(ts):
-        return ts + [(extra, np.zeros((64, 128), np.float32))]
-
-    d = _rewritten(random_checkpoint, "deepseekv3-bf16", tmp_path, edit)
-    rc, line = _convert_error(d, tmp_path, capsys)
-    assert rc == 3 and extra in line, line
+    r = gguf.GGUFReader(_parity(random_checkpoint("deepseekv3-mtp"), "bf16", reference_gguf, tmp_path))
+    assert int(r.fields["deepseek2.block_count"].parts[-1][0]) == 2
+    assert "deepseek2.nextn_predict_layers" not in r.fields
+    assert not [t.name for t in r.tensors if t.name.startswith("blk.2.")]
 
 
 def test_deepseek_v3_kv_b_of_another_shape_is_named(random_checkpoint, tmp_path, capsys):

@@ -188,6 +188,11 @@ def llama_dims(hp: dict[str, Any]) -> Dims:
                 hd if isinstance(hd, int) and not isinstance(hd, bool) and hd > 0 else n_embd // n_head)
 
 
+def _gguf_block(name: str) -> int | None:
+    mt = re.match(r"blk\.(\d+)\.", name)
+    return int(mt.group(1)) if mt else None
+
+
 class Model:
     """One checkpoint being converted by its ``Family``: the converter's flow."""
 
@@ -298,6 +303,7 @@ class Model:
             held.finish()
         exp, optional = self.expected()
         have = {t.name: (t, seen.get(t.name, t.name)) for t in out}
+        optional |= self._trunk_only(exp, have)
         for name, shape in exp.items():
             if name not in have:
                 if name in optional:
@@ -308,6 +314,16 @@ class Model:
             if tuple(t.shape) != tuple(shape):
                 raise InputError(f"tensor {hf!r} has shape {list(t.shape)}, the config implies {list(shape)}")
         return out
+
+    def _trunk_only(self, exp: dict, have: dict) -> set[str]:
+        """Kept MTP blocks of which the checkpoint has no tensor at all (MTP weights stripped): the converter
+        writes block_count with them counted and no tensors, llama.cpp loads that trunk-only file
+        (glm4-moe.cpp: TENSOR_NOT_REQUIRED when blk.<n_layer>.nextn.eh_proj is absent); a partial block is
+        named by the missing-tensor check."""
+        if self.spec.mtp is None or not self.spec.mtp.keep or self.block_count == self.main_blocks:
+            return set()
+        extra = {n for n in exp if (b := _gguf_block(n)) is not None and b >= self.main_blocks}
+        return set() if extra & set(have) else extra
 
     def _dropped_mtp(self, hf: str) -> bool:
         """DeepseekV2Model.modify_tensors (skip_mtp): re.match(r"model.layers.(\\d+)") >= num_hidden_layers."""
