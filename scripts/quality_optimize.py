@@ -318,6 +318,19 @@ def render(res: dict) -> str:
                 out.append(f"| {preset} | {LABEL[key]} | {e['size'] / 2**20:.2f} | {bpw} | {e['ppl']:.4f} | "
                            f"{e['kld']:.5f} | {e['same_top']:.2f}% | {gap(row, key, b.get('ppl', 0))} |")
         out.append("")
+        missing = []
+        for preset in PRESETS:
+            row = m["rows"].get(preset, {})
+            miss = [LABEL[k] for k in METHODS if k not in row and not (k == "plain" and preset in NEEDS_IMATRIX)]
+            if miss:
+                missing.append(f"{preset} ({', '.join(miss)})")
+        if missing:
+            out.append("Not run (machine time): " + "; ".join(missing) + ".")
+            out.append("")
+    for model in MODEL_NAME:
+        if model not in res.get("models", {}):
+            out.append(f"Not run (machine time): {MODEL_NAME[model]}, every row.")
+            out.append("")
     return "\n".join(out)
 
 
@@ -346,7 +359,7 @@ def chart(res: dict) -> None:
     series = []
     for model, m in res.get("models", {}).items():
         cp, ci, cq = colors.get(model, colors["padded"])
-        pts = {k: [] for k in ("plain", "imatrix", "target", "optimize")}
+        pts = {k: [] for k in ("plain", "imatrix", "target", "optimize", "ef")}
         for preset, row in m["rows"].items():
             for k in pts:
                 e = row.get(k)
@@ -357,6 +370,8 @@ def chart(res: dict) -> None:
             series.append(Series(f"{tag} llama.cpp", sorted(pts["plain"]), cp, "s"))
         if pts["imatrix"]:
             series.append(Series(f"{tag} llama.cpp+imatrix", sorted(pts["imatrix"]), ci, "s"))
+        if pts["ef"]:
+            series.append(Series(f"{tag} error feedback", sorted(pts["ef"]), (148, 103, 189), "o"))
         if pts["optimize"]:
             series.append(Series(f"{tag} --optimize", sorted(pts["optimize"]), cq, "o"))
         if pts["target"]:
