@@ -12,6 +12,7 @@ The tokens are random ids over the whole vocabulary, chunks of --ctx.
 
     python scripts/bench_gpu.py --work /tmp/bench --models smollm2,1b,8b --chunks 64
     python scripts/bench_gpu.py --bandwidth              # CPU memory bandwidth only
+    python scripts/bench_gpu.py --trace-optimize 8b:cuda --trace-stop 180   # convert --optimize, a line per block
 
 A benchmark, not a test: it prints markdown tables (and JSON lines, '# ' first, on stderr).
 """
@@ -39,6 +40,8 @@ SHAPES = {  # fixtures.random_checkpoints.Spec fields; vocab: tokenizer tokens +
                vocab=512, vocab_pad=128256 - 512, dtype="BF16", tied=False, rope_theta=500000.0),
 }
 SHAPES["8b-1layer"] = dict(SHAPES["8b"], n_layers=1)  # the CPU path's time per layer (--optimize)
+SHAPES["tiny"] = dict(arch="llama", hidden=256, intermediate=768, n_layers=3, n_head=4, n_kv_head=2,
+                      vocab=512, vocab_pad=0, dtype="BF16", tied=False)  # dry runs of this script
 
 
 
@@ -47,15 +50,18 @@ def log(**kw) -> None:
 
 
 def make_checkpoint(name: str, dest: Path) -> Path:
-    """Random BF16 llama checkpoint of SHAPES[name], weights drawn on the GPU (torch)."""
-    import torch
-    from safetensors.torch import save_file
-
+    """Random BF16 llama checkpoint of SHAPES[name], weights drawn on the GPU (torch); without torch
+    (a dry run of this script on a small shape) fixtures.random_checkpoints.build's numpy weights."""
     from fixtures import random_checkpoints as rc
 
     sp = rc.Spec(**SHAPES[name])
     if (dest / "model.safetensors").exists():
         return dest
+    try:
+        import torch
+        from safetensors.torch import save_file
+    except ImportError:
+        return rc.build(sp, dest)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "config.json").write_text(json.dumps(rc.config(sp), indent=2))
     (dest / "tokenizer.json").write_text(rc.tokenizer_json(sp.vocab))
@@ -290,6 +296,81 @@ def optimize_time(ckpt: Path, work: Path, text: Path, device: str, threads: int,
     return dt
 
 
+def trace_optimize(ckpt: Path, text: Path, device: str, threads: int, out: Path, stop_s: float) -> int:
+    """convert -t Q4_K_M --calib-text TEXT --optimize --device DEVICE in this process, printing a time
+    stamp when the Gram matrices start and end and one line per block as its error-feedback encodes end
+    (wall from the block's first encode start to its last end, and the encoders' summed seconds), so a
+    run cut short still says something; after ``stop_s`` seconds it stops at the next block's end."""
+    import re
+    import threading
+
+    import quantkit.calib.gram as gram
+    import quantkit.passes.errfeedback as ef
+    from quantkit.cli import main as cli_main
+
+    t0 = time.perf_counter()
+    lock = threading.Lock()
+    st = {"blk": None, "first": None, "last": None, "busy": 0.0, "calls": 0, "done": 0, "walls": []}
+
+    def stamp(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", flush=True)
+
+    def close_block() -> None:
+        if st["blk"] is None:
+            return
+        wall = st["last"] - st["first"]
+        st["walls"].append(wall)
+        st["done"] += 1
+        stamp(f"block {st['blk']}: error feedback {wall:.1f} s wall ({st['calls']} encodes, {st['busy']:.1f} s "
+              f"summed); mean over {st['done']} blocks {sum(st['walls']) / st['done']:.1f} s")
+        if time.perf_counter() - t0 > stop_s:
+            stamp(f"stopping after {st['done']} blocks (time budget {stop_s:.0f} s)")
+            sys.stdout.flush()
+            os._exit(0)
+
+    enc0 = ef.ErrorFeedbackEncoder.encode
+
+    def encode(self, x, row, stats):
+        m = re.match(r"blk\.(\d+)\.", row.name)
+        b = int(m.group(1)) if m else None
+        t = time.perf_counter()
+        with lock:
+            if b != st["blk"]:
+                close_block()
+                st.update(blk=b, first=t, last=t, busy=0.0, calls=0)
+        r = enc0(self, x, row, stats)
+        e = time.perf_counter()
+        with lock:
+            if b == st["blk"]:
+                st["last"] = max(st["last"], e)
+                st["busy"] += e - t
+                st["calls"] += 1
+            if b == 0:
+                stamp(f"  {row.name} rows {x.shape[0] if x.ndim > 1 else 1}: {e - t:.2f} s")
+        return r
+
+    g0 = gram.grams_cached
+
+    def grams_cached(*a, **kw):
+        stamp("Gram matrices: start (model load + forward pass + X^T X)")
+        r = g0(*a, **kw)
+        stamp(f"Gram matrices: done ({len(r[0].names())} matrices, {max(r[0].n.values())} tokens)")
+        return r
+
+    ef.ErrorFeedbackEncoder.encode = encode
+    gram.grams_cached = grams_cached
+    stamp(f"convert {ckpt.name} -t Q4_K_M --optimize --device {device} --threads {threads}")
+    rc = cli_main(["convert", str(ckpt), "-t", "Q4_K_M", "--calib-text", str(text), "--optimize", "--device", device,
+                   "--no-calib-cache", "--threads", str(threads), "--vocab-pre", "smollm", "-o", str(out), "--quiet",
+                   "--force"])
+    with lock:
+        close_block()
+    stamp(f"convert done, exit {rc}; {st['done']} blocks, error feedback mean "
+          f"{(sum(st['walls']) / max(st['done'], 1)):.1f} s per block")
+    out.unlink(missing_ok=True)
+    return rc
+
+
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -316,7 +397,26 @@ def main(argv=None) -> int:
                     "models with --device cuda (8b), and with --device cpu on 8b-1layer (one layer)")
     ap.add_argument("--optimize-chars", type=int, default=60000, help="characters of calibration text")
     ap.add_argument("--no-plain", action="store_true", help="with --optimize: skip the run without --optimize")
+    ap.add_argument("--trace-optimize", default="", metavar="MODEL:DEVICE",
+                    help="convert --optimize on MODEL (SHAPES) with --device DEVICE in this process, a line per "
+                         "block (trace_optimize)")
+    ap.add_argument("--trace-stop", type=float, default=1e9, help="with --trace-optimize: stop at the first block "
+                    "end after these seconds")
     args = ap.parse_args(argv)
+
+    if args.trace_optimize:
+        from pydoc_data.topics import topics
+
+        name, dev = args.trace_optimize.split(":")
+        args.work.mkdir(parents=True, exist_ok=True)
+        text = args.work / "calib.txt"
+        text.write_text("\n\n".join(topics[k] for k in sorted(topics))[: args.optimize_chars], encoding="utf-8")
+        t = time.perf_counter()
+        ckpt = make_checkpoint(name, args.work / name)
+        print(f"checkpoint {name} ({SHAPES[name]['n_layers']} blocks) ready in {time.perf_counter() - t:.1f} s",
+              flush=True)
+        return trace_optimize(ckpt, text, dev, args.convert_threads, args.work / f"{name}-{dev}-trace.gguf",
+                              args.trace_stop)
 
     if args.optimize:
         from pydoc_data.topics import topics
