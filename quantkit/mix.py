@@ -27,7 +27,7 @@ from .mixrules import (
     ALIASES, ATTN_K, ATTN_OUTPUT, ATTN_OUTPUT_8_EXPERTS, ATTN_OUTPUT_FALCON, ATTN_K_8_EXPERTS, ATTN_Q, ATTN_V,
     ATTN_V_70B_BUMP, ATTN_V_8_EXPERTS, ATTN_V_LIKE, EXPERT_SPLIT, FFN_DOWN,
     FFN_GATE, FFN_UP, IQ_LOW, IQ_LOW_ATTN_K_8_EXPERTS, IQ_LOW_ATTN_OUTPUT, IQ_LOW_ATTN_OUTPUT_8_EXPERTS,
-    IQ_LOW_ATTN_V, IQ_LOW_FFN_DOWN, IS_70B, TOKEN_EMBD, Cat, Ctx, Preset, allows_quantization, expert_categories,
+    IQ_LOW_ATTN_V, IQ_LOW_FFN_DOWN, TOKEN_EMBD, Cat, Ctx, Preset, allows_quantization, expert_categories, is_70b,
     category, n_dims, output_rule, requires_imatrix,
 )
 from .quant import block_size, fit_row, fits, is_quantized, nbytes, writable
@@ -193,8 +193,7 @@ class _Model:
 
     @property
     def is_70b(self) -> bool:
-        rule = IS_70B.get(self.arch)
-        return bool(rule and rule(self.n_layer, self.n_head, self.n_head_kv))
+        return is_70b(self.arch, self.n_layer, self.n_head, self.n_head_kv)
 
 
 def _first(v, default: int = 0) -> int:

@@ -347,15 +347,17 @@ FFN_UP: dict[Preset, Rule] = {P.IQ3_XS: lambda c: T.IQ3_XXS if c.n // 8 <= c.i <
 # Row length not a multiple of the block: each type's fallback is a column of
 # its record in quantkit.quant's registry (quant.fallback / quant.fit_row).
 
-# Model families llama.cpp calls "70B" (only that size matters for the rules):
-# arch -> predicate on (n_layer, n_head, n_head_kv)
-IS_70B: dict[str, Callable[[int, int, int], bool]] = {
-    "llama": lambda nl, nh, nkv: nl == 80 and nh != nkv,
-    "qwen2": lambda nl, nh, nkv: nl == 80,
-    "deci": lambda nl, nh, nkv: nl == 80,
-    "olmo": lambda nl, nh, nkv: nl == 80,
-    "jais2": lambda nl, nh, nkv: nl == 68,
-}
+# Which models llama.cpp calls "70B" (only that size matters for the rules) is a
+# fact of each architecture: quantkit.arch.quant_rules(arch).is_70b.
+
+
+def is_70b(arch: str, n_layer: int, n_head: int, n_head_kv: int) -> bool:
+    """Whether llama.cpp types this model LLM_TYPE_70B (ATTN_V_70B_BUMP applies)."""
+    from .arch import quant_rules
+
+    rule = quant_rules(arch).is_70b
+    return bool(rule and rule.test(n_layer, n_head, n_head_kv))
+
 
 # --- importance matrix required (tensor_requires_imatrix) ---------------------
 # llama-quantize refuses to write these types without importance data ("the

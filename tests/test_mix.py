@@ -217,3 +217,32 @@ def test_dry_run_cli_writes_nothing(tiny, tmp_path, capsys):
     assert main(["convert", str(tiny), "--type", "Q4_K_M", "-o", str(out), "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert "bits per weight" in text and "blk.3.ffn_down.weight" in text and not out.exists()
+
+
+# ------------------------------------------------- the 70B attn_v bump -------
+@pytest.fixture(scope="module")
+def llama80(tmp_path_factory):
+    """80-layer random llama F32 GGUFs (256 wide): with GQA llama.cpp types it LLM_TYPE_70B, without
+    (n_head == n_head_kv) LLM_TYPE_65B (src/models/llama.cpp)."""
+    d = tmp_path_factory.mktemp("llama80")
+    return {kv: write_llama_gguf(d / f"kv{kv}.gguf", n_embd=256, n_ff=256, n_layer=80, n_head=4, n_head_kv=kv,
+                                 n_vocab=256, seed=11) for kv in (2, 4)}
+
+
+@pytest.mark.parametrize("preset", ["Q4_K_M", "Q3_K_S"])
+@pytest.mark.parametrize("n_head_kv,is_70b", [(2, True), (4, False)])
+def test_70b_attn_v_bump_from_the_family_spec(preset, n_head_kv, is_70b, llama80, tmp_path):
+    """Which models are "70B" is llama's family fact (arch.quant_rules("llama").is_70b, no table in
+    mixrules): an 80-layer GQA llama takes Q5_K for attn_v where the preset gives Q3_K/Q4_K, an
+    80-layer MHA one (65B) does not; every type equals llama_model_quantize's dry run."""
+    from quantkit import mixrules
+    from quantkit.arch import quant_rules
+    from test_parity_quantize import assert_types_match_dry_run
+
+    assert not hasattr(mixrules, "IS_70B") and quant_rules("llama").is_70b.reason
+    assert mixrules.is_70b("llama", 80, 4, n_head_kv) is is_70b
+    src = llama80[n_head_kv]
+    assert_types_match_dry_run(src, stream_from_gguf(src), preset, tmp_path / "out.gguf")
+    plan = mix.make_plan(stream_from_gguf(src), preset, mix.MixOptions(dry_run=True))
+    attn_v = {t.qtype.name for t in plan.tensors if t.name.endswith("attn_v.weight")}
+    assert ("Q5_K" in attn_v) is is_70b, attn_v

@@ -14,7 +14,7 @@ from gguf import MODEL_ARCH
 from . import features as F
 from .features import llama3_rope_factors, permute_qk  # noqa: F401  (re-exported: callers import them from here)
 from .graph import LLAMA_GRAPH_KEYS, MOE_BLOCK, MOE_KEYS, ROPE_NORM, BlockGraph, Moe, block
-from .spec import Export, Family
+from .spec import Export, Family, Is70B, QuantRules
 
 # transformers 4.57.6 LlamaConfig / MistralConfig defaults for keys the converter reads
 LLAMA_DEFAULTS: dict[str, Any] = {
@@ -37,6 +37,12 @@ GRAPH = BlockGraph("llama", ROPE_NORM, optional_block_tensors=block(
     moe=Moe("softmax", norm_w=True, when="expert_count",
             reason="llama.cpp: n_expert > 0 -> build_moe_ffn(..., LLM_FFN_SILU, norm_w true, SOFTMAX)"))
 
+# llama-quantize's llama facts (Llama, Mistral and Mixtral all write arch "llama": one record)
+QUANT = QuantRules(is_70b=Is70B(
+    lambda n_layer, n_head, n_head_kv: n_layer == 80 and n_head != n_head_kv,
+    reason="src/models/llama.cpp: 80 layers is LLM_TYPE_70B with GQA, LLM_TYPE_65B when n_head == n_head_kv "
+           "(llama-quant.cpp's llama_quant_model_from_metadata infers the same)"))
+
 LLAMA = Family(
     name="Llama",
     hf_architectures=("LlamaForCausalLM",),
@@ -51,6 +57,7 @@ LLAMA = Family(
     params=(F.text_params, F.llama_params),
     vocab=F.llama_vocab,
     export=Export("LlamaForCausalLM", "llama", undo_permute=True),
+    quant=QUANT,
 )
 
 # MistralConfig leaves head_dim None (the converter then derives rope dims itself)
@@ -68,6 +75,7 @@ MISTRAL = Family(
     params=(F.text_params, F.llama_params),
     vocab=F.llama_vocab,
     export=None,  # a llama file exports as LlamaForCausalLM (LLAMA.export)
+    quant=QUANT,
 )
 
 FAMILIES = (LLAMA, MISTRAL)

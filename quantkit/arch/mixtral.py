@@ -14,7 +14,7 @@ from typing import Any
 from gguf import MODEL_ARCH
 
 from . import features as F
-from .llama import GRAPH as LLAMA_GRAPH
+from .llama import GRAPH as LLAMA_GRAPH, QUANT as LLAMA_QUANT
 from .spec import Family
 
 # transformers 4.57.6 MixtralConfig defaults for keys the converter reads
@@ -46,6 +46,7 @@ MIXTRAL = Family(
     params=(F.text_params, F.llama_params),
     vocab=F.llama_vocab,
     export=None,
+    quant=LLAMA_QUANT,  # arch "llama": llama's quantize facts
 )
 
 FAMILIES = (MIXTRAL,)

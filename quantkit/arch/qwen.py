@@ -11,7 +11,7 @@ from gguf import MODEL_ARCH
 
 from . import features as F
 from .graph import LLAMA_BLOCK, ROPE_NEOX, BlockGraph, block
-from .spec import Export, Family
+from .spec import Export, Family, Is70B, QuantRules
 
 # transformers 4.57.6 Qwen2Config / Qwen3Config defaults for keys the converter reads
 QWEN2_DEFAULTS: dict[str, Any] = {
@@ -35,6 +35,8 @@ QWEN2 = Family(
     params=(F.text_params,),
     vocab=F.spm_or_gpt2_vocab,
     export=Export("Qwen2ForCausalLM", "qwen2", undo_permute=False, config_extra={"use_sliding_window": False}),
+    quant=QuantRules(is_70b=Is70B(lambda n_layer, n_head, n_head_kv: n_layer == 80,
+                                  reason="src/models/qwen2.cpp: 80 layers is LLM_TYPE_70B")),
 )
 
 QWEN3 = Family(

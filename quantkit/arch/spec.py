@@ -99,13 +99,24 @@ Split = Callable[["Model", TensorRef], "list[tuple[str, tuple[int, ...], Callabl
 
 
 @dataclass(frozen=True)
+class Is70B:
+    """Which models of an arch llama.cpp's loader types LLM_TYPE_70B
+    (src/models/<arch>.cpp, load_arch_hparams), the one model size
+    llama-quantize's rules read (attn_v's Q3_K/Q4_K -> Q5_K bump)."""
+    test: Callable[[int, int, int], bool]   # (n_layer, n_head, n_head_kv) -> a "70B" model
+    reason: str
+
+
+@dataclass(frozen=True)
 class QuantRules:
     """llama-quantize's per-architecture facts (src/llama-quant.cpp), read by
     mixrules through arch.quant_rules: name substrings never quantized for this
-    arch, and the tensor categories that count as experts for MXFP4_MOE's split
-    (None: every 3-D tensor with more than one expert)."""
+    arch, the tensor categories that count as experts for MXFP4_MOE's split
+    (None: every 3-D tensor with more than one expert), and which models of the
+    arch count as "70B" (None: none do)."""
     never_quantized: tuple[str, ...] = ()
     expert_categories: frozenset[str] | None = None   # mixrules.Cat values ("ffn_up", ...)
+    is_70b: Is70B | None = None
     reason: str = ""
 
 
