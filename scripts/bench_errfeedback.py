@@ -30,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,21 +40,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def run(cmd: list[str]) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    dt = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-3000:]}")
-    return dt, r.stdout + r.stderr
-
-
-def quantkit(*args: str) -> tuple[float, str]:
-    return run(["nice", "-n", "5", sys.executable, "-m", "quantkit", *args])
+from _run import log, quantkit, run  # noqa: E402  (scripts/_run.py)
 
 
 def tensor_types(path: Path) -> dict[str, str]:

@@ -41,7 +41,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,21 +59,7 @@ CHART = ROOT / "docs" / "quality-optimize.png"
 BEGIN, END = "<!-- quality-optimize:begin -->", "<!-- quality-optimize:end -->"
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def run(cmd: list[str]) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    dt = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise RuntimeError(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-3000:]}")
-    return dt, r.stdout + r.stderr
-
-
-def quantkit(*args: str) -> tuple[float, str]:
-    return run(["nice", "-n", "5", sys.executable, "-m", "quantkit", *args])
+from _run import CommandFailed, log, quantkit, run  # noqa: E402  (scripts/_run.py)
 
 
 def texts(work: Path) -> tuple[Path, Path]:
@@ -190,7 +175,7 @@ def build_file(method: str, preset: str, bf16: Path, calib: Path, imatrix: Path,
     if method in ("plain", "imatrix", "ef"):
         reuse_anchor(tag, preset, method, path, chunks)
     if method == "ef" and not path.exists():
-        raise RuntimeError(f"no bench_errfeedback file for {tag} {preset} (method ef is reused, never built here)")
+        raise CommandFailed(f"no bench_errfeedback file for {tag} {preset} (method ef is reused, never built here)")
     if path.exists() and path.stat().st_mtime > bf16.stat().st_mtime:
         info = json.loads(info_p.read_text()) if info_p.exists() else {"seconds": None, "notes": ["reused"]}
         info["bits_per_weight"] = bits_per_weight(path)
@@ -253,7 +238,7 @@ def main() -> None:
                         path, info = build_file(method, preset, bf16, calib, imatrix, work, model, sizes,
                                                 a.eval_chunks)
                         row[method] = {**ev(path), **info}
-                    except RuntimeError as e:
+                    except CommandFailed as e:
                         log(f"{model} {preset} {method}: {str(e).splitlines()[0]} ... {str(e).splitlines()[-1]}")
                         row[method] = {"error": str(e).splitlines()[-1][:300]}
                         continue

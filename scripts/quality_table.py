@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,13 +48,7 @@ PADDED_TYPES = IQ_PRESETS + ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "BF16"]
 NO_IMATRIX = {"BF16", "F16", "F32"}  # llama-quantize ignores an imatrix for these
 
 
-def run(cmd: list[str]) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    dt = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-3000:]}")
-    return dt, r.stdout + r.stderr
+from _run import run  # noqa: E402  (scripts/_run.py)
 
 
 def quantkit(*args: str) -> tuple[float, str]:
