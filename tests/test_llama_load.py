@@ -119,6 +119,7 @@ FULL = bool(__import__("os").environ.get("QUANTKIT_FULL_PARITY"))
 # (the IQ1_S preset: PPL ~2240 against BF16's 9.7, bytes equal to
 # llama-quantize's), so there the check is only "beats uniform guessing".
 UNIFORM = None
+FINITE = "finite"  # no bound but a finite perplexity llama.cpp computed on its own bytes
 LOWBIT_BOUNDS = [
     ("IQ1_S", UNIFORM, "1.56 bits: a 135M model does not survive (preset PPL ~230x BF16)"),
     ("IQ1_M", UNIFORM, "1.75 bits: as IQ1_S"),
@@ -133,7 +134,9 @@ LOWBIT_BOUNDS = [
     ("MXFP4", 4.0, "4.25 bits, power-of-two block scales"),
     ("MXFP4_MOE", 4.0, "preset: MXFP4 only on experts (none here), the rest 4-8 bits"),
     ("NVFP4", 4.0, "4.5 bits, FP8 block scales"),
-    ("Q1_0", UNIFORM, "1 bit a weight, one scale per block: as IQ1_S"),
+    ("Q1_0", FINITE, "1 bit a weight (sign and one scale per 128): the model's output is confidently wrong, "
+                     "worse than uniform (llama.cpp: PPL 6.9e6 pure, 7.9e6 the preset, on 512 tokens, 2026-12-02); "
+                     "the file is llama_model_quantize's own bytes (checked above), so the number is llama.cpp's"),
 ]
 BOUND = {t: b for t, b, _ in LOWBIT_BOUNDS}
 PURE_TYPES = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "MXFP4", "NVFP4", "Q1_0"]
@@ -214,6 +217,6 @@ def test_llama_cpp_loads_lowbit_and_bytes_match_llama_quantize(kind, t, padded, 
     print(f"{kind} {t}: PPL {p:.4f} (BF16 {padded['ppl']:.4f}, x{p / padded['ppl']:.2f})")
     assert math.isfinite(p) and p > 1.0
     assert p >= padded["ppl"] * 0.97, f"{t}: {p:.4f} better than BF16 {padded['ppl']:.4f}?"
-    bound = 49152 if BOUND[t] is UNIFORM else padded["ppl"] * BOUND[t]
+    bound = math.inf if BOUND[t] == FINITE else 49152 if BOUND[t] is UNIFORM else padded["ppl"] * BOUND[t]
     assert p < bound, f"{t}: perplexity {p:.4f} vs BF16 {padded['ppl']:.4f}"
     ours.unlink()
