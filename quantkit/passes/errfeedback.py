@@ -358,13 +358,22 @@ BLOCK_LINEAR = _re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_ga
 METHOD = "error feedback (GPTQ-style) into K-quant blocks, one-shot Gram matrices of the float model"
 
 _FACTORS: dict = {}  # (sha1 of H, n, damp) -> U: q/k/v (gate/up) share one H, a chunked tensor one per chunk
+_KEYS: dict = {}  # id(H) -> (H, its content key): the chunks of a tensor hand the same array, hashed once
 
 
 def _factor(H: np.ndarray, damp: float, device: str = "cpu") -> np.ndarray:
     import hashlib
 
-    H = np.ascontiguousarray(H)
-    key = (hashlib.sha1(H.view(np.uint8)).hexdigest(), H.shape, H.dtype.str, float(damp))
+    hit = _KEYS.get(id(H))
+    if hit is not None and hit[0] is H:
+        content = hit[1]
+    else:
+        Hc = np.ascontiguousarray(H)
+        content = (hashlib.sha1(Hc.view(np.uint8)).hexdigest(), Hc.shape, Hc.dtype.str)
+        if len(_KEYS) >= 4:
+            _KEYS.clear()
+        _KEYS[id(H)] = (H, content)
+    key = (*content, float(damp))
     U = _FACTORS.get(key)
     if U is None:
         U = inverse_factor(np.asarray(H, dtype=np.float64), damp, device)
