@@ -66,16 +66,59 @@ def test_keyboard_interrupt_in_a_command_exits_130(tmp_path):
     assert _one_error_line(r.stderr) == "error: interrupted"
 
 
-def test_real_sigint_exits_130(tmp_path):
-    """Ctrl-C as a terminal sends it: SIGINT to a command at work."""
+def _as_from_a_terminal(ignore=()):
+    """A child as a terminal starts it: SIGINT/SIGTERM at their default action.
+    (A background job of a non-interactive shell, pytest's own parent in some
+    runners, starts with SIGINT ignored; Python then installs no KeyboardInterrupt
+    handler and the child, rightly, keeps ignoring it.) ``ignore``: signals the
+    parent sets to SIG_IGN, as ``nohup`` does."""
+    def pre():
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN if s in ignore else signal.SIG_DFL)
+    return pre
+
+
+def _start_sleeping_inspect(tmp_path, ignore=()):
     f = tmp_path / "x.gguf"
     f.write_bytes(b"GGUF")
     patch = BOOM.replace('raise RuntimeError("injected failure\\nsecond line")',
                          'print("ready", flush=True); import time; time.sleep(120)')
     code = _program(patch, ["inspect", str(f)])
     p = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                         text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+                         preexec_fn=_as_from_a_terminal(ignore))
     assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+def test_real_sigint_exits_130(tmp_path):
+    """Ctrl-C as a terminal sends it: SIGINT to a command at work."""
+    p = _start_sleeping_inspect(tmp_path)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert _one_error_line(err) == "error: interrupted"
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_sigterm_and_sighup_exit_cleanly(tmp_path, sig, code):
+    """A cancelled CI job (SIGTERM) or a closed terminal (SIGHUP): by default
+    Python would die at once, leaving .partial files; quantkit cleans up as for
+    Ctrl-C and exits 128 + the signal, with one line."""
+    p = _start_sleeping_inspect(tmp_path)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == code, err
+    assert _one_error_line(err) == f"error: terminated by {signal.Signals(sig).name}"
+
+
+def test_an_ignored_sigterm_stays_ignored(tmp_path):
+    """The parent's choice wins: started with SIGTERM ignored (as nohup does for
+    SIGHUP), quantkit does not take it over; Ctrl-C still ends it."""
+    p = _start_sleeping_inspect(tmp_path, ignore=(signal.SIGTERM,))
+    p.send_signal(signal.SIGTERM)
+    with pytest.raises(subprocess.TimeoutExpired):
+        p.wait(timeout=1.5)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130, err

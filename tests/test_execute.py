@@ -199,13 +199,20 @@ def test_interrupt_while_encoding_leaves_nothing(random_checkpoint, tmp_path, ca
     _no_threads()
 
 
-def test_sigint_while_waiting_for_a_read_leaves_nothing(random_checkpoint, tmp_path, capsys, monkeypatch):
-    """A real SIGINT to the main thread while it waits for a slow read ahead: the
-    wait is interrupted at once (not when the read ends), exit 130, nothing left."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_while_waiting_for_a_read_leaves_nothing(random_checkpoint, tmp_path, capsys, monkeypatch, sig):
+    """A real SIGINT (Ctrl-C) or SIGTERM (a cancelled job) to the main thread while
+    it waits for a slow read ahead: the wait is interrupted at once (not when the
+    read ends), exit 130 / 143, nothing left."""
+    # Ctrl-C as from a terminal: SIGINT at Python's handler. A pytest started as
+    # a background job of a non-interactive shell inherits SIGINT ignored, and
+    # then Python (and quantkit) rightly ignore it.
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    old_term = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a fresh process has it
     release = threading.Event()
 
     def load(orig):
-        threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
+        threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, sig)).start()
         release.wait(60)  # a read that would take a minute
         return orig()
 
@@ -217,7 +224,13 @@ def test_sigint_while_waiting_for_a_read_leaves_nothing(random_checkpoint, tmp_p
         waited = time.monotonic() - t0
     finally:
         release.set()
-    assert rc == 130 and one_error_line(err) == "error: interrupted"
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+    if sig == signal.SIGINT:
+        assert rc == 130 and one_error_line(err) == "error: interrupted"
+    else:
+        assert rc == 143 and one_error_line(err) == "error: terminated by SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "quantkit left its SIGTERM handler installed"
     assert waited < 50, "the interrupt waited for the read to finish"
     assert not out.exists()
     _no_partial(tmp_path)

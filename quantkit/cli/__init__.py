@@ -7,7 +7,9 @@ to stdout; progress, notes and errors go to stderr.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 import typer
 
@@ -66,15 +68,68 @@ def _one_line(msg: str) -> str:
     return " ".join(str(msg).split())
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI job cancelled, ``kill``, a container stopped) or SIGHUP (the
+    terminal closed). Raised in the main thread like Ctrl-C's KeyboardInterrupt,
+    so the same clean-up runs: threads stopped, cluster tasks cancelled, the
+    ``.partial`` files removed. The exit code is the shell's 128 + the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# the signals whose default action (die at once) would leave a .partial file behind
+_CLEAN_EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _raise_terminated(signum, frame):
+    _state["terminated"] = signum
+    raise Terminated(signum)
+
+
+def _install_signal_handlers() -> dict:
+    """Turn SIGTERM/SIGHUP into ``Terminated`` while a command runs. A signal the
+    parent set to be ignored (``nohup``) stays ignored, as SIGINT does for
+    Python; only the main thread may install handlers (in-process callers on
+    other threads keep theirs)."""
+    old: dict = {}
+    if threading.current_thread() is not threading.main_thread():
+        return old
+    for sig in _CLEAN_EXIT_SIGNALS:
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            old[sig] = signal.signal(sig, _raise_terminated)
+    return old
+
+
+def _interrupted(e: BaseException | None = None) -> int:
+    signum = e.signum if isinstance(e, Terminated) else _state.pop("terminated", None)
+    if signum:
+        print(f"error: terminated by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
+    print("error: interrupted", file=sys.stderr)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     _register_commands()
+    _state.pop("terminated", None)
+    old = _install_signal_handlers()
+    try:
+        return _main(argv)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str] | None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or bool(os.environ.get("QUANTKIT_DEBUG"))
     try:
         rv = app(args=argv, standalone_mode=False)
-        # typer turns Ctrl-C into Exit(130), which standalone_mode=False returns
+        # typer turns Ctrl-C (and Terminated, a KeyboardInterrupt) into Exit(130),
+        # which standalone_mode=False returns
         if rv == 130:
-            print("error: interrupted", file=sys.stderr)
-            return 130
+            return _interrupted()
         if isinstance(rv, int) and rv:
             return rv
     except QuantkitError as e:
@@ -84,9 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return _interrupted(e)
     except SystemExit as e:  # typer.Exit inside commands
         return int(e.code or 0) if isinstance(e.code, int) or e.code is None else 1
     except Exception as e:  # click usage errors and the rest
