@@ -437,25 +437,45 @@ def _proc_cpu(pid: int) -> float:
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def bench_cluster(model: str, t: str, threads: int, d: Path, workers=(1, 2)) -> list[tuple]:
+def bench_cluster(model: str, t: str, threads: int, d: Path, workers=(1, 2), cores: int = 0) -> list[tuple]:
     """`convert --type T` locally (first and last: the anchor and its drift) and
     with --cluster against a `dask scheduler` and N `dask worker --nthreads 1
     --no-nanny` processes on this machine, started (and warmed by one convert of
     the tiny kquant checkpoint) before the timed run and ended by PID after it.
     Rows: (route, wall s, client CPU s, workers' + scheduler's CPU s, load
-    average before -> after, same bytes as the local run)."""
+    average before -> after, same bytes as the local run).
+
+    ``cores`` > 0 (a many-core host standing in for several machines): the
+    local run, the client and the scheduler are pinned to cores 0..cores-1
+    (the local run with --threads cores), worker i to its own ``cores`` cores
+    after them (its kernels take the cores of its affinity), so N workers
+    have N times the local run's cores, as N machines of that size would."""
     import socket
 
     ckpt, pre = checkpoint(model)
     tiny, tiny_pre = checkpoint("kquant")
-    dask = Path(sys.executable).parent / "dask"
+    dask = [str(Path(sys.executable).parent / "dask")]
+    if not Path(dask[0]).exists():  # installed with --target (no console scripts): dask's own __main__
+        dask = [sys.executable, "-m", "dask"]
+    if cores:
+        need = cores * (1 + max(workers))
+        have = len(os.sched_getaffinity(0))
+        if need > have:
+            raise SystemExit(f"--cores-per-worker {cores} with up to {max(workers)} workers needs {need} cores, "
+                             f"this host has {have}")
+        threads = cores
+
+    def pin(i: int) -> list[str]:  # machine i: 0 the client's, 1.. the workers'
+        return ["taskset", "-c", f"{i * cores}-{(i + 1) * cores - 1}"] if cores else []
+
     rows = []
     ref = d / "local.gguf"
 
     def local(label: str) -> None:
         cpu: list[float] = []
         la = os.getloadavg()[0]
-        s, _ = run(quantkit_cmd(ckpt, t, ref if label == "local" else d / "local2.gguf", pre, threads), cwd=d, cpu=cpu)
+        s, _ = run(pin(0) + quantkit_cmd(ckpt, t, ref if label == "local" else d / "local2.gguf", pre, threads),
+                   cwd=d, cpu=cpu)
         same = None if label == "local" else (d / "local2.gguf").read_bytes() == ref.read_bytes()
         rows.append((label, s, cpu[0], 0.0, la, os.getloadavg()[0], same))
 
@@ -464,13 +484,15 @@ def bench_cluster(model: str, t: str, threads: int, d: Path, workers=(1, 2)) -> 
         with socket.socket() as so:
             so.bind(("127.0.0.1", 0))
             addr = f"tcp://127.0.0.1:{so.getsockname()[1]}"
-        procs = [subprocess.Popen([str(dask), "scheduler", "--host", "127.0.0.1", "--port", addr.rsplit(":", 1)[1],
-                                   "--no-dashboard"], cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+        procs = [subprocess.Popen(pin(0) + dask + ["scheduler", "--host", "127.0.0.1", "--port",
+                                                   addr.rsplit(":", 1)[1], "--no-dashboard"],
+                                  cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
         try:
             for i in range(n):
                 (d / f"w{n}-{i}").mkdir()
-                procs.append(subprocess.Popen([str(dask), "worker", addr, "--nthreads", "1", "--no-nanny",
-                                               "--no-dashboard", "--local-directory", str(d / f"w{n}-{i}")],
+                procs.append(subprocess.Popen(pin(i + 1) + dask + [
+                    "worker", addr, "--nthreads", "1", "--no-nanny", "--no-dashboard",
+                    "--local-directory", str(d / f"w{n}-{i}")],
                                               cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             import distributed
 
@@ -478,9 +500,10 @@ def bench_cluster(model: str, t: str, threads: int, d: Path, workers=(1, 2)) -> 
                 c.wait_for_workers(n, timeout=300)
             cl = ["--cluster", addr]  # no --threads: each worker takes the host's cores / worker threads
             warm = quantkit_cmd(tiny, t, d / "warm.gguf", tiny_pre, threads)
-            run([x for x in warm if x not in ("--threads", str(threads))] + cl, cwd=d)
+            run(pin(0) + [x for x in warm if x not in ("--threads", str(threads))] + cl, cwd=d)
             out = d / f"cluster{n}.gguf"
-            cmd = [x for x in quantkit_cmd(ckpt, t, out, pre, threads) if x not in ("--threads", str(threads))] + cl
+            cmd = pin(0) + [x for x in quantkit_cmd(ckpt, t, out, pre, threads)
+                            if x not in ("--threads", str(threads))] + cl
             w0 = sum(_proc_cpu(p.pid) for p in procs)  # the scheduler's CPU counted with the workers'
             cpu = []
             la = os.getloadavg()[0]
@@ -575,6 +598,9 @@ def main() -> None:
                     "(docs/families.md: below the generated table)")
     ap.add_argument("--cluster", action="store_true",
                     help="local run vs --cluster against a dask scheduler with 1 and 2 workers (--nthreads 1) here")
+    ap.add_argument("--workers", default="1,2", help="with --cluster: worker counts, e.g. 1,2,4")
+    ap.add_argument("--cores-per-worker", type=int, default=0,
+                    help="with --cluster: pin the local run/client and each worker to this many cores of their own")
     ap.add_argument("--profile", action="store_true",
                     help="overlap of read/decode, encode, write off (QUANTKIT_NO_OVERLAP=1) vs on: end to end vs "
                          "kernel time (with --repeat N: best of N per mode; --json: save the runs)")
@@ -601,7 +627,8 @@ def main() -> None:
         for m in a.models.split(","):
             for t in a.types.split(","):
                 with tempfile.TemporaryDirectory(dir=os.environ.get("QUANTKIT_BENCH_TMP")) as d:
-                    for r in bench_cluster(m, t, a.threads, Path(d)):
+                    ws = tuple(int(x) for x in a.workers.split(","))
+                    for r in bench_cluster(m, t, a.threads, Path(d), ws, a.cores_per_worker):
                         same = "" if r[6] is None else ("yes" if r[6] else "NO")
                         print(f"{m:8s} {t:7s} {r[0]:12s} {r[1]:7.1f} {r[2]:12.1f} {r[3]:13.1f} "
                               f"{r[4]:5.1f} -> {r[5]:4.1f} {same:>5s}", flush=True)
