@@ -147,6 +147,8 @@ def bench_quantkit(ckpt: Path, tokens: np.ndarray, ctx: int, batch: int | None) 
         res["ppl_tok_s"] = p["tokens_per_second"]
         res["ppl"] = p["ppl"]
         res["gemm_fallbacks"] = m.dev.gemm_fallbacks
+        res["fused_failures"] = dict(m.dev.fused_failures)  # fused kernels off (compile error, self-check)
+        res["fused_verified"] = sorted(getattr(m.dev, "_verified", ()))
         res["imatrix"] = im
         del m
     import cupy as cp
@@ -477,6 +479,8 @@ def main(argv=None) -> int:
         q = bench_quantkit(ckpt, tokens, args.ctx, args.batch or None)
         im = q.pop("imatrix")
         log(model=name, quantkit={k: v for k, v in q.items()})
+        if q["fused_failures"]:
+            print(f"note: {name}: fused GPU paths off: {q['fused_failures']}", flush=True)
         h = None if args.no_hf else bench_transformers(ckpt, tokens, args.ctx, args.hf_batch)
         agree = None
         if h is not None:

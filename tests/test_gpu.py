@@ -163,6 +163,134 @@ class HostDevice:
         return self.expand_half(xb, kind) @ self.expand_half(wbits, kind).T
 
 
+# ---- backend.Cuda's attention / NLL on the CPU: its orchestration (layouts, strides, the hi/lo split,
+# the self-check) with numpy mirrors of the CUDA kernels (_CUDA_SRC2) and of cublasGemmStridedBatchedEx
+
+from numpy.lib.stride_tricks import as_strided  # noqa: E402
+
+from numpy.lib.stride_tricks import as_strided
+
+from quantkit.calib import backend
+
+f16, f32 = np.float16, np.float32
+
+
+def _split(v):
+    hi = v.astype(f16)
+    return hi, (v - hi.astype(f32)).astype(f16)
+
+
+def pack_q(grid, block, args):
+    q, qs, rs, rows, T, H, g, d, round16 = args
+    T, H, g, d = int(T), int(H), int(g), int(d)
+    x = q.reshape(int(rows), d).astype(f32)
+    if round16:
+        x = x.astype(f16).astype(f32)
+    mx = np.abs(x).max(axis=1)
+    e = np.where((mx > 0) & (mx <= 3e38), np.frexp(mx)[1], 0)
+    sh = np.clip(14 - e, -100, 100)
+    v = np.ldexp(x, sh[:, None]).astype(f32)
+    hi, lo = _split(v)
+    n_seq, Hkv = int(rows) // (T * H), H // g
+    lay = lambda a: a.reshape(n_seq, T, Hkv, g, -1).transpose(0, 2, 3, 1, 4)  # noqa: E731
+    out = qs.reshape(n_seq, Hkv, g, T, 2 * d)
+    out[..., :d] = lay(hi)
+    out[..., d:] = lay(lo)
+    rs.reshape(n_seq, Hkv, g, T)[...] = lay(np.ldexp(np.ones_like(x[:, :1]), sh[:, None]
+                                                     * -1).astype(f32))[..., 0]
+
+
+def pack_kv(grid, block, args):
+    x, y, n, T, Hkv, w, mode = args
+    T, Hkv, w = int(T), int(Hkv), int(w)
+    n_seq = x.size // (T * Hkv * w)
+    h = x.reshape(n_seq, T, Hkv, w).transpose(0, 2, 1, 3).astype(f16)
+    if mode == 0:
+        out = y.reshape(n_seq, Hkv, T, 2 * w)
+        out[..., :w] = h
+        out[..., w:] = h
+    else:
+        out = y.reshape(n_seq, Hkv, 2, T, w)
+        out[:, :, 0] = h
+        out[:, :, 1] = h
+
+
+def softmax16(grid, block, args):
+    s, rs, p, T, scale, window, round16 = args
+    T, window = int(T), int(window)
+    rows = s.size // T
+    S = s.reshape(rows, T)
+    f = rs.reshape(rows) * f32(scale)
+    i = (np.arange(rows) % T)[:, None]
+    j = np.arange(T)[None, :]
+    ok = (j <= i) & ((window <= 0) | (i - j < window))
+    x = np.where(ok, S * f[:, None], -np.inf).astype(f32)
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    pv = (e / e.sum(axis=1, keepdims=True)).astype(f32)
+    if round16:
+        pv = pv.astype(f16).astype(f32)
+    hi, lo = _split(pv * f32(16384))
+    P = p.reshape(rows, 2 * T)
+    P[:, :T] = hi
+    P[:, T:] = lo
+
+
+def row_nll(grid, block, args):
+    x, t, out, L, seq_stride, V = args
+    assert x.strides == (int(seq_stride) * 4, int(V) * 4, 4)
+    rows = x.reshape(-1, int(V))
+    m = rows.max(axis=1, keepdims=True)
+    s = np.exp(rows - m).astype(np.float64).sum(axis=1)
+    out.reshape(-1)[...] = (m[:, 0].astype(np.float64) + np.log(s)) - rows[np.arange(len(rows)), t.reshape(-1)]
+
+
+MIRRORS = {"attn_pack_q": pack_q, "attn_pack_kv": pack_kv, "attn_softmax16": softmax16, "row_nll": row_nll}
+
+
+def gemm_strided(trans_a, m, n, k, alpha, a, lda, sa, b, ldb, sb, c, ldc, sc, batch, dtype):
+    fa, fb, fc = a.reshape(-1), b.reshape(-1), c.reshape(-1)
+    for i in range(batch):
+        A = as_strided(fa[i * sa:], (m, k), (lda * fa.itemsize, fa.itemsize) if trans_a
+                       else (fa.itemsize, lda * fa.itemsize))
+        B = as_strided(fb[i * sb:], (k, n), (fb.itemsize, ldb * fb.itemsize))
+        C = as_strided(fc[i * sc:], (m, n), (fc.itemsize, ldc * fc.itemsize), writeable=True)
+        C[...] = f32(alpha) * (A.astype(f32) @ B.astype(f32))
+
+
+class EmulatedCuda(backend.Cuda):
+    """backend.Cuda's attention / nll orchestration with numpy: kernels and the GEMM mirrored."""
+
+    def __init__(self, mirrors=None):
+        self.xp = np
+        self.fused_failures = {}
+        self._verified = set()
+        self._raw = {}
+        self.mirrors = dict(MIRRORS, **(mirrors or {}))
+        self.calls = {}
+
+    def _kernel(self, name):
+        def run(grid, block, args):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return self.mirrors[name](grid, block, args)
+        return run
+
+    def gemm_strided(self, *args):
+        return gemm_strided(*args)
+
+    def _failed(self, name, e):
+        self.fused_failures[name] = f"{type(e).__name__}: {e}"
+
+
+class FusedHostDevice(HostDevice):
+    """HostDevice with backend.Cuda's attention and nll (EmulatedCuda)."""
+
+    def __init__(self, budget: int):
+        super().__init__(budget)
+        self.emu = EmulatedCuda()
+        self.attention = self.emu.attention
+        self.nll = self.emu.nll
+
+
 def _device_model(stream, dev) -> Model:
     """Model.from_stream(device="cuda") with ``dev`` as the device."""
     orig = backend.get
@@ -205,6 +333,105 @@ def test_device_paths_match_cpu(name, budget, random_checkpoint, text_file):
         assert abs(p_dev["ppl"] / p_cpu["ppl"] - 1) < 1e-3
         assert p_dev["n_tokens_scored"] == p_cpu["n_tokens_scored"]
         assert p_dev["kld"]["mean_kld"] < 1e-9  # the model against itself
+
+
+ATTN_CASES = [  # n_seq, T, H, Hkv, d, dv, window, plain
+    (2, 40, 6, 2, 16, 16, 0, False), (1, 33, 4, 4, 8, 12, 7, True), (3, 64, 8, 2, 32, 32, 0, False),
+    (2, 48, 4, 1, 16, 16, 5, False)]
+
+
+@pytest.mark.parametrize("case", ATTN_CASES)
+def test_tensor_core_attention_layout_matches_plain(case):
+    """backend.Cuda.attention (mirrored kernels, emulated strided GEMMs): the plain float32 attention's
+    output to ~22 bits (Q and P split hi + lo f16); 'plain' attention (Q and P rounded to f16) exactly;
+    rows whose |q| would overflow f16 (1e6) scaled, not lost; a lone sequence without a leading axis."""
+    n_seq, T, H, Hkv, d, dv, window, plain = case
+    rng = np.random.default_rng(T)
+    dev = EmulatedCuda()
+    q = (rng.standard_normal((n_seq, T, H, d)) * 3).astype(np.float32)
+    q[0, 1, 0] *= 1e3 if plain else 1e6  # one row far over f16's range (plain: f16 Q, as llama.cpp rounds it)
+    q[-1, -1, -1] *= 1e-9  # one far under
+    k = rng.standard_normal((n_seq, T, Hkv, d)).astype(np.float16).astype(np.float32)
+    v = rng.standard_normal((n_seq, T, Hkv, dv)).astype(np.float16).astype(np.float32)
+    sq = (lambda a: a[0]) if n_seq == 1 else (lambda a: a)
+    o = dev.attention(sq(q), sq(k), sq(v), n_seq, 0.125, window, plain)
+    assert dev._verified == {"attention"} and not dev.fused_failures
+    # forward._attention's own arithmetic (the numpy path), as the reference
+    g = H // Hkv
+    qq = q.astype(np.float16).astype(np.float32) if plain else q
+    qh = qq.reshape(n_seq, T, Hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(n_seq, Hkv, g * T, d)
+    sc = np.matmul(qh, k.transpose(0, 2, 3, 1)).reshape(n_seq, Hkv, g, T, T) * np.float32(0.125)
+    from quantkit.calib import blocks
+
+    sc = sc + blocks.causal_mask(T, window)
+    sc = np.exp(sc - sc.max(-1, keepdims=True))
+    sc /= sc.sum(-1, keepdims=True)
+    if plain:
+        sc = sc.astype(np.float16).astype(np.float32)
+    ref = np.matmul(sc.reshape(n_seq, Hkv, g * T, T), v.transpose(0, 2, 1, 3))
+    ref = ref.reshape(n_seq, Hkv, g, T, dv).transpose(0, 3, 1, 2, 4).reshape(n_seq * T, H * dv)
+    assert o.shape == ref.shape
+    err = np.abs(o - ref).max() / np.abs(ref).max()
+    assert err < (1e-6 if plain else 2e-6), err
+
+
+def test_attention_self_check_falls_back():
+    """A fused kernel computing something else (here: the probabilities' lo parts dropped) fails its
+    first-use self-check: the plain path's result comes back, the fused path is off from then on."""
+    def broken_softmax(grid, block, args):
+        softmax16(grid, block, args)
+        p, T = args[2], int(args[3])
+        p.reshape(-1, 2 * T)[:, T:] = 0
+        p.reshape(-1, 2 * T)[:, :T] = (p.reshape(-1, 2 * T)[:, :T].astype(np.float32) * 1.01).astype(np.float16)
+
+    dev = EmulatedCuda({"attn_softmax16": broken_softmax})
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((2, 32, 4, 16)).astype(np.float32)
+    k = rng.standard_normal((2, 32, 2, 16)).astype(np.float16).astype(np.float32)
+    v = rng.standard_normal((2, 32, 2, 16)).astype(np.float16).astype(np.float32)
+    o = dev.attention(q, k, v, 2, 0.25, 0, False)
+    ref = dev._attention_ref(q, k, v, 2, 32, 4, 2, 2, 16, 16, 0.25, 0, False)
+    assert np.array_equal(o, ref)
+    assert "self-check" in dev.fused_failures["attention"]
+    assert dev.attention(q, k, v, 2, 0.25, 0, False) is None  # off: forward's plain path runs
+
+
+def test_nll_kernel_matches_log_softmax():
+    """backend.Cuda.nll on a strided view (the scored logits but the last position), as perplexity
+    reads it: perplexity.log_softmax's NLL within 1e-6 (float32 exp); a kernel that is off gives None."""
+    from quantkit.calib.perplexity import chunk_nll, log_softmax
+
+    rng = np.random.default_rng(2)
+    lg = (rng.standard_normal((3, 9, 1000)) * 4).astype(np.float32)
+    t = rng.integers(0, 1000, (3, 8))
+    dev = EmulatedCuda()
+    got = dev.nll(lg[:, :-1], t)
+    ref = np.stack([chunk_nll(log_softmax(lg[j, :-1]), t[j]) for j in range(3)])
+    assert got.dtype == np.float64 and np.abs(got - ref).max() < 1e-6  # float32 exp, float64 sums
+    dev = EmulatedCuda({"row_nll": lambda grid, block, args: args[2].fill(0.5)})
+    assert dev.nll(lg[:, :-1], t) is None and "self-check" in dev.fused_failures["nll"]
+
+
+def test_fused_device_paths_match_cpu(random_checkpoint, text_file):
+    """The model through backend.Cuda's attention and NLL (emulated): imatrix and perplexity as the CPU's."""
+    ckpt = random_checkpoint("llama-bf16-sharded")
+    text = text_file.read_text(encoding="utf-8")
+    with _open(ckpt) as s:
+        tok = load_tokenizer(s, str(ckpt))
+        tokens = tok.encode(text)[: 6 * 64]
+        cpu = Model.from_stream(s)
+        hd = FusedHostDevice(1 << 40)
+        dev = _device_model(s, hd)
+        ref, _ = calibrate(s, "", ctx=64, model=cpu, tokenizer=tok, tokens=tokens, workers=1)
+        got, _ = calibrate(s, "", ctx=64, model=dev, tokenizer=tok, tokens=tokens, batch=4)
+        assert_imatrix_close(ref, got)
+        p_cpu = perplexity(s, "", ctx=64, model=cpu, tokenizer=tok, tokens=tokens, workers=1)
+        p_dev = perplexity(s, "", ctx=64, model=dev, tokenizer=tok, tokens=tokens, batch=4)
+        assert p_dev["n_tokens_scored"] == p_cpu["n_tokens_scored"]
+        # (attention's ~1e-6 differences flip some bf16 roundings of the next products: 1.3e-5 measured)
+        assert abs(p_dev["ppl"] / p_cpu["ppl"] - 1) < 1e-4, (p_dev["ppl"], p_cpu["ppl"])
+        assert hd.emu.calls["attn_softmax16"] > 0 and hd.emu.calls["row_nll"] == 2  # 6 chunks, batches of 4
+        assert not hd.emu.fused_failures
 
 
 # ------------------------------------------------------------ on a GPU

@@ -117,6 +117,7 @@ class Cuda:
         self._raw = {}
         self._ew = {}
         self.fused_failures: dict[str, str] = {}  # fused kernel -> why it fell back to the plain CuPy ops
+        self._verified: set[str] = set()  # fused paths that passed their first-use self-check
 
     @classmethod
     def open(cls) -> "Cuda":
@@ -192,7 +193,7 @@ class Cuda:
     def _kernel(self, name: str):
         k = self._raw.get(name)
         if k is None:
-            k = self._raw[name] = self.xp.RawKernel(_CUDA_SRC, name)
+            k = self._raw[name] = self.xp.RawKernel(_CUDA_SRC2 if name in _SRC2_KERNELS else _CUDA_SRC, name)
         return k
 
     def rms_norm(self, x, w, eps: float):
@@ -256,6 +257,164 @@ class Cuda:
             except Exception as e:
                 self._failed("rope", e)
         return None
+
+    # -- attention on tensor cores, and the perplexity's NLL (self-checked on first use)
+
+    def _checked(self, name: str, got, ref_fn, tol: float) -> bool:
+        """Whether the fused path ``name`` may be used: on its first use ``got`` is compared with
+        ``ref_fn()`` (the plain ops on the same input); a max difference over ``tol`` of the
+        reference's largest magnitude disables it for good (a note on stderr)."""
+        if name in self._verified:
+            return True
+        cp = self.xp
+        ref = ref_fn()
+        scale = float(cp.abs(ref).max()) if ref.size else 0.0
+        err = float(cp.abs(got - ref).max()) if ref.size else 0.0
+        if not err <= tol * max(scale, 1e-30):  # NaN fails too
+            self._failed(name, RuntimeError(f"self-check: max difference {err:.3g} vs the plain path's "
+                                            f"magnitude {scale:.3g} (tolerance {tol:g})"))
+            return False
+        self._verified.add(name)
+        return True
+
+    def attention(self, q, k, v, n_seq: int, scale: float, window: int, plain: bool):
+        """Causal (sliding-window) softmax attention with the F16 KV cache's K and V (exactly f16):
+        q (..., T, H, d) as forward._attention holds it (a leading n_seq axis or none), k (..., T, Hkv, d),
+        v (..., T, Hkv, dv). Returns o (n_seq * T, H * dv) float32, or None (the plain path then runs).
+
+        Both products run as f16 cuBLAS GEMMs with float32 accumulation (tensor cores) on exact
+        operands: K and V are f16 values; Q (rows scaled by a power of two so that no f16 overflows)
+        and the probabilities (times 2^14) are each split into hi + lo f16 parts, x = hi + lo to ~22
+        bits, the inner dimension doubled ([Qhi | Qlo] . [K | K]^T, [Phi | Plo] . [V ; V]). ``plain``
+        (llama.cpp without flash attention): Q and the probabilities rounded to f16 first, as
+        mul_mat(k_f16, q) and mul_mat(v_f16, kq) do (their lo parts are then 0)."""
+        if "attention" in self.fused_failures:
+            return None
+        cp = self.xp
+        try:
+            T, H, d = q.shape[-3:]
+            Hkv, dv = k.shape[-2], v.shape[-1]
+            if H % Hkv or T > 16 * 1024 or q.size == 0:
+                return None
+            g = H // Hkv
+            q = cp.ascontiguousarray(q, dtype=cp.float32).reshape(n_seq, T, H, d)
+            k = cp.ascontiguousarray(k, dtype=cp.float32).reshape(n_seq, T, Hkv, d)
+            v = cp.ascontiguousarray(v, dtype=cp.float32).reshape(n_seq, T, Hkv, dv)
+            o = self._attention_tc(q, k, v, n_seq, T, H, Hkv, g, d, dv, float(scale), int(window), bool(plain))
+        except Exception as e:
+            self._failed("attention", e)
+            return None
+        args = (q, k, v, n_seq, T, H, Hkv, g, d, dv, float(scale), int(window), bool(plain))
+        if self._checked("attention", o, lambda: self._attention_ref(*args), 1e-4):
+            return o
+        return self._attention_ref(*args)
+
+    def _attention_tc(self, q, k, v, n_seq, T, H, Hkv, g, d, dv, scale, window, plain):
+        cp = self.xp
+        f16 = cp.float16
+        B = n_seq * Hkv
+        qs = cp.empty((n_seq, Hkv, g * T, 2 * d), dtype=f16)
+        rs = cp.empty((n_seq, Hkv, g * T), dtype=cp.float32)
+        rows = n_seq * T * H
+        self._kernel("attn_pack_q")(((rows * 32 + 255) // 256,), (256,),
+                                    (q, qs, rs, np.int64(rows), np.int32(T), np.int32(H), np.int32(g),
+                                     np.int32(d), np.int32(plain)))
+        kc = cp.empty((n_seq, Hkv, T, 2 * d), dtype=f16)
+        vc = cp.empty((n_seq, Hkv, 2 * T, dv), dtype=f16)
+        for x, y, w, mode in ((k, kc, d, 0), (v, vc, dv, 1)):
+            n = x.size
+            self._kernel("attn_pack_kv")(((n + 255) // 256,), (256,),
+                                         (x, y, np.int64(n), np.int32(T), np.int32(Hkv), np.int32(w), np.int32(mode)))
+        s = cp.empty((n_seq, Hkv, g * T, T), dtype=cp.float32)
+        # S_b (gT x T) = Qs_b (gT x 2d) . Kc_b (T x 2d)^T  (column-major: S^T = Kc^T-op . Qs)
+        self.gemm_strided(True, T, g * T, 2 * d, 1.0, kc, 2 * d, T * 2 * d, qs, 2 * d, g * T * 2 * d,
+                          s, T, g * T * T, B, _CUDA_R_16F)
+        p = cp.empty((n_seq, Hkv, g * T, 2 * T), dtype=f16)
+        threads = min(1024, max(128, -(-(-(-T // 16)) // 32) * 32))
+        self._kernel("attn_softmax16")((B * g * T,), (threads,),
+                                       (s, rs, p, np.int32(T), np.float32(scale), np.int32(window), np.int32(plain)))
+        del s
+        o = cp.empty((n_seq, Hkv, g * T, dv), dtype=cp.float32)
+        # O_b (gT x dv) = P_b (gT x 2T) . Vc_b (2T x dv), the probabilities' 2^14 taken back by alpha
+        self.gemm_strided(False, dv, g * T, 2 * T, 2.0 ** -14, vc, dv, 2 * T * dv, p, 2 * T, g * T * 2 * T,
+                          o, dv, g * T * dv, B, _CUDA_R_16F)
+        return self._merge_heads(o, n_seq, T, H, Hkv, g, dv)
+
+    def _merge_heads(self, o, n_seq, T, H, Hkv, g, dv):
+        """(n_seq, Hkv, g*T, dv) -> (n_seq * T, H * dv), as forward._attention lays o out."""
+        cp = self.xp
+        return cp.ascontiguousarray(o.reshape(n_seq, Hkv, g, T, dv).transpose(0, 3, 1, 2, 4)).reshape(
+            n_seq * T, H * dv)
+
+    def _attention_ref(self, q, k, v, n_seq, T, H, Hkv, g, d, dv, scale, window, plain):
+        """The plain path's arithmetic (forward._attention without the fused kernels): float32 products."""
+        cp = self.xp
+        if plain:
+            q = q.astype(cp.float16).astype(cp.float32)
+        qh = q.reshape(n_seq, T, Hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(n_seq, Hkv, g * T, d)
+        s = cp.ascontiguousarray(cp.matmul(qh, k.transpose(0, 2, 3, 1)))
+        s *= np.float32(scale)
+        i = cp.arange(T)
+        ok = i[None, :] <= i[:, None]
+        if window > 0:
+            ok &= (i[:, None] - i[None, :]) < window
+        s = s.reshape(n_seq, Hkv, g, T, T)
+        s = cp.where(ok, s, -cp.inf).astype(cp.float32)
+        s -= s.max(axis=-1, keepdims=True)
+        cp.exp(s, out=s)
+        s /= s.sum(axis=-1, keepdims=True)
+        if plain:
+            s = s.astype(cp.float16).astype(cp.float32)
+        o = cp.matmul(s.reshape(n_seq, Hkv, g * T, T), v.transpose(0, 2, 1, 3))
+        return self._merge_heads(o, n_seq, T, H, Hkv, g, dv)
+
+    def gemm_strided(self, trans_a: bool, m: int, n: int, k: int, alpha: float, a, lda: int, sa: int, b, ldb: int,
+                     sb: int, c, ldc: int, sc: int, batch: int, dtype: int) -> None:
+        """cublasGemmStridedBatchedEx, column-major, C = alpha op(A) B (op(A) = A^T when trans_a),
+        A and B of ``dtype``, C float32, float32 accumulation."""
+        from cupy.cuda import cublas, device
+
+        h = device.get_cublas_handle()
+        mode = cublas.getPointerMode(h)
+        cublas.setPointerMode(h, cublas.CUBLAS_POINTER_MODE_HOST)
+        al = np.full(1, alpha, np.float32)
+        be = np.zeros(1, np.float32)
+        try:
+            cublas.gemmStridedBatchedEx(h, cublas.CUBLAS_OP_T if trans_a else cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_N,
+                                        m, n, k, al.ctypes.data, a.data.ptr, dtype, lda, sa, b.data.ptr, dtype, ldb,
+                                        sb, be.ctypes.data, c.data.ptr, _CUDA_R_32F, ldc, sc, batch,
+                                        _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT)
+        finally:
+            cublas.setPointerMode(h, mode)
+
+    def nll(self, logits, targets):
+        """-log softmax(logits)[target] per row of logits (n_seq, L, V) (any row strides of a
+        C-contiguous (n_seq, L', V), L <= L'), targets (n_seq, L) int: float64 (n_seq, L), the
+        log-sum-exp in one pass per row (float32 exp of x - max, sums in float64); None when the
+        kernel is not available (the caller's float64 log-softmax then runs)."""
+        if "nll" in self.fused_failures:
+            return None
+        cp = self.xp
+        try:
+            n_seq, L, V = logits.shape
+            if logits.dtype != cp.float32 or logits.strides[2] != 4 or logits.strides[1] != 4 * V:
+                return None
+            seq_stride = logits.strides[0] // 4  # row r of the view: (r // L) * seq_stride + (r % L) * V
+            t = cp.ascontiguousarray(cp.asarray(targets, dtype=cp.int64)).reshape(n_seq, L)
+            out = cp.empty((n_seq, L), dtype=cp.float64)
+            self._kernel("row_nll")((n_seq * L,), (512,), (logits, t, out, np.int32(L), np.int64(seq_stride),
+                                                          np.int32(V)))
+        except Exception as e:
+            self._failed("nll", e)
+            return None
+
+        def ref():  # the first sequence through the float64 log-softmax (perplexity.log_softmax)
+            x = logits[0].astype(cp.float64)
+            x -= x.max(axis=-1, keepdims=True)
+            lse = cp.log(cp.exp(x).sum(axis=-1))
+            return lse - x[cp.arange(L), t[0]]
+
+        return out if self._checked("nll", out[0], ref, 1e-5) else None
 
     def to_bf16_bits(self, x):
         return self._k_bf16(self.xp.ascontiguousarray(x, dtype=self.xp.float32))
@@ -408,6 +567,186 @@ extern "C" __global__ void rope(const float* x, float* y, const float* c, const 
         if ((d & 1) == 0) { y[k] = x[k] * c[t * h + p] - x[k + 1] * s[t * h + p]; }
         else { y[k] = x[k - 1] * s[t * h + p] + x[k] * c[t * h + p]; }
     }
+}
+"""
+
+# attention on tensor cores and the NLL (a module of their own: a failure there leaves the kernels above)
+_SRC2_KERNELS = ("attn_pack_q", "attn_pack_kv", "attn_softmax16", "row_nll")
+_CUDA_SRC2 = r"""
+#define QK_NEG_INF __int_as_float(0xff800000)
+#define QK_PER 16  /* scores per thread held in registers: T <= 16 * blockDim.x */
+__device__ __forceinline__ unsigned short qk_f2h(float x) {
+    unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x)); return h;
+}
+__device__ __forceinline__ float qk_h2f(unsigned short h) {
+    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+__device__ __forceinline__ double warp_sum_d(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+__device__ float block_reduce(float v, bool is_max) {
+    __shared__ float red[32];
+    __shared__ float res;
+    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = is_max ? warp_max(v) : warp_sum(v);
+    __syncthreads();
+    if (lane == 0) red[wid] = v;
+    __syncthreads();
+    if (wid == 0) {
+        float t = lane < nw ? red[lane] : (is_max ? QK_NEG_INF : 0.0f);
+        t = is_max ? warp_max(t) : warp_sum(t);
+        if (lane == 0) res = t;
+    }
+    __syncthreads();
+    return res;
+}
+__device__ double block_sum_d(double v) {
+    __shared__ double redd[32];
+    __shared__ double resd;
+    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum_d(v);
+    __syncthreads();
+    if (lane == 0) redd[wid] = v;
+    __syncthreads();
+    if (wid == 0) {
+        double t = lane < nw ? redd[lane] : 0.0;
+        t = warp_sum_d(t);
+        if (lane == 0) resd = t;
+    }
+    __syncthreads();
+    return resd;
+}
+
+// q (n_seq, T, H, d) -> qs (n_seq, Hkv, g, T, 2d) f16 [hi | lo] of q * 2^sh, rs = 2^-sh per row;
+// one warp per row (s, t, h); sh puts the row's largest |q| under 2^14 (no f16 overflow).
+// round16: q first rounded to f16 (its lo part is then 0).
+extern "C" __global__ void attn_pack_q(const float* q, unsigned short* qs, float* rs, long long rows,
+                                       int T, int H, int g, int d, int round16) {
+    long long r = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (r >= rows) return;  // r is the same for the 32 lanes of a warp
+    int h = (int)(r % H);
+    long long st = r / H;
+    int t = (int)(st % T);
+    long long s = st / T;
+    const float* x = q + r * d;
+    float mx = 0.0f;
+    for (int j = lane; j < d; j += 32) {
+        float v = x[j];
+        if (round16) v = qk_h2f(qk_f2h(v));
+        mx = fmaxf(mx, fabsf(v));
+    }
+    mx = warp_max(mx);
+    int e = 0;
+    if (mx > 0.0f && mx <= 3.0e38f) frexpf(mx, &e);  // mx < 2^e
+    int sh = 14 - e;
+    sh = sh < -100 ? -100 : (sh > 100 ? 100 : sh);
+    int Hkv = H / g, kvh = h / g, gi = h % g;
+    long long ro = (((s * Hkv + kvh) * g + gi) * T + t);
+    unsigned short* y = qs + ro * 2 * d;
+    for (int j = lane; j < d; j += 32) {
+        float v = x[j];
+        if (round16) v = qk_h2f(qk_f2h(v));
+        v = ldexpf(v, sh);
+        unsigned short hi = qk_f2h(v);
+        y[j] = hi;
+        y[d + j] = qk_f2h(v - qk_h2f(hi));
+    }
+    if (lane == 0) rs[ro] = ldexpf(1.0f, -sh);
+}
+
+// k (n_seq, T, Hkv, w) -> mode 0: (n_seq, Hkv, T, 2w) [k | k]; mode 1: (n_seq, Hkv, 2T, w) [v ; v]; f16
+extern "C" __global__ void attn_pack_kv(const float* x, unsigned short* y, long long n, int T, int Hkv, int w,
+                                        int mode) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    int c = (int)(i % w);
+    long long r = i / w;
+    int kvh = (int)(r % Hkv);
+    r /= Hkv;
+    int t = (int)(r % T);
+    long long s = r / T;
+    unsigned short hv = qk_f2h(x[i]);
+    long long b = s * Hkv + kvh;
+    if (mode == 0) {
+        long long o = (b * T + t) * 2 * w;
+        y[o + c] = hv;
+        y[o + w + c] = hv;
+    } else {
+        y[(b * 2 * T + t) * w + c] = hv;
+        y[(b * 2 * T + T + t) * w + c] = hv;
+    }
+}
+
+// scores s (rows, T) (rows in (..., T) order: row r is query r % T), times rs[r] * scale, the causal
+// (sliding-window) mask, softmax; p (rows, 2T) f16 [hi | lo] of the probabilities times 2^14
+// (round16: the probability first rounded to f16, lo 0). Reads only the unmasked scores.
+extern "C" __global__ void attn_softmax16(const float* s, const float* rs, unsigned short* p, int T, float scale,
+                                          int window, int round16) {
+    long long r = blockIdx.x;
+    int i = (int)(r % T);
+    const float* row = s + r * T;
+    unsigned short* out = p + r * 2 * (long long)T;
+    float f = rs[r] * scale;
+    int j0 = (window > 0 && i - window + 1 > 0) ? i - window + 1 : 0;
+    float v[QK_PER];
+    float m = QK_NEG_INF;
+#pragma unroll
+    for (int c = 0; c < QK_PER; c++) {
+        int j = threadIdx.x + c * blockDim.x;
+        float x = QK_NEG_INF;
+        if (j >= j0 && j <= i) x = row[j] * f;
+        v[c] = x;
+        m = fmaxf(m, x);
+    }
+    m = block_reduce(m, true);
+    float sum = 0.0f;
+#pragma unroll
+    for (int c = 0; c < QK_PER; c++) {
+        float e = expf(v[c] - m);
+        v[c] = e;
+        sum += e;
+    }
+    sum = block_reduce(sum, false);
+#pragma unroll
+    for (int c = 0; c < QK_PER; c++) {
+        int j = threadIdx.x + c * blockDim.x;
+        if (j < T) {
+            float pv = v[c] / sum;
+            if (round16) pv = qk_h2f(qk_f2h(pv));
+            pv *= 16384.0f;
+            unsigned short hi = qk_f2h(pv);
+            out[j] = hi;
+            out[T + j] = qk_f2h(pv - qk_h2f(hi));
+        }
+    }
+}
+
+// -log softmax(x)[target] per row: row r at (r / L) * seq_stride + (r % L) * V; one pass (running max
+// and sum of expf(x - max) per thread, combined in float64)
+extern "C" __global__ void row_nll(const float* x, const long long* tgt, double* out, int L, long long seq_stride,
+                                   int V) {
+    long long r = blockIdx.x;
+    const float* row = x + (r / L) * seq_stride + (r % L) * (long long)V;
+    float m = -3.402823466e38f;
+    double sum = 0.0;
+    for (int j = threadIdx.x; j < V; j += blockDim.x) {
+        float a = row[j];
+        if (a > m) { sum = sum * (double)expf(m - a) + 1.0; m = a; }
+        else sum += (double)expf(a - m);
+    }
+    float M = block_reduce(m, true);
+    double S = block_sum_d(sum * (double)expf(m - M));
+    if (threadIdx.x == 0) out[r] = ((double)M + log(S)) - (double)row[tgt[r]];
 }
 """
 

@@ -449,6 +449,11 @@ class Model:
             k, v = (t.astype(np.float16).astype(np.float32) for t in (k, v))
             if self.attn == "plain":  # mul_mat(k_f16, q): q rounded to K's vec_dot type
                 q = q.astype(np.float16).astype(np.float32)
+        fused_attn = getattr(self.dev, "attention", None) if self.dev is not None else None
+        if fused_attn is not None and self.kv_f16 and not plan.attn_softcap and not self.graph.sinks:
+            o = fused_attn(q, k, v, n_seq, plan.kq_scale, layer.window, self.attn == "plain")  # tensor cores
+            if o is not None:
+                return self._lin(p + "attn_output", o, hook)
         g = hp.n_head // hp.n_head_kv
         lx = tuple(range(a))
         # (Hkv, g*T, d) @ (Hkv, d, T): each kv head serves g query heads

@@ -117,21 +117,29 @@ def perplexity(src, text: str, ctx: int = 512, n_chunks: int | None = None, kld_
         lpb = log_softmax(base.forward(c, logits_from=first)[:-1]) if base is not None else None
         return targets, lp, lpb
 
-    def on_device():  # batches of chunks through the model(s) at once; per chunk (targets, lp, lpb)
+    def on_device():  # batches of chunks through the model(s) at once; per chunk chunk_stats' tuple
         for i0, b in gpu_batches(chunks, ctx, batch):
             lg = m.forward(b, logits_from=first)
+            targets = [toks[(i0 + j) * ctx + first + 1:(i0 + j + 1) * ctx] for j in range(b.shape[0])]
+            nll = None
+            if base is None and getattr(m.dev, "nll", None) is not None:  # one pass per row, scalars back
+                nll = m.dev.nll(lg[:, :-1], np.stack(targets))
+            if nll is not None:
+                nll = to_host(nll)
+                for j in range(b.shape[0]):
+                    yield nll[j], None, None, None
+                continue
             lgb = base.forward(b, logits_from=first) if base is not None else None
             for j in range(b.shape[0]):
-                i = i0 + j
-                yield (toks[i * ctx + first + 1:(i + 1) * ctx], log_softmax(lg[j, :-1]),
-                       log_softmax(lgb[j, :-1]) if lgb is not None else None)
+                yield chunk_stats(log_softmax(lg[j, :-1]), log_softmax(lgb[j, :-1]) if lgb is not None else None,
+                                  targets[j])
 
     if base is not None and base is not m:
         base.prepare(ctx)
-    runs = map_chunks(one, list(range(len(chunks))), m, workers, len(chunks[0]) if chunks else 0) \
+    runs = (chunk_stats(lp, lpb, targets) for targets, lp, lpb in
+            map_chunks(one, list(range(len(chunks))), m, workers, len(chunks[0]) if chunks else 0)) \
         if m.dev is None else on_device()
-    for targets, lp, lpb in runs:
-        nll, nllb, kld, same = chunk_stats(lp, lpb, targets)
+    for nll, nllb, kld, same in runs:
         s_nll += float(nll.sum())
         s_nll2 += float((nll * nll).sum())
         count += len(nll)
