@@ -26,6 +26,10 @@ model that fits is uploaded once; one that does not is streamed, each tensor
 uploaded when a layer needs it and the least recently used ones dropped, so a
 model larger than device memory still runs (its compact host copies are then
 kept in host memory).
+
+The attention products and perplexity's NLL have fused paths of their own (Cuda.attention,
+Cuda.nll), each compared with the plain CuPy ops on its first use and turned off on a mismatch;
+``QUANTKIT_GPU_PLAIN=attention,nll`` (any of the fused kernels' names) turns them off (A/B runs).
 """
 from __future__ import annotations
 
@@ -118,6 +122,8 @@ class Cuda:
         self._ew = {}
         self.fused_failures: dict[str, str] = {}  # fused kernel -> why it fell back to the plain CuPy ops
         self._verified: set[str] = set()  # fused paths that passed their first-use self-check
+        for name in filter(None, os.environ.get("QUANTKIT_GPU_PLAIN", "").split(",")):  # A/B: paths off
+            self.fused_failures[name.strip()] = "off (QUANTKIT_GPU_PLAIN)"
 
     @classmethod
     def open(cls) -> "Cuda":
