@@ -155,6 +155,8 @@ def _lowbit_args(kind: str, t: str) -> tuple[str, dict]:
         return "MXFP4_MOE", pure
     if t == "NVFP4":
         return "MXFP4_MOE", dict(pure, tensor_types=[("blk\\.", "NVFP4")])
+    if t == "IQ2_S":  # llama.cpp's IQ2_S preset is IQ2_XS at its base (llama-quant.cpp); IQ2_M's base is IQ2_S
+        return "IQ2_M", pure
     return t, pure
 
 
