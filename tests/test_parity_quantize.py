@@ -366,11 +366,16 @@ def test_tool_parity_imatrix_and_overrides(preset, args, f32_models, known_imatr
 # columns send the 256-block types to their fallbacks; kquant's fit them).
 PURE_PRESETS = ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
                 "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "F16", "BF16"]
+# CI time: cases another CI case already covers whole-file (ggml's IQ4 search costs ~45 s on SmolLM2)
+PURE_FULL_ONLY = {("smollm2-hf", "IQ4_NL"): "SmolLM2's 576 columns send IQ4_XS to IQ4_NL: the IQ4_XS case encodes "
+                                            "the same tensors with IQ4_NL"}
 
 
 @pytest.mark.parametrize("model", ["kquant", "smollm2-hf"])
 @pytest.mark.parametrize("preset", PURE_PRESETS)
 def test_pure_bytes_match_llama_quantize(model, preset, f32_models, llama_out, request, tmp_path_factory):
+    if (model, preset) in PURE_FULL_ONLY and not os.environ.get("QUANTKIT_FULL_PARITY"):
+        pytest.skip(PURE_FULL_ONLY[(model, preset)] + " (QUANTKIT_FULL_PARITY=1 runs it)")
     rc, ref = llama_out(model, preset, pure=True)
     assert rc == 0
     ckpt, vocab_pre = HF_MODELS[model](request)
