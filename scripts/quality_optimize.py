@@ -27,7 +27,15 @@ size-against-KLD chart.
 - PPL and KLD against BF16: llama.cpp's llama-perplexity tool on our files
   (--kl-divergence-base on the BF16 file, then --kl-divergence), ctx 512,
   --eval-chunks chunks of the evaluation text;
-- gap closed = (PPL_imatrix - PPL_x) / (PPL_imatrix - PPL_bf16), at equal size.
+- gap closed = (PPL_imatrix - PPL_x) / (PPL_imatrix - PPL_bf16), at equal size;
+  below each model's table the issue's goal against the numbers (>= 30% at the
+  presets llama.cpp rates 2-3.5 bpw, PPL and KLD no worse at any preset),
+  what does not pay, and the cells that do not apply (plain IQ2_M/IQ3_XXS:
+  llama-quantize needs an imatrix; --optimize where convert refuses it);
+- convert time: CPU seconds of the convert process (children's rusage);
+- the chart: size against log10 KLD, llama.cpp's presets as points,
+  --target-size's curve, --optimize's points where it pays; bench_errfeedback's
+  'ef' cells are shown only where a preset has no --optimize cell.
 
 Every file and measurement is kept in the work directory
 (~/.cache/quantkit-fixtures/quality-optimize) and reused while newer than its
@@ -190,9 +198,14 @@ def build_file(method: str, preset: str, bf16: Path, calib: Path, imatrix: Path,
             [] if "--calib-text" in args else ["--calib-text", str(calib)])
         args += ["--optimize"]
     log(f"{tag} {preset} {method}: quantkit convert {' '.join(args[1:])}")
+    import resource
+
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     dt, out = quantkit("convert", *args)
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     doc = json.loads(next(ln for ln in out.splitlines() if ln.startswith("{")))
     info = {"seconds": round(dt, 1), "notes": doc.get("notes", []), "bits_per_weight": doc.get("bits_per_weight"),
+            "cpu_seconds": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 1),
             "by_type": {k: v.get("tensors") for k, v in doc.get("by_type", {}).items()}}
     info_p.write_text(json.dumps(info))
     return path, info
@@ -241,6 +254,7 @@ def main() -> None:
                     except CommandFailed as e:
                         log(f"{model} {preset} {method}: {str(e).splitlines()[0]} ... {str(e).splitlines()[-1]}")
                         row[method] = {"error": str(e).splitlines()[-1][:300]}
+                        save(res, model, preset, method, row[method], mres["bf16"])  # kept unless a number is
                         continue
                     log(f"{model} {preset} {method}: size {row[method]['size']} PPL {row[method]['ppl']:.4f} "
                         f"KLD {row[method]['kld']:.5f}")
@@ -253,60 +267,190 @@ def main() -> None:
 
 def save(res: dict, model: str, preset: str, method: str, cell: dict, bf16: dict) -> None:
     """Merge one cell into docs/quality-optimize.json as it is on disk now (several runs may add cells)."""
+    import fcntl
+    import tempfile
+
+    # two runs at once: one merge at a time
+    with open(Path(tempfile.gettempdir()) / "quality-optimize.json.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _merge(res, model, preset, method, cell, bf16)
+
+
+def _merge(res: dict, model: str, preset: str, method: str, cell: dict, bf16: dict) -> None:
     disk = json.loads(JSON_OUT.read_text()) if JSON_OUT.exists() else {"models": {}}
     for k in ("ctx", "eval_chunks", "calib_chunks", "cpus"):
         disk[k] = res.get(k)
     m = disk.setdefault("models", {}).setdefault(model, {"rows": {}})
     m["bf16"] = bf16
-    m["rows"].setdefault(preset, {})[method] = cell
+    old = m["rows"].setdefault(preset, {}).get(method, {})
+    if "error" in cell and "ppl" in old:
+        return  # a measured cell is not replaced by a failure (the log has it)
+    m["rows"][preset][method] = cell
     tmp = JSON_OUT.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(disk, indent=1))
     os.replace(tmp, JSON_OUT)
     res["models"] = disk["models"]
 
 
-def gap(row: dict, key: str, bf16: float) -> str:
+def gap_value(row: dict, key: str, bf16: float) -> float | None:
     im, x = row.get("imatrix"), row.get(key)
     if not im or not x or "ppl" not in im or "ppl" not in x or key in ("imatrix", "plain"):
-        return ""
+        return None
     g = im["ppl"] - bf16
-    return f"{100 * (im['ppl'] - x['ppl']) / g:+.1f}%" if g > 0 else ""
+    return 100 * (im["ppl"] - x["ppl"]) / g if g > 0 else None
+
+
+def gap(row: dict, key: str, bf16: float) -> str:
+    v = gap_value(row, key, bf16)
+    return "" if v is None else f"{v:+.1f}%"
 
 
 MODEL_NAME = {"padded": "SmolLM2-135M zero-padded to width 768", "smollm2": "SmolLM2-135M (width 576)"}
+# llama.cpp's own bits per weight of each preset (tools/quantize/quantize.cpp: the IQ rows say bpw, the K rows
+# give the size of Llama-3-8B's file, 8.03e9 weights): the issue's 2-3.5 bpw band is Q2_K, Q3_K_S, IQ2_M, IQ3_XXS
+NOMINAL_BPW = {"Q2_K": 2.95, "Q3_K_S": 3.40, "Q3_K_M": 3.73, "Q4_K_M": 4.56, "IQ2_M": 2.7, "IQ3_XXS": 3.06,
+               "IQ3_M": 3.66}
+BPW_WHY = {"padded": "a small model's tied embedding at Q6_K weighs more, and the padding's zero columns count",
+           "smollm2": "a small model's tied embedding weighs more, and most rows, 576 wide, fall back from K-quants "
+                      "to 4-8 bit legacy types"}
+GOAL_BAND = [p for p in PRESETS if 2.0 <= NOMINAL_BPW[p] <= 3.5]
+QUANTKIT = ["optimize", "target", "target+optimize"]
+
+
+def not_applicable(preset: str, key: str, row: dict) -> str | None:
+    """Why a cell has no number by design (the table says so instead of leaving a gap)."""
+    if key == "plain" and preset in NEEDS_IMATRIX:
+        return f"does not apply: llama-quantize writes {preset} only with an importance matrix"
+    e = row.get(key) or {}
+    if "error" in e and "--optimize:" in e["error"]:
+        return ("does not apply: " + e["error"].split("--optimize:", 1)[1].split(";")[0].strip()
+                + " (convert --optimize refuses it, exit 2)")
+    return None
+
+
+def label(key: str, e: dict) -> str:
+    """The method's name; --optimize's with how many block matrices it re-encoded (convert's note)."""
+    for n in e.get("notes", []) if "optimize" in key else []:
+        m = re.match(r"--optimize: (\d+) block matrices encoded with error feedback .*the other (\d+) tensors", n)
+        if m:
+            return f"{LABEL[key]} ({m.group(1)} of {int(m.group(1)) + int(m.group(2))} tensors)"
+    return LABEL[key]
+
+
+def pays(row: dict, key: str) -> bool:
+    im, x = row.get("imatrix", {}), row.get(key, {})
+    return "ppl" in im and "ppl" in x and x["ppl"] < im["ppl"] and x["kld"] < im["kld"]
+
+
+def same_as(m: dict, preset: str) -> str | None:
+    """An earlier preset whose llama.cpp + imatrix file has the same types on this model (same size and scores)."""
+    e = m["rows"].get(preset, {}).get("imatrix", {})
+    for p in PRESETS[:PRESETS.index(preset)] if preset in PRESETS else []:
+        o = m["rows"].get(p, {}).get("imatrix", {})
+        if "ppl" in e and "ppl" in o and o["size"] == e["size"] and o["ppl"] == e["ppl"] and o["kld"] == e["kld"]:
+            return p
+    return None
+
+
+def cost(e: dict) -> str:
+    if e.get("cpu_seconds") is not None:
+        return f"{e['cpu_seconds']:.0f} CPU s"
+    if e.get("seconds") is not None:
+        return f"{e['seconds']:.0f} s wall"
+    return ""
+
+
+def goal_lines(m: dict) -> list[str]:
+    """The issue's goal against this model's numbers: >= 30% of the gap closed in the 2-3.5 bpw band, and no
+    worse than llama.cpp + imatrix (PPL and KLD) at any size."""
+    b = m.get("bf16", {}).get("ppl", 0)
+    out = []
+    for key in QUANTKIT:
+        cells = [(p, m["rows"][p]) for p in PRESETS if p in m["rows"] and "ppl" in m["rows"][p].get(key, {})
+                 and "ppl" in m["rows"][p].get("imatrix", {})]
+        if not cells:
+            continue
+        band = [(p, gap_value(r, key, b)) for p, r in cells if p in GOAL_BAND]
+        met = [p for p, v in band if v is not None and v >= 30]
+        worse = [f"{p} PPL {r[key]['ppl']:.4f} vs {r['imatrix']['ppl']:.4f}, KLD {r[key]['kld']:.5f} vs "
+                 f"{r['imatrix']['kld']:.5f}" for p, r in cells if not pays(r, key)]
+        missing = [p for p in GOAL_BAND if p not in dict(band) and not not_applicable(p, key, m["rows"].get(p, {}))]
+        na = [p for p in GOAL_BAND if not_applicable(p, key, m["rows"].get(p, {}))]
+        txt = (f"- {LABEL[key]}: gap closed in the 2-3.5 bpw band "
+               + (", ".join(f"{p} {v:+.1f}%" for p, v in band) if band else "(no cell)")
+               + (f" ({'met' if len(met) == len(band) else 'not met'}: {len(met)} of {len(band)} measured at >= 30%"
+                  + (f"; not measured: {', '.join(missing)}" if missing else "")
+                  + (f"; does not apply: {', '.join(na)}" if na else "") + ")" if band else "")
+               + f"; against llama.cpp + imatrix at the same size, PPL and KLD both lower on "
+               f"{len(cells) - len(worse)} of {len(cells)} presets"
+               + (f"; does not pay (not both lower) at {'; '.join(worse)}" if worse else "") + ".")
+        out.append(txt)
+    return out
 
 
 def render(res: dict) -> str:
     out = [f"Conditions: ctx {res.get('ctx')}, evaluation {res.get('eval_chunks')} chunks of the second half of "
-           f"pydoc topics by llama.cpp's llama-perplexity on our files; calibration (imatrix, allocation "
-           f"sensitivities from its last 2 x 128 tokens) on the first half (imatrix: its first "
-           f"{res.get('calib_chunks')} chunks of 512 tokens); "
-           f"sizes in MiB of the whole file; gap = share of llama.cpp+imatrix's PPL gap to BF16 closed at the "
-           f"same size. Made by `scripts/quality_optimize.py`.", ""]
+           f"pydoc topics by llama.cpp's llama-perplexity on our files (never used for calibration or settings); "
+           f"calibration on the first half: llama.cpp + imatrix and `--target-size` use the imatrix of its first "
+           f"{res.get('calib_chunks')} chunks of 512 tokens (`--target-size`'s sensitivities: its last 2 x 128 "
+           f"tokens), `--optimize` (`--calib-text` alone) its imatrix and Gram matrices over all of it; sizes in "
+           f"MiB of the whole file; gap closed = share of llama.cpp+imatrix's PPL gap to BF16 closed at the same "
+           f"size; convert time in CPU seconds of the `quantkit convert` process (wall where no CPU time was "
+           f"recorded; a first run of a model also computes its calibration statistics, later runs reuse them). "
+           f"Made by `scripts/quality_optimize.py`.", ""]
     for model, m in res.get("models", {}).items():
         b = m.get("bf16", {})
         out.append(f"**{MODEL_NAME.get(model, model)}**: BF16 {b.get('size', 0) / 2**20:.1f} MiB, PPL "
                    f"{b.get('ppl', float('nan')):.4f}")
         out.append("")
-        out.append("| preset | method | size (MiB) | bpw | PPL | KLD | same top | gap closed |")
-        out.append("|---|---|---:|---:|---:|---:|---:|---:|")
+        out.append("| preset | method | size (MiB) | bpw | PPL | KLD | same top | gap closed | convert |")
+        out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for preset in [p for p in PRESETS if p in m["rows"]] + [p for p in m["rows"] if p not in PRESETS]:
             row = m["rows"][preset]
-            for key in ["plain", "imatrix", "ef", "optimize", "target", "target+optimize"]:
+            keys = ["plain", "imatrix", "optimize", "target", "target+optimize"]
+            if "optimize" not in row:
+                keys.insert(2, "ef")  # bench_errfeedback's older files, shown only where no --optimize cell is
+            for key in keys:
                 e = row.get(key)
+                why = not_applicable(preset, key, row)
+                if why:
+                    out.append(f"| {preset} | {LABEL[key]} | {why} | | | | | | |")
+                    continue
                 if not e:
                     continue
                 if "error" in e:
-                    out.append(f"| {preset} | {LABEL[key]} | | | | | | failed: {e['error'][:80]} |")
+                    out.append(f"| {preset} | {LABEL[key]} | failed: {e['error'][:80]} | | | | | | |")
                     continue
                 bpw = f"{e['bits_per_weight']:.3f}" if e.get("bits_per_weight") else ""
-                out.append(f"| {preset} | {LABEL[key]} | {e['size'] / 2**20:.2f} | {bpw} | {e['ppl']:.4f} | "
-                           f"{e['kld']:.5f} | {e['same_top']:.2f}% | {gap(row, key, b.get('ppl', 0))} |")
+                out.append(f"| {preset} | {label(key, e)} | {e['size'] / 2**20:.2f} | {bpw} | {e['ppl']:.4f} | "
+                           f"{e['kld']:.5f} | {e['same_top']:.2f}% | {gap(row, key, b.get('ppl', 0))} | {cost(e)} |")
         out.append("")
+        same = [f"{p} has the same tensor types as {same_as(m, p)}" for p in PRESETS
+                if p in m["rows"] and same_as(m, p)]
+        if same:
+            out.append("On this model " + "; ".join(same) + " (the same llama.cpp + imatrix file size and scores: "
+                       "rows that do not fit the K-quant block fall back to the same legacy types).")
+            out.append("")
+        goal = goal_lines(m)
+        if goal:
+            out.append(f"The goal (at equal size, >= 30% of llama.cpp+imatrix's PPL gap to BF16 closed at the presets "
+                       f"llama.cpp rates 2-3.5 bpw: {', '.join(GOAL_BAND)}, by its own figures for Llama-3-8B; "
+                       f"no worse "
+                       f"than llama.cpp+imatrix at any size) on this model (the bpw column is higher than those "
+                       f"figures: {BPW_WHY.get(model, 'a small model')}):")
+            out.append("")
+            out.extend(goal)
+            out.append("")
+        off = [p for p in PRESETS if "ppl" in m["rows"].get(p, {}).get("optimize", {})
+               and not pays(m["rows"][p], "optimize")]
+        if off:
+            out.append(f"Where --optimize does not pay ({', '.join(off)}: numbers above) it is left off the chart and "
+                       f"is not a recommendation.")
+            out.append("")
         missing = []
         for preset in PRESETS:
             row = m["rows"].get(preset, {})
-            miss = [LABEL[k] for k in METHODS if k not in row and not (k == "plain" and preset in NEEDS_IMATRIX)]
+            miss = [LABEL[k] for k in METHODS if k not in row and not not_applicable(preset, k, row)]
             if miss:
                 missing.append(f"{preset} ({', '.join(miss)})")
         if missing:
@@ -335,34 +479,41 @@ def write_docs(text: str, res: dict) -> None:
 
 
 def chart(res: dict) -> None:
-    try:
-        from quantkit.experiments.chart import Series, scatter_png
-    except ImportError:
-        from quantkit.experiments.chart import Series, scatter_png
-    colors = {"padded": ((90, 90, 90), (31, 119, 180), (214, 39, 40)),
-              "smollm2": ((150, 150, 150), (44, 160, 44), (255, 127, 14))}
+    """Size against log10 KLD (the no-imatrix points reach KLD 2.5, the others 0.02..0.9): llama.cpp's presets as
+    points, --target-size's curve through the same sizes, --optimize's points where it pays (PPL and KLD both
+    below llama.cpp + imatrix's)."""
+    import math
+
+    from quantkit.experiments.chart import Series, scatter_png
+
+    colors = {"padded": ((90, 90, 90), (31, 119, 180), (214, 39, 40), (148, 103, 189)),
+              "smollm2": ((170, 170, 170), (44, 160, 44), (255, 127, 14), (140, 86, 75))}
     series = []
     for model, m in res.get("models", {}).items():
-        cp, ci, cq = colors.get(model, colors["padded"])
-        pts = {k: [] for k in ("plain", "imatrix", "target", "optimize", "ef")}
+        cp, ci, cq, co = colors.get(model, colors["padded"])
+        pts = {k: [] for k in ("plain", "imatrix", "target", "optimize")}
         for preset, row in m["rows"].items():
             for k in pts:
                 e = row.get(k)
+                if k == "optimize" and not pays(row, k):
+                    continue  # left off where it does not pay (the text below the table gives the numbers)
                 if e and "kld" in e:
-                    pts[k].append((e["size"] / 2**20, e["kld"], preset if k == "imatrix" else ""))
-        tag = "pad" if model == "padded" else "576"
+                    pts[k].append((e["size"] / 2**20, math.log10(e["kld"]), preset if k == "imatrix" else ""))
+        merged: dict = {}  # presets with the same file on this model: one point, "Q2_K=Q3_K_S"
+        for x, y, name in pts["imatrix"]:
+            merged[(x, y)] = f"{merged[(x, y)]}={name}" if (x, y) in merged else name
+        pts["imatrix"] = [(x, y, name) for (x, y), name in merged.items()]
+        tag = "pad768" if model == "padded" else "576"
         if pts["plain"]:
             series.append(Series(f"{tag} llama.cpp", sorted(pts["plain"]), cp, "s"))
         if pts["imatrix"]:
             series.append(Series(f"{tag} llama.cpp+imatrix", sorted(pts["imatrix"]), ci, "s"))
-        if pts["ef"]:
-            series.append(Series(f"{tag} error feedback", sorted(pts["ef"]), (148, 103, 189), "o"))
         if pts["optimize"]:
-            series.append(Series(f"{tag} --optimize", sorted(pts["optimize"]), cq, "o"))
+            series.append(Series(f"{tag} --optimize", sorted(pts["optimize"]), co, "o"))
         if pts["target"]:
             series.append(Series(f"{tag} --target-size", sorted(pts["target"]), cq, "o", True))
-    scatter_png(CHART, series, title="size against KL divergence to BF16", xlabel="file size (MiB)",
-                ylabel="KLD (llama-perplexity)")
+    scatter_png(CHART, series, title="SmolLM2-135M: size against KLD to BF16",
+                xlabel="file size (MiB)", ylabel="log10 mean KLD (llama-perplexity)")
 
 
 if __name__ == "__main__":
