@@ -244,7 +244,18 @@ def row_nll(grid, block, args):
     out.reshape(-1)[...] = (m[:, 0].astype(np.float64) + np.log(s)) - rows[np.arange(len(rows)), t.reshape(-1)]
 
 
-MIRRORS = {"attn_pack_q": pack_q, "attn_pack_kv": pack_kv, "attn_softmax16": softmax16, "row_nll": row_nll}
+def silu_mul_bits(grid, block, args):
+    g, u, h, b, n, is_f16, write_h = args
+    from quantkit.calib.forward import _round_bf16
+
+    y = (g / (f32(1) + np.exp(-g)) * u).astype(f32)
+    if write_h:
+        h[...] = y
+    b[...] = y.astype(f16).view(np.uint16) if is_f16 else (_round_bf16(y).view(np.uint32) >> 16).astype(np.uint16)
+
+
+MIRRORS = {"attn_pack_q": pack_q, "attn_pack_kv": pack_kv, "attn_softmax16": softmax16, "row_nll": row_nll,
+           "silu_mul_bits": silu_mul_bits}
 
 
 def gemm_strided(trans_a, m, n, k, alpha, a, lda, sa, b, ldb, sb, c, ldc, sc, batch, dtype):
@@ -267,6 +278,17 @@ class EmulatedCuda(backend.Cuda):
         self._raw = {}
         self.mirrors = dict(MIRRORS, **(mirrors or {}))
         self.calls = {}
+        self._last_bits = None
+        self._gemm_ok = False  # half_matmul: the float32 product of the 16-bit values
+        self.gemm_fallbacks = 0
+
+    def to_bf16_bits(self, x):
+        from quantkit.calib.forward import _round_bf16
+
+        return (_round_bf16(x).view(np.uint32) >> 16).astype(np.uint16)
+
+    def silu_mul(self, gate, up):  # the ElementwiseKernel: not here
+        return None
 
     def _kernel(self, name):
         def run(grid, block, args):
@@ -282,13 +304,15 @@ class EmulatedCuda(backend.Cuda):
 
 
 class FusedHostDevice(HostDevice):
-    """HostDevice with backend.Cuda's attention and nll (EmulatedCuda)."""
+    """HostDevice with backend.Cuda's attention, nll, silu_mul_bits and half_matmul (EmulatedCuda)."""
 
     def __init__(self, budget: int):
         super().__init__(budget)
         self.emu = EmulatedCuda()
         self.attention = self.emu.attention
         self.nll = self.emu.nll
+        self.silu_mul_bits = self.emu.silu_mul_bits
+        self.half_matmul = self.emu.half_matmul
 
 
 def _device_model(stream, dev) -> Model:
@@ -431,7 +455,34 @@ def test_fused_device_paths_match_cpu(random_checkpoint, text_file):
         # (attention's ~1e-6 differences flip some bf16 roundings of the next products: 1.3e-5 measured)
         assert abs(p_dev["ppl"] / p_cpu["ppl"] - 1) < 1e-4, (p_dev["ppl"], p_cpu["ppl"])
         assert hd.emu.calls["attn_softmax16"] > 0 and hd.emu.calls["row_nll"] == 2  # 6 chunks, batches of 4
-        assert not hd.emu.fused_failures
+        assert hd.emu.calls["silu_mul_bits"] > 0  # perplexity: ffn_down's input only as its bf16 bits
+        assert not hd.emu.fused_failures and hd.emu._verified == {"attention", "nll", "silu_mul_bits"}
+
+
+def test_silu_mul_bits_self_check():
+    """silu_mul_bits: the float32 values and the bits half_matmul would make; bits made otherwise
+    (truncated instead of rounded) fail the first-use check: None, and off from then on."""
+    rng = np.random.default_rng(3)
+    g, u = rng.standard_normal((2, 64 * 8)).astype(np.float32).reshape(2, 8, 64)
+    for kind in ("bf16", "f16"):
+        dev = EmulatedCuda()
+        h = dev.silu_mul_bits(g, u, kind, False)
+        assert np.array_equal(h, g / (1 + np.exp(-g)) * u) and dev._last_bits[0] is h
+        assert np.array_equal(dev._last_bits[2], dev.half_bits(dev.expand_half(dev._last_bits[2], kind), kind))
+        w = rng.standard_normal((5, 64)).astype(np.float32)
+        wb = dev.half_bits(dev.expand_half(dev.half_bits(w, "bf16"), "bf16"), "bf16") if kind == "bf16" else \
+            dev.half_bits(w.astype(np.float16).astype(np.float32), "f16")
+        y = dev.half_matmul(h.reshape(-1, 64), wb, kind)  # the cached bits, not a rounding of h again
+        ref = dev.half_matmul((g / (1 + np.exp(-g)) * u).reshape(-1, 64).copy(), wb, kind)
+        assert np.array_equal(y, ref)
+
+    def truncating(grid, block, args):
+        silu_mul_bits(grid, block, args)
+        args[3][...] = (args[2].view(np.uint32) >> 16).astype(np.uint16)
+
+    dev = EmulatedCuda({"silu_mul_bits": truncating})
+    assert dev.silu_mul_bits(g, u, "bf16", True) is None and "bits differ" in dev.fused_failures["silu_mul_bits"]
+    assert dev.silu_mul_bits(g, u, "bf16", True) is None
 
 
 # ------------------------------------------------------------ on a GPU

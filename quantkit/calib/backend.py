@@ -232,6 +232,43 @@ class Cuda:
                 self._failed("silu_mul", e)
         return None
 
+    def silu_mul_bits(self, gate, up, kind: str, need_f32: bool):
+        """silu(gate) * up and its 16-bit bits (``kind``: the next product's operand, as half_matmul
+        rounds it) in one pass, the bits left in half_matmul's cache for that array. Without
+        ``need_f32`` (no hook reads it) the float32 values are not written: the array returned then
+        only names the cached bits, which half_matmul takes (the one use forward._ffn makes of it).
+        None when not available."""
+        cp = self.xp
+        if "silu_mul_bits" in self.fused_failures or kind not in HALF_KINDS:
+            return None
+        try:
+            if not (gate.flags.c_contiguous and up.flags.c_contiguous and gate.dtype == up.dtype == cp.float32):
+                return None
+            first = "silu_mul_bits" not in self._verified
+            write = need_f32 or first
+            h = cp.empty_like(gate)
+            b = cp.empty(gate.shape, dtype=cp.uint16)
+            n = gate.size
+            self._kernel("silu_mul_bits")(((n + 255) // 256,), (256,),
+                                          (gate, up, h, b, np.int64(n), np.int32(kind == "f16"), np.int32(write)))
+        except Exception as e:
+            self._failed("silu_mul_bits", e)
+            return None
+        if first:
+            ref = self.silu_mul(gate, up)
+            if ref is None:
+                ref = gate / (1 + cp.exp(-gate)) * up
+            ok = self._checked("silu_mul_bits", h, lambda: ref, 1e-6)
+            rb = self.to_bf16_bits(ref) if kind == "bf16" else ref.astype(cp.float16).view(cp.uint16)
+            if ok and not bool((self.expand_half(b, kind) == self.expand_half(rb, kind)).all()):
+                self._verified.discard("silu_mul_bits")
+                self._failed("silu_mul_bits", RuntimeError("self-check: 16-bit bits differ from half_matmul's"))
+                ok = False
+            if not ok:
+                return None
+        self._last_bits = (h, kind, b)
+        return h
+
     def masked_softmax(self, s, scale: float, T: int, window: int):
         """In place on contiguous scores (..., T, T): s * scale, the causal (and sliding-window) mask,
         softmax over the last axis; None when the kernel is not available."""
@@ -284,12 +321,12 @@ class Cuda:
         return True
 
     def attention(self, q, k, v, n_seq: int, scale: float, window: int, plain: bool):
-        """Causal (sliding-window) softmax attention with the F16 KV cache's K and V (exactly f16):
+        """Causal (sliding-window) softmax attention with the F16 KV cache (K and V rounded to f16 here):
         q (..., T, H, d) as forward._attention holds it (a leading n_seq axis or none), k (..., T, Hkv, d),
         v (..., T, Hkv, dv). Returns o (n_seq * T, H * dv) float32, or None (the plain path then runs).
 
         Both products run as f16 cuBLAS GEMMs with float32 accumulation (tensor cores) on exact
-        operands: K and V are f16 values; Q (rows scaled by a power of two so that no f16 overflows)
+        operands: K and V as f16 values; Q (rows scaled by a power of two so that no f16 overflows)
         and the probabilities (times 2^14) are each split into hi + lo f16 parts, x = hi + lo to ~22
         bits, the inner dimension doubled ([Qhi | Qlo] . [K | K]^T, [Phi | Plo] . [V ; V]). ``plain``
         (llama.cpp without flash attention): Q and the probabilities rounded to f16 first, as
@@ -355,6 +392,7 @@ class Cuda:
     def _attention_ref(self, q, k, v, n_seq, T, H, Hkv, g, d, dv, scale, window, plain):
         """The plain path's arithmetic (forward._attention without the fused kernels): float32 products."""
         cp = self.xp
+        k, v = (t.astype(cp.float16).astype(cp.float32) for t in (k, v))  # the F16 KV cache
         if plain:
             q = q.astype(cp.float16).astype(cp.float32)
         qh = q.reshape(n_seq, T, Hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(n_seq, Hkv, g * T, d)
@@ -577,7 +615,7 @@ extern "C" __global__ void rope(const float* x, float* y, const float* c, const 
 """
 
 # attention on tensor cores and the NLL (a module of their own: a failure there leaves the kernels above)
-_SRC2_KERNELS = ("attn_pack_q", "attn_pack_kv", "attn_softmax16", "row_nll")
+_SRC2_KERNELS = ("attn_pack_q", "attn_pack_kv", "attn_softmax16", "row_nll", "silu_mul_bits")
 _CUDA_SRC2 = r"""
 #define QK_NEG_INF __int_as_float(0xff800000)
 #define QK_PER 16  /* scores per thread held in registers: T <= 16 * blockDim.x */
@@ -735,6 +773,26 @@ extern "C" __global__ void attn_softmax16(const float* s, const float* rs, unsig
             out[T + j] = qk_f2h(pv - qk_h2f(hi));
         }
     }
+}
+
+// h = silu(g) * u (as silu_mul computes it; written when write_h) and its 16-bit bits: bf16 rounded to
+// nearest even as quantkit_f32_to_bf16 (kind 0), f16 (kind 1)
+extern "C" __global__ void silu_mul_bits(const float* g, const float* u, float* h, unsigned short* b, long long n,
+                                         int kind, int write_h) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float x = g[i];
+    float y = x / (1.0f + expf(-x)) * u[i];
+    if (write_h) h[i] = y;
+    unsigned short r;
+    if (kind == 0) {
+        unsigned int w = __float_as_uint(y);
+        w = w + (0x7FFFu + ((w >> 16) & 1u));
+        r = (unsigned short)(w >> 16);
+    } else {
+        r = qk_f2h(y);
+    }
+    b[i] = r;
 }
 
 // -log softmax(x)[target] per row: row r at (r / L) * seq_stride + (r % L) * V; one pass (running max

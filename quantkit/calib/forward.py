@@ -445,15 +445,16 @@ class Model:
             k = apply_rope(k, cos, sin, hp.n_rot, hp.rope_type)
         if plan.q_scale is not None:  # ggml_scale(Qcur, ...) before build_attn (kq scale 1)
             q = q * np.float32(plan.q_scale)
+        fused_attn = getattr(self.dev, "attention", None) if self.dev is not None else None
+        if fused_attn is not None and self.kv_f16 and not plan.attn_softcap and not self.graph.sinks:
+            # tensor cores; K/V (and, plain, Q) rounded to f16 as below, by its own packing kernels
+            o = fused_attn(q, k, v, n_seq, plan.kq_scale, layer.window, self.attn == "plain")
+            if o is not None:
+                return self._lin(p + "attn_output", o, hook)
         if self.kv_f16:  # the F16 KV cache
             k, v = (t.astype(np.float16).astype(np.float32) for t in (k, v))
             if self.attn == "plain":  # mul_mat(k_f16, q): q rounded to K's vec_dot type
                 q = q.astype(np.float16).astype(np.float32)
-        fused_attn = getattr(self.dev, "attention", None) if self.dev is not None else None
-        if fused_attn is not None and self.kv_f16 and not plan.attn_softcap and not self.graph.sinks:
-            o = fused_attn(q, k, v, n_seq, plan.kq_scale, layer.window, self.attn == "plain")  # tensor cores
-            if o is not None:
-                return self._lin(p + "attn_output", o, hook)
         g = hp.n_head // hp.n_head_kv
         lx = tuple(range(a))
         # (Hkv, g*T, d) @ (Hkv, d, T): each kv head serves g query heads
@@ -554,7 +555,14 @@ class Model:
         else:
             gate = self._lin(p + "ffn_gate", x, hook)
             up = self._lin(p + "ffn_up", x, hook)
-        h = self.dev.silu_mul(gate, up) if self.dev is not None and self.graph.activation == "silu" else None
+        h = None
+        if self.dev is not None and self.graph.activation == "silu":
+            fused_bits = getattr(self.dev, "silu_mul_bits", None)
+            kind = self.w.kind(p + "ffn_down.weight")
+            if fused_bits is not None and kind is not None:  # ffn_down's 16-bit operand made in the same pass
+                h = fused_bits(gate, up, kind, hook is not None)
+            if h is None:
+                h = self.dev.silu_mul(gate, up)
         if h is None:
             h = ACTIVATIONS[self.graph.activation](gate, self.emulate)
             h *= up
