@@ -523,7 +523,9 @@ class Cuda:
         return y
 
 
-_CUDA_SRC = r"""
+# device helpers both CUDA modules compile (each module is built on its own: a failure in one
+# leaves the other's kernels)
+_CUDA_COMMON = r"""
 #define QK_NEG_INF __int_as_float(0xff800000)  /* NVRTC has no math.h (no INFINITY) */
 __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
@@ -550,6 +552,9 @@ __device__ float block_reduce(float v, bool is_max) {
     __syncthreads();
     return res;
 }
+"""
+
+_CUDA_SRC = _CUDA_COMMON + r"""
 
 extern "C" __global__ void sumsq(const float* x, double* out, long long rows, int cols, int per) {
     int j = blockIdx.x * blockDim.x + threadIdx.x;
@@ -616,8 +621,7 @@ extern "C" __global__ void rope(const float* x, float* y, const float* c, const 
 
 # attention on tensor cores and the NLL (a module of their own: a failure there leaves the kernels above)
 _SRC2_KERNELS = ("attn_pack_q", "attn_pack_kv", "attn_softmax16", "row_nll", "silu_mul_bits")
-_CUDA_SRC2 = r"""
-#define QK_NEG_INF __int_as_float(0xff800000)
+_CUDA_SRC2 = _CUDA_COMMON + r"""
 #define QK_PER 16  /* scores per thread held in registers: T <= 16 * blockDim.x */
 __device__ __forceinline__ unsigned short qk_f2h(float x) {
     unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x)); return h;
@@ -625,33 +629,9 @@ __device__ __forceinline__ unsigned short qk_f2h(float x) {
 __device__ __forceinline__ float qk_h2f(unsigned short h) {
     float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
 }
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
-    return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-    return v;
-}
 __device__ __forceinline__ double warp_sum_d(double v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
     return v;
-}
-__device__ float block_reduce(float v, bool is_max) {
-    __shared__ float red[32];
-    __shared__ float res;
-    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = is_max ? warp_max(v) : warp_sum(v);
-    __syncthreads();
-    if (lane == 0) red[wid] = v;
-    __syncthreads();
-    if (wid == 0) {
-        float t = lane < nw ? red[lane] : (is_max ? QK_NEG_INF : 0.0f);
-        t = is_max ? warp_max(t) : warp_sum(t);
-        if (lane == 0) res = t;
-    }
-    __syncthreads();
-    return res;
 }
 __device__ double block_sum_d(double v) {
     __shared__ double redd[32];
