@@ -36,8 +36,9 @@ from numba import njit, prange
 
 from .. import quant
 from ..errors import UnsupportedError
+from ..quant import kquants as _kq
 from ..quant.kquants import _pack_2bit, _q4_K_pack, _q5_K_pack
-from ..quant.solvers import F, clampi, get_scale_min_k4, load_fp16, nearest_int
+from ..quant.solvers import QKX_ROWS, F, clampi, get_scale_min_k4, load_fp16, make_qx_quants, nearest_int
 
 QK_K = quant.block_size("Q4_K")  # every K-quant's super-block (the registry's record)
 _F0 = F(0.0)
@@ -230,6 +231,160 @@ def _feedback_block(W, Uh, D, M, U0, lo, hi, Uq, Q, E):
 
 
 # --------------------------------------------------------------------------
+# one super-block of encode(), fused: per tile of rows, in one parallel region
+# --------------------------------------------------------------------------
+
+TILE = 16  # rows per tile: the feedback runs with the rows as the inner (vectorized) loop
+
+
+@njit(cache=True, error_model="numpy")
+def _quantize_block(kind, impl, x, qw, y, pair_x, pair_y, pair, five, bsize, nmax, rmin, rdelta, nstep):
+    """ggml's encoding of one 256-value block x (float32) into y, exactly as
+    quant.quantize encodes a (rows, 256) slab: Q4_K/Q5_K solve two rows' blocks
+    per call (rows 2k, 2k+1: ``pair`` with pair_x/pair_y, the second row), a
+    lone last row alone (kquants._k4_*_rows)."""
+    if kind == 4 or kind == 5:
+        L = np.empty(QK_K, np.uint8)
+        xt = np.empty((32, 16), np.float32)
+        wt = np.empty((32, 16), np.float32)
+        Lt = np.empty((32, 16), np.uint8)
+        S = np.empty((QKX_ROWS, 16), np.float32)
+        scales = np.empty(16, np.float32)
+        mins = np.empty(16, np.float32)
+        if impl:
+            sw = np.empty(16, np.float32)
+            Ls = np.empty(8, np.uint8)
+            Lm = np.empty(8, np.uint8)
+            if pair:
+                _kq._k4_impl_tails(x, y, pair_x, pair_y, qw, bsize, nmax, five, L, scales, mins, sw, Ls, Lm,
+                                   xt, wt, Lt, S)
+            else:
+                _kq._k4_impl_row(x, qw, y, bsize, nmax, five, L, scales, mins, sw, Ls, Lm, xt, wt, Lt, S, True)
+        else:
+            if pair:
+                _kq._k4_ref_tails(x, y, pair_x, pair_y, bsize, nmax, rmin, rdelta, nstep, five, L, scales, mins,
+                                  xt, wt, Lt, S)
+            else:
+                _kq._k4_ref_row(x, y, bsize, nmax, rmin, rdelta, nstep, five, L, scales, mins, xt, wt, Lt, S,
+                                True)
+    elif kind == 2:
+        L = np.empty(QK_K, np.uint8)
+        xt = np.empty((16, 16), np.float32)
+        wt = np.empty((16, 16), np.float32)
+        Lt = np.empty((16, 16), np.uint8)
+        S = np.empty((QKX_ROWS, 16), np.float32)
+        scales = np.empty(16, np.float32)
+        mins = np.empty(16, np.float32)
+        if impl:
+            sw = np.empty(16, np.float32)
+            Ls = np.empty(16, np.uint8)
+            Lm = np.empty(16, np.uint8)
+            _kq._q2_K_impl_block(x, qw, y, L, scales, mins, sw, Ls, Lm, xt, wt, Lt, S)
+        else:
+            _kq._q2_K_ref_block(x, y, L, scales, mins, xt, wt, Lt, S)
+    elif kind == 3:
+        L = np.empty(QK_K, np.int8)
+        scales = np.empty(16, np.float32)
+        if impl:
+            weight = np.empty(16, np.float32)
+            sw = np.empty(16, np.float32)
+            Ls = np.empty(16, np.int8)
+            wtmp = np.empty(16, np.float32)
+            ra = np.empty(48, np.float32)
+            rb = np.empty(24, np.float32)
+            _kq._q3_K_impl_block(x, qw, y, L, scales, weight, sw, Ls, wtmp, ra, rb)
+        else:
+            xt = np.empty((16, 16), np.float32)
+            Lt = np.empty((16, 16), np.int8)
+            Lq = np.empty((16, 16), np.float32)
+            S = np.empty((6, 16), np.float32)
+            _kq._q3_K_ref_block(x, y, L, scales, xt, Lt, Lq, S)
+    else:
+        L = np.empty(QK_K, np.int8)
+        scales = np.empty(16, np.float32)
+        wtmp = np.empty(16, np.float32)
+        ra = np.empty(48, np.float32)
+        rb = np.empty(24, np.float32)
+        for ib in range(QK_K // 16):
+            if impl:
+                scales[ib] = make_qx_quants(16, 32, x[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16], 1,
+                                            qw[16 * ib:16 * ib + 16], True, wtmp, ra, rb)
+            else:
+                scales[ib] = make_qx_quants(16, 32, x[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16], 1, wtmp,
+                                            False, wtmp, ra, rb)
+        _kq._q6_K_finish(x, y, L, scales)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _sweep(kind, impl, Wk, s, pend, has_pend, qw, Uh, lo, hi, out, boff, bsize, w_hat, E, bad,
+           five, nmax, rmin, rdelta, nstep):
+    """Super-block s..s+255 of every row, one tile of TILE rows per task:
+    Wk[r, s:] -= pend[r] (the previous lazy batch); the slab's float32 copy
+    encoded by ggml's search into out[r, boff:boff+bsize] (block_grid); its
+    grid; the column loop of _feedback_block (same operations per element,
+    rows as the inner loop); the levels packed into the block (pack). Out:
+    w_hat[:, s:s+256], E (the scaled errors), bad[r] = 1 where the slab has a
+    non-finite value (the caller raises, as quant.quantize would)."""
+    rows, cols = Wk.shape
+    B = QK_K
+    ntiles = (rows + TILE - 1) // TILE
+    for t in prange(ntiles):
+        r0 = t * TILE
+        n = min(TILE, rows - r0)
+        X = np.empty((TILE, B), np.float32)
+        D = np.empty((TILE, B), np.float32)
+        M = np.empty((TILE, B), np.float32)
+        U0 = np.empty((TILE, B), np.uint8)
+        Uq = np.empty((TILE, B), np.uint8)
+        T = np.zeros((B, TILE), np.float64)
+        ev = np.zeros(TILE, np.float64)
+        for k in range(n):
+            r = r0 + k
+            if has_pend:
+                for j in range(cols - s):
+                    Wk[r, s + j] -= pend[r, j]
+            for j in range(B):
+                T[j, k] = Wk[r, s + j]
+                X[k, j] = F(Wk[r, s + j])
+                if not np.isfinite(X[k, j]):
+                    bad[r] = 1
+        k = 0
+        while k < n:
+            pair = (kind == 4 or kind == 5) and k + 1 < n
+            _quantize_block(kind, impl, X[k], qw, out[r0 + k, boff:boff + bsize], X[k + 1 if pair else k],
+                            out[r0 + (k + 1 if pair else k), boff:boff + bsize], pair, five, bsize, nmax, rmin,
+                            rdelta, nstep)
+            k += 2 if pair else 1
+        for k in range(n):
+            y = out[r0 + k, boff:boff + bsize]
+            _grid_block(kind, y, D[k], M[k])
+            _levels(kind, y, U0[k])
+        for i in range(B):
+            for k in range(n):
+                w = T[i, k]
+                x = F(w)
+                d = D[k, i]
+                m = M[k, i]
+                if d == _F0:
+                    u = np.int64(U0[k, i])
+                else:
+                    u = clampi(nearest_int((x + m) / d), lo, hi) - lo
+                q = d * F(u + lo) - m
+                Uq[k, i] = u
+                w_hat[r0 + k, s + i] = q
+                e = (w - np.float64(q)) / Uh[i, i]
+                E[r0 + k, i] = e
+                ev[k] = e
+            for j in range(i + 1, B):
+                c = Uh[i, j]
+                Tj = T[j]
+                for k in range(n):
+                    Tj[k] -= ev[k] * c
+        for k in range(n):
+            _pack_block(kind, Uq[k], out[r0 + k, boff:boff + bsize])
+
+
+# --------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------
 
@@ -289,12 +444,38 @@ def pack(t: str, blocks: np.ndarray, U: np.ndarray) -> np.ndarray:
     return blocks
 
 
-def encode(W: np.ndarray, t: str, U: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+# the registry's ref-path parameters of Q4_K/Q5_K (kquants.Q4_K._ref / Q5_K._ref): nmax, rmin, rdelta, nstep
+_K4_REF = {4: (15, -1.0, 0.1, 20), 5: (31, -0.5, 0.1, 15)}
+
+
+def encode(W: np.ndarray, t: str, U: np.ndarray, weights: np.ndarray | None = None, *,
+           timings: dict | None = None, device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Encode W (rows, cols) as type ``t`` with error feedback through the
     upper factor U (inverse_factor(H)). ``weights``: the per-column importance
     handed to ggml's scale search (None: ggml's unweighted search).
-    Returns (uint8 (rows, row_bytes), float32 (rows, cols) values the bytes decode to)."""
+    Returns (uint8 (rows, row_bytes), float32 (rows, cols) values the bytes decode to).
+
+    Per super-block: one parallel region (_sweep: the previous lazy batch
+    subtracted, grid, feedback, pack) and one BLAS GEMM (the lazy batch, into
+    a buffer allocated once); the bytes are those of the per-stage loop
+    (block_grid, _feedback_block, pack, ``Wk[:, e:] -= E @ U[s:e, e:]``).
+    ``timings``: a dict that gets {stage: [cpu s, wall s]} added ("sweep",
+    "gemm", "other")."""
+    import time
+
+    clock = (time.process_time, time.perf_counter)
+    c0 = [f() for f in clock]
+
+    def lap(stage):
+        if timings is not None:
+            c1 = [f() for f in clock]
+            v = timings.setdefault(stage, [0.0, 0.0])
+            v[0] += c1[0] - c0[0]
+            v[1] += c1[1] - c0[1]
+            c0[:] = c1
+
     sp = spec(t)
+    name = str(getattr(t, "name", t)).upper()
     W = np.asarray(W)
     rows, cols = W.shape
     if cols % QK_K:
@@ -303,24 +484,32 @@ def encode(W: np.ndarray, t: str, U: np.ndarray, weights: np.ndarray | None = No
         raise UnsupportedError(f"factor of shape {U.shape} for {cols} columns")
     quant.check_finite(np.asarray(W, dtype=np.float32))
     nb = cols // QK_K
-    Wk = np.array(W, dtype=np.float64, copy=True)
+    Wk = np.array(W, dtype=np.float64, copy=True, order="C")
     bsize = quant.type_size(t)
-    out = np.empty((rows, nb * bsize), np.uint8)
+    impl = weights is not None
+    qw = (np.ascontiguousarray(weights, dtype=np.float32).reshape(-1) if impl else np.zeros(cols, np.float32))
+    if qw.shape[0] != cols:
+        raise UnsupportedError(f"importance vector has {qw.shape[0]} entries, row has {cols}")
+    out = np.zeros((rows, nb * bsize), np.uint8)
     w_hat = np.empty((rows, cols), np.float32)
-    Uq = np.empty((rows, QK_K), np.uint8)
     E = np.empty((rows, QK_K), np.float64)
+    bad = np.zeros(rows, np.uint8)
+    buf = np.empty(rows * (cols - QK_K), np.float64)
+    pend = buf[:0].reshape(0, 0)
+    nmax, rmin, rdelta, nstep = _K4_REF.get(sp.kind, (0, 0.0, 0.0, 0))
+    lap("other")
     for b in range(nb):
         s, e = b * QK_K, (b + 1) * QK_K
-        blocks, D, M, U0 = block_grid(t, Wk[:, s:e], None if weights is None else weights[s:e])
-        Wb = np.ascontiguousarray(Wk[:, s:e])
-        Q = w_hat[:, s:e]
-        Qb = np.empty((rows, QK_K), np.float32)
-        _feedback_block(Wb, np.ascontiguousarray(U[s:e, s:e]), D, M, U0, sp.lo, sp.hi, Uq, Qb, E)
-        Q[...] = Qb
-        _pack(sp.kind, Uq, blocks)
-        out[:, b * bsize:(b + 1) * bsize] = blocks
+        Uh = np.ascontiguousarray(U[s:e, s:e], dtype=np.float64)
+        _sweep(sp.kind, impl, Wk, s, pend, b > 0, qw[s:e], Uh, sp.lo, sp.hi, out, b * bsize, bsize, w_hat, E,
+               bad, sp.kind == 5, nmax, F(rmin), F(rdelta), nstep)
+        lap("sweep")
+        if bad.any():
+            quant.check_finite(np.ascontiguousarray(Wk[:, s:e], dtype=np.float32))  # raises, as block_grid's
         if e < cols:
-            Wk[:, e:] -= E @ U[s:e, e:]
+            pend = buf[:rows * (cols - e)].reshape(rows, cols - e)
+            np.matmul(E, U[s:e, e:], out=pend)
+            lap("gemm")
     return out, w_hat
 
 
