@@ -133,6 +133,10 @@ def test_dead_columns_and_refusals():
         ef.encode_tensor(W, "IQ4_XS", H)
     with pytest.raises(UnsupportedError, match="multiple of 256"):
         ef.encode_tensor(W[:, :300], "Q4_K", H[:300, :300])
+    with pytest.raises(UnsupportedError, match="factor of shape"):
+        ef.encode(W, "Q4_K", ef.inverse_factor(H[:256, :256]))
+    with pytest.raises(UnsupportedError, match="importance vector has 256 entries, row has 512"):
+        ef.encode(W, "Q4_K", ef.inverse_factor(H), np.ones(256, np.float32))
 
 
 # ---- Gram matrices through the forward pass ----
