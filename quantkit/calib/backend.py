@@ -181,11 +181,11 @@ class Cuda:
 
     def inverse_factor(self, Hd: np.ndarray) -> np.ndarray:
         """passes.errfeedback.inverse_factor's linear algebra on the device, float64:
-        upper U with U^T U = Hd^-1 (Hd already damped)."""
+        upper U with U^T U = Hd^-1 (Hd already damped), a device array (error feedback's
+        lazy batches read it there: errfeedback._encode_lazy)."""
         cp = self.xp
         Hinv = cp.linalg.inv(cp.asarray(Hd, dtype=cp.float64))
-        U = cp.linalg.cholesky((Hinv + Hinv.T) * 0.5).T
-        return cp.asnumpy(cp.ascontiguousarray(U))
+        return cp.ascontiguousarray(cp.linalg.cholesky((Hinv + Hinv.T) * 0.5).T)
 
     # -- fused kernels (one pass where the numpy path makes temporaries); any failure: the plain ops
 

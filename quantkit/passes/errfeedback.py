@@ -414,7 +414,8 @@ def damped(H: np.ndarray, damp: float = 0.01) -> np.ndarray:
 
 def inverse_factor(H: np.ndarray, damp: float = 0.01, device: str | None = None) -> np.ndarray:
     """U, upper triangular, U^T U = (damped H)^-1 (GPTQ's Hinv). ``device``
-    "cuda": the inverse and the Cholesky factor in float64 on the GPU (calib.backend)."""
+    "cuda": the inverse and the Cholesky factor in float64 on the GPU (calib.backend), U
+    returned as a device array (what encode(device="cuda") reads)."""
     Hd = damped(H, damp)
     if device not in (None, "cpu"):
         from ..calib import backend
@@ -460,7 +461,8 @@ def encode(W: np.ndarray, t: str, U: np.ndarray, weights: np.ndarray | None = No
     a buffer allocated once); the bytes are those of the per-stage loop
     (block_grid, _feedback_block, pack, ``Wk[:, e:] -= E @ U[s:e, e:]``).
     ``timings``: a dict that gets {stage: [cpu s, wall s]} added ("sweep",
-    "gemm", "other")."""
+    "gemm", "other"). ``device`` "cuda": the lazy batches on the GPU
+    (_encode_lazy; U may then be a device array, as inverse_factor gives it)."""
     import time
 
     clock = (time.process_time, time.perf_counter)
@@ -474,8 +476,11 @@ def encode(W: np.ndarray, t: str, U: np.ndarray, weights: np.ndarray | None = No
             v[1] += c1[1] - c0[1]
             c0[:] = c1
 
+    if device not in (None, "cpu"):
+        from ..calib import backend
+
+        return _encode_lazy(W, t, U, weights, backend.get(device).xp, timings)
     sp = spec(t)
-    name = str(getattr(t, "name", t)).upper()
     W = np.asarray(W)
     rows, cols = W.shape
     if cols % QK_K:
@@ -509,6 +514,69 @@ def encode(W: np.ndarray, t: str, U: np.ndarray, weights: np.ndarray | None = No
         if e < cols:
             pend = buf[:rows * (cols - e)].reshape(rows, cols - e)
             np.matmul(E, U[s:e, e:], out=pend)
+            lap("gemm")
+    return out, w_hat
+
+
+def _encode_lazy(W, t: str, U, weights, xp, timings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """encode() with the lazy batches on ``xp``'s arrays (on a GPU, CuPy: W and U held there in float64, the
+    trailing update one cuBLAS DGEMM per super-block). Per super-block the slab Wk[:, s:e] (every earlier
+    block's update already applied) comes to the host, where _sweep encodes it as encode() does (ggml's
+    scale search, the grid, the in-block column loop, the pack: numba on the CPU cores); its scaled errors E
+    go back and one GEMM updates every later column, Wk[:, e:] -= E @ U[s:e, e:]. With xp = numpy the
+    operations, and so the bytes, are encode()'s (the pending batch subtracted in the same order)."""
+    import time
+
+    clock = (time.process_time, time.perf_counter)
+    c0 = [f() for f in clock]
+
+    def lap(stage):
+        if timings is not None:
+            c1 = [f() for f in clock]
+            v = timings.setdefault(stage, [0.0, 0.0])
+            v[0] += c1[0] - c0[0]
+            v[1] += c1[1] - c0[1]
+            c0[:] = c1
+
+    sp = spec(t)
+    W = np.asarray(W)
+    rows, cols = W.shape
+    if cols % QK_K:
+        raise UnsupportedError(f"error feedback needs rows of a multiple of {QK_K} values, not {cols}")
+    if tuple(U.shape) != (cols, cols):
+        raise UnsupportedError(f"factor of shape {tuple(U.shape)} for {cols} columns")
+    quant.check_finite(np.asarray(W, dtype=np.float32))
+    impl = weights is not None
+    qw = (np.ascontiguousarray(weights, dtype=np.float32).reshape(-1) if impl else np.zeros(cols, np.float32))
+    if qw.shape[0] != cols:
+        raise UnsupportedError(f"importance vector has {qw.shape[0]} entries, row has {cols}")
+    nb = cols // QK_K
+    bsize = quant.type_size(t)
+    Wk = xp.asarray(np.ascontiguousarray(W, dtype=np.float64))
+    Ud = xp.asarray(U, dtype=np.float64)
+    out = np.zeros((rows, nb * bsize), np.uint8)
+    w_hat = np.empty((rows, cols), np.float32)
+    slab_hat = np.empty((rows, QK_K), np.float32)
+    E = np.empty((rows, QK_K), np.float64)
+    bad = np.zeros(rows, np.uint8)
+    none = np.zeros((0, 0), np.float64)
+    nmax, rmin, rdelta, nstep = _K4_REF.get(sp.kind, (0, 0.0, 0.0, 0))
+    lap("other")
+    for b in range(nb):
+        s, e = b * QK_K, (b + 1) * QK_K
+        slab = Wk[:, s:e]
+        slab = np.ascontiguousarray(slab.get() if hasattr(slab, "get") else slab)
+        Uh = Ud[s:e, s:e]
+        Uh = np.ascontiguousarray(Uh.get() if hasattr(Uh, "get") else Uh)
+        lap("transfer")
+        _sweep(sp.kind, impl, slab, 0, none, False, qw[s:e], Uh, sp.lo, sp.hi, out, b * bsize, bsize, slab_hat, E,
+               bad, sp.kind == 5, nmax, F(rmin), F(rdelta), nstep)
+        w_hat[:, s:e] = slab_hat
+        lap("sweep")
+        if bad.any():
+            quant.check_finite(np.ascontiguousarray(slab, dtype=np.float32))  # raises, as encode's
+        if e < cols:
+            Wk[:, e:] -= xp.asarray(E) @ Ud[s:e, e:]
             lap("gemm")
     return out, w_hat
 
@@ -590,7 +658,7 @@ class ErrorFeedbackEncoder(TensorEncoder):
         x2 = np.asarray(x, dtype=np.float32).reshape(-1, int(row.shape[-1]))
         quant.check_finite(x2, row.name)
         w = (np.diag(H).astype(np.float64) / max(int(stats.n_tokens), 1)).astype(np.float32)
-        data, _ = encode(x2, row.qtype.name, _factor(H, self.damp, self.device), w)
+        data, _ = encode(x2, row.qtype.name, _factor(H, self.damp, self.device), w, device=self.device)
         return data
 
     def describe(self) -> str:
