@@ -277,7 +277,9 @@ def plan_tasks(jobs, grams=None) -> list[_Task]:
     """Every job's tensors as tasks, in the first job's file order: one per
     tensor (one per row range of a big one), each carrying the distinct
     encodings the jobs want of it (grouped as convert._write_pass groups them)
-    with the statistics each needs (importance vector; Gram matrix from ``grams``)."""
+    with the statistics each needs (importance vector; of a Gram matrix from
+    ``grams`` only its name, which with_grams resolves as the task is submitted:
+    the client holds the Grams of the tasks in flight, not all of them)."""
     from .convert import _encoding_key
     from .passes import encoder_of
     from .quant import nbytes
@@ -294,7 +296,8 @@ def plan_tasks(jobs, grams=None) -> list[_Task]:
         for ks in groups.values():
             _, tp = by_name[ks[0]][name]
             im = jobs[ks[0]].imatrix
-            hg = grams.get(tp.name) if grams is not None and "gram" in encoder_of(tp).needs else None
+            # the Gram matrix by name only: read (calib.gram.Grams.get) when the task is submitted
+            hg = tp.name if grams is not None and "gram" in encoder_of(tp).needs else None
             encs.append((tp, im.get(tp.name) if im else None, hg))
             targets.append(ks)
         ref = t0.produce.ref
@@ -311,6 +314,11 @@ def plan_tasks(jobs, grams=None) -> list[_Task]:
             tasks.append(_Task(name, sl, targets, (r0, r1, per), i, i == len(ranges) - 1,
                                sum(nbytes(tp.qtype, (r1 - r0, n)) for tp, _, _ in encs)))
     return tasks
+
+
+def with_grams(encs: list, grams) -> list:
+    """A task's encodings with each Gram name (plan_tasks) replaced by (Gram, tokens)."""
+    return [(tp, im, grams.get(hg) if isinstance(hg, str) else hg) for tp, im, hg in encs]
 
 
 class DaskExecutor:
@@ -411,7 +419,8 @@ class DaskExecutor:
                     if held and held + t.nbytes > MAX_BYTES_IN_FLIGHT:  # room for one more task's bytes later
                         peek = nxt
                         break
-                    f = self.client.submit(encode_task, self.spec, t.name, t.encs, t.rows, self.threads,
+                    f = self.client.submit(encode_task, self.spec, t.name, with_grams(t.encs, grams), t.rows,
+                                           self.threads,
                                            key=f"quantkit-{run_id}-{i}-{t.name}", pure=False)
                     active[f] = t
                     held += t.nbytes

@@ -160,12 +160,14 @@ def _producer(source, ref, tp, imatrix: dict | None, grams=None) -> Callable[[],
     from .passes import TensorStats, encoder_of
 
     enc = encoder_of(tp)
-    hg = grams.get(tp.name) if grams is not None and "gram" in enc.needs else None
-
-    def stats(im) -> TensorStats:
-        return TensorStats(imatrix=im, gram=hg[0] if hg else None, n_tokens=hg[1] if hg else 0)
 
     def produce() -> np.ndarray:
+        # the Gram matrix read now (calib.gram.Grams.get: from its cache file), freed with the encoding
+        hg = grams.get(tp.name) if grams is not None and "gram" in enc.needs else None
+
+        def stats(im) -> TensorStats:
+            return TensorStats(imatrix=im, gram=hg[0] if hg else None, n_tokens=hg[1] if hg else 0)
+
         big = ref.n_elements * 4 > CHUNK_BYTES
         raw = getattr(ref.loader, "raw", None)
         if getattr(tp, "copy", False) and raw is not None:  # stored bytes, unchanged (MXFP4 experts, GGUF input)
@@ -271,7 +273,10 @@ def _raw_chunks(ref):
         yield np.frombuffer(ref.loader.raw_rows(r0, min(r0 + step, total)), dtype=np.uint8)
 
 
-def _imatrix(opts: ConvertOptions, src_stream, out_dir: Path | None = None) -> dict | None:
+def _imatrix(opts: ConvertOptions, src_stream, out_dir: Path | None = None, pre: dict | None = None) -> dict | None:
+    """The importance matrix (--imatrix, or --calib-text's). With --optimize (not a
+    dry run) and --calib-text alone, the Gram matrices come from the same forward
+    pass (calib.gram.grams_cached(imatrix=True)): put in ``pre["grams"]`` for _grams."""
     if opts.imatrix_path is not None and opts.calib_text is not None and opts.target_size is None \
             and opts.target_bpw is None:  # with a target, --calib-text is the sensitivities' text only
         from .errors import UsageError
@@ -290,6 +295,14 @@ def _imatrix(opts: ConvertOptions, src_stream, out_dir: Path | None = None) -> d
             raise InputError(f"cannot read {opts.calib_text}: {e.strerror or e}") from None
         # cached next to the output (calib.calibrate_cached names the file)
         out_dir = out_dir if out_dir is not None else Path(opts.out).parent if opts.out is not None else Path.cwd()
+        if pre is not None and opts.optimize and not opts.dry_run:  # one pass: the imatrix and the Gram matrices
+            from .calib.gram import grams_cached
+
+            g, _, _, im = grams_cached(src_stream, text, opts.src, out_dir, dataset=str(opts.calib_text),
+                                       use_cache=opts.calib_cache, progress=opts.progress, quiet=opts.quiet,
+                                       log=_note(opts), device=opts.device, imatrix=True)
+            pre["grams"] = g
+            return im.importance()
         return calibrate_cached(src_stream, text, opts.src, out_dir, dataset=str(opts.calib_text),
                                 progress=opts.progress, quiet=opts.quiet,
                                 use_cache=opts.calib_cache, device=opts.device).importance()
@@ -414,7 +427,8 @@ def convert_ladder(opts: ConvertOptions) -> list[ConvertResult]:
         for pp in plan_passes:  # refusals before any calibration
             pp.check(stream, presets, opts)
         out_dir = targets[0].parent if targets else None
-        imatrix = _imatrix(opts, stream, out_dir)
+        pre: dict = {}
+        imatrix = _imatrix(opts, stream, out_dir, pre)
         mix_opts = replace(opts.mix, imatrix=imatrix if imatrix is not None else opts.mix.imatrix,
                            dry_run=opts.dry_run)
         plans = []
@@ -424,7 +438,7 @@ def convert_ladder(opts: ConvertOptions) -> list[ConvertResult]:
             for pp in plan_passes:
                 plan = pp.apply(plan, ctx)
             plans.append(plan)
-        grams = _grams(opts, stream, plans, out_dir)
+        grams = _grams(opts, stream, plans, out_dir, pre.get("grams"))
         refs = {t.name: t for t in stream.tensors}
         jobs = []
         for preset, target, plan in zip(presets, targets, plans):
@@ -505,20 +519,28 @@ def _passes(opts: ConvertOptions) -> tuple[list, list]:
     return stream_passes, plan_passes
 
 
-def _grams(opts: ConvertOptions, stream, plans: list, out_dir: Path | None):
+def _note(opts: ConvertOptions):
+    return None if opts.quiet else (lambda s: print(f"note: {s}", file=sys.stderr))
+
+
+def _grams(opts: ConvertOptions, stream, plans: list, out_dir: Path | None, ready=None):
     """The Gram matrices some row's encoder needs (calib.gram, cached next to
-    the output as the --calib-text imatrix), or None (none needed, or a dry run)."""
+    the output as the --calib-text imatrix; ``ready``: those _imatrix's pass
+    made), or None (none needed, or a dry run)."""
     from .passes import needed_stats
 
     if opts.dry_run or not any("gram" in needed_stats(p.tensors) for p in plans):
+        if ready is not None:
+            ready.close()
         return None
+    if ready is not None:
+        return ready
     from .calib.gram import grams_cached
 
     text = Path(opts.calib_text).read_text(encoding="utf-8")  # read (and checked) by _imatrix already
-    log = None if opts.quiet else (lambda s: print(f"note: {s}", file=sys.stderr))
     g, _, _ = grams_cached(stream, text, opts.src, out_dir if out_dir is not None else Path.cwd(),
                            dataset=str(opts.calib_text), use_cache=opts.calib_cache, progress=opts.progress,
-                           quiet=opts.quiet, log=log, device=opts.device)
+                           quiet=opts.quiet, log=_note(opts), device=opts.device)
     return g
 
 
