@@ -254,8 +254,39 @@ def silu_mul_bits(grid, block, args):
     b[...] = y.astype(f16).view(np.uint16) if is_f16 else (_round_bf16(y).view(np.uint32) >> 16).astype(np.uint16)
 
 
+def _bits(y, is_f16):
+    from quantkit.calib.forward import _round_bf16
+
+    return y.astype(f16).view(np.uint16) if is_f16 else (_round_bf16(y).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def add_rms_norm_bits(grid, block, args):
+    x, y, s, w, out, bits, n, eps, has_y, has_w, is_f16, write_f = args
+    v = (x + y).astype(f32) if has_y else x
+    if has_y:
+        s[...] = v
+    ms = np.mean(np.square(v, dtype=f32), axis=-1, keepdims=True, dtype=f32)
+    h = v * (f32(1) / np.sqrt(ms + f32(eps))).astype(f32)
+    if has_w:
+        h = h * w
+    if write_f:
+        out[...] = h
+    bits[...] = _bits(h, is_f16)
+
+
+def merge_heads_bits(grid, block, args):
+    o, out, bits, n, T, H, g, dv, is_f16, write_f = args
+    T, H, g, dv = int(T), int(H), int(g), int(dv)
+    n_seq = o.size // (T * H * dv)
+    m = o.reshape(n_seq, H // g, g, T, dv).transpose(0, 3, 1, 2, 4).reshape(n_seq * T, H * dv)
+    if write_f:
+        out[...] = m
+    bits[...] = _bits(m, is_f16)
+
+
 MIRRORS = {"attn_pack_q": pack_q, "attn_pack_kv": pack_kv, "attn_softmax16": softmax16, "row_nll": row_nll,
-           "silu_mul_bits": silu_mul_bits}
+           "silu_mul_bits": silu_mul_bits, "add_rms_norm_bits": add_rms_norm_bits,
+           "merge_heads_bits": merge_heads_bits}
 
 
 def gemm_strided(trans_a, m, n, k, alpha, a, lda, sa, b, ldb, sb, c, ldc, sc, batch, dtype):
@@ -290,6 +321,9 @@ class EmulatedCuda(backend.Cuda):
     def silu_mul(self, gate, up):  # the ElementwiseKernel: not here
         return None
 
+    def rms_norm(self, x, w, eps):  # its kernel is not mirrored: the plain ops
+        return None
+
     def _kernel(self, name):
         def run(grid, block, args):
             self.calls[name] = self.calls.get(name, 0) + 1
@@ -312,6 +346,7 @@ class FusedHostDevice(HostDevice):
         self.attention = self.emu.attention
         self.nll = self.emu.nll
         self.silu_mul_bits = self.emu.silu_mul_bits
+        self.norm_bits = self.emu.norm_bits
         self.half_matmul = self.emu.half_matmul
 
 
@@ -456,7 +491,10 @@ def test_fused_device_paths_match_cpu(random_checkpoint, text_file):
         assert abs(p_dev["ppl"] / p_cpu["ppl"] - 1) < 1e-4, (p_dev["ppl"], p_cpu["ppl"])
         assert hd.emu.calls["attn_softmax16"] > 0 and hd.emu.calls["row_nll"] == 2  # 6 chunks, batches of 4
         assert hd.emu.calls["silu_mul_bits"] > 0  # perplexity: ffn_down's input only as its bf16 bits
-        assert not hd.emu.fused_failures and hd.emu._verified == {"attention", "nll", "silu_mul_bits"}
+        # residual + RMSNorm + the q/k/v and gate/up operand in one pass; the merged heads with attn_output's
+        assert hd.emu.calls["add_rms_norm_bits"] > 0 and hd.emu.calls["merge_heads_bits"] > 0
+        assert not hd.emu.fused_failures and hd.emu._verified == {"attention", "nll", "silu_mul_bits", "norm_bits",
+                                                                  "merge_bits"}
 
 
 def test_silu_mul_bits_self_check():
@@ -483,6 +521,45 @@ def test_silu_mul_bits_self_check():
     dev = EmulatedCuda({"silu_mul_bits": truncating})
     assert dev.silu_mul_bits(g, u, "bf16", True) is None and "bits differ" in dev.fused_failures["silu_mul_bits"]
     assert dev.silu_mul_bits(g, u, "bf16", True) is None
+
+
+def test_norm_bits_and_merge_bits():
+    """norm_bits: x + y, its RMSNorm and the bits half_matmul would make, the bits cached for the normed
+    array (the next product does not round again); merge_bits: the merged heads and their bits. Wrong
+    bits (truncated, not rounded) fail the first-use check: None, and off from then on."""
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((2, 12, 64)).astype(np.float32)
+    w = (1 + 0.1 * rng.standard_normal(64)).astype(np.float32)
+    for kind in ("bf16", "f16"):
+        dev = EmulatedCuda()
+        s, h = dev.norm_bits(x, y, w, 1e-5, kind, False)
+        assert np.array_equal(s, x + y)
+        ms = np.mean(np.square(x + y), axis=-1, keepdims=True, dtype=np.float32)
+        assert np.allclose(h, (x + y) / np.sqrt(ms + np.float32(1e-5)) * w, rtol=1e-6, atol=1e-7)
+        assert dev._last_bits[0] is h and "norm_bits" in dev._verified
+        wb = dev.half_bits(w.reshape(1, 64).astype(np.float16).astype(np.float32), "f16") if kind == "f16" else \
+            dev.to_bf16_bits(w.reshape(1, 64))
+        assert np.array_equal(dev.half_matmul(h, wb, kind), dev.half_matmul(h.copy(), wb, kind))
+        s2, h2 = dev.norm_bits(x, None, None, 1e-5, kind, True)  # no residual, no weight
+        assert s2 is x and np.allclose(h2, x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-5), rtol=1e-6)
+        o4 = rng.standard_normal((2, 2, 3 * 5, 8)).astype(np.float32)  # n_seq 2, Hkv 2, g 3, T 5, dv 8
+        m = dev._merge_bits(o4, 2, 5, 6, 3, 8, kind, True)
+        assert np.array_equal(m, dev._merge_heads(o4, 2, 5, 6, 2, 3, 8)) and dev._last_bits[0] is m
+
+    def truncating(grid, block, args):
+        add_rms_norm_bits(grid, block, args)
+        args[5][...] = (args[4].view(np.uint32) >> 16).astype(np.uint16)
+
+    dev = EmulatedCuda({"add_rms_norm_bits": truncating})
+    assert dev.norm_bits(x, y, w, 1e-5, "bf16", True) is None and "bits differ" in dev.fused_failures["norm_bits"]
+    assert dev.norm_bits(x, y, w, 1e-5, "bf16", True) is None
+
+    def shuffled(grid, block, args):
+        merge_heads_bits(grid, block, args)
+        args[1][...] = args[1][::-1].copy()
+
+    dev = EmulatedCuda({"merge_heads_bits": shuffled})
+    assert dev._merge_bits(o4, 2, 5, 6, 3, 8, "bf16", True) is None and "differ" in dev.fused_failures["merge_bits"]
 
 
 # ------------------------------------------------------------ on a GPU

@@ -91,6 +91,12 @@ _CUBLAS_GEMM_DEFAULT = -1
 HALF_KINDS = {"bf16": _CUDA_R_16BF, "f16": _CUDA_R_16F}
 
 
+def _address(a) -> int:
+    """The device (CuPy) or host (numpy) address of an array's first element."""
+    ptr = getattr(a.data, "ptr", None)
+    return int(ptr) if ptr is not None else int(a.ctypes.data)
+
+
 def host_half(a: np.ndarray, kind: str) -> np.ndarray:
     """The 16-bit bits (uint16) of float32 values that are exactly bf16 / f16."""
     a = np.ascontiguousarray(a, dtype=np.float32)
@@ -244,12 +250,14 @@ class Cuda:
         try:
             if not (gate.flags.c_contiguous and up.flags.c_contiguous and gate.dtype == up.dtype == cp.float32):
                 return None
+            n = gate.size
+            if n % 4 or any(_address(a) % 16 for a in (gate, up)):
+                return None
             first = "silu_mul_bits" not in self._verified
             write = need_f32 or first
             h = cp.empty_like(gate)
             b = cp.empty(gate.shape, dtype=cp.uint16)
-            n = gate.size
-            self._kernel("silu_mul_bits")(((n + 255) // 256,), (256,),
+            self._kernel("silu_mul_bits")(((n // 4 + 255) // 256,), (256,),
                                           (gate, up, h, b, np.int64(n), np.int32(kind == "f16"), np.int32(write)))
         except Exception as e:
             self._failed("silu_mul_bits", e)
@@ -268,6 +276,52 @@ class Cuda:
                 return None
         self._last_bits = (h, kind, b)
         return h
+
+    def norm_bits(self, x, y, w, eps: float, kind: str, need_f32: bool):
+        """(s, h): s = x + y (y None: s is x), h = rms_norm(s, w) as rms_norm computes it, and h's 16-bit
+        bits (``kind``, as half_matmul rounds the next products' operand) in one pass, the bits left in
+        half_matmul's cache for h. Without ``need_f32`` h's float32 values are not written: h then only names
+        the cached bits, for callers whose only use of it is half_matmul (forward.Model._norm_in). None
+        when not available (the caller's separate passes then run)."""
+        cp = self.xp
+        if "norm_bits" in self.fused_failures or kind not in HALF_KINDS:
+            return None
+        try:
+            n = x.shape[-1]
+            if x.dtype != cp.float32 or not x.flags.c_contiguous or (
+                    y is not None and (y.dtype != cp.float32 or not y.flags.c_contiguous or y.shape != x.shape)):
+                return None
+            first = "norm_bits" not in self._verified
+            write = need_f32 or first
+            sm = cp.empty_like(x) if y is not None else x
+            h = cp.empty_like(x)
+            b = cp.empty(x.shape, dtype=cp.uint16)
+            wc = cp.ascontiguousarray(w, dtype=cp.float32) if w is not None else x
+            self._kernel("add_rms_norm_bits")((x.size // n,), (256,), (
+                x, y if y is not None else x, sm, wc, h, b, np.int32(n), np.float32(eps), np.int32(y is not None),
+                np.int32(w is not None), np.int32(kind == "f16"), np.int32(write)))
+        except Exception as e:
+            self._failed("norm_bits", e)
+            return None
+        if first:
+            ref_s = x + y if y is not None else x
+            ok = y is None or bool((sm == ref_s).all())
+            ref = self.rms_norm(ref_s, w, eps)
+            if ref is None:
+                ms = cp.mean(cp.square(ref_s), axis=-1, keepdims=True)
+                ref = ref_s * (1.0 / cp.sqrt(ms + np.float32(eps))).astype(cp.float32)
+                ref = ref * w if w is not None else ref
+            ok = ok and self._checked("norm_bits", h, lambda: ref, 1e-6)
+            rb = self.to_bf16_bits(ref) if kind == "bf16" else ref.astype(cp.float16).view(cp.uint16)
+            if ok and not bool((self.expand_half(b, kind) == self.expand_half(rb, kind)).all()):
+                self._verified.discard("norm_bits")
+                self._failed("norm_bits", RuntimeError("self-check: 16-bit bits differ from half_matmul's"))
+                ok = False
+            if not ok:
+                self.fused_failures.setdefault("norm_bits", "self-check failed")
+                return None
+        self._last_bits = (h, kind, b)
+        return sm, h
 
     def masked_softmax(self, s, scale: float, T: int, window: int):
         """In place on contiguous scores (..., T, T): s * scale, the causal (and sliding-window) mask,
@@ -293,6 +347,8 @@ class Cuda:
                 c = cp.ascontiguousarray(cos, dtype=cp.float32)
                 sn = cp.ascontiguousarray(sin, dtype=cp.float32)
                 n = xc.size
+                if n >= 1 << 31:
+                    return None
                 self._kernel("rope")(((n + 255) // 256,), (256,), (xc, y, c, sn, np.int64(n), np.int32(T),
                                                                    np.int32(H), np.int32(hd), np.int32(n_rot),
                                                                    np.int32(neox)))
@@ -320,7 +376,8 @@ class Cuda:
         self._verified.add(name)
         return True
 
-    def attention(self, q, k, v, n_seq: int, scale: float, window: int, plain: bool):
+    def attention(self, q, k, v, n_seq: int, scale: float, window: int, plain: bool, out_kind: str | None = None,
+                  need_f32: bool = True):
         """Causal (sliding-window) softmax attention with the F16 KV cache (K and V rounded to f16 here):
         q (..., T, H, d) as forward._attention holds it (a leading n_seq axis or none), k (..., T, Hkv, d),
         v (..., T, Hkv, dv). Returns o (n_seq * T, H * dv) float32, or None (the plain path then runs).
@@ -330,27 +387,60 @@ class Cuda:
         and the probabilities (times 2^14) are each split into hi + lo f16 parts, x = hi + lo to ~22
         bits, the inner dimension doubled ([Qhi | Qlo] . [K | K]^T, [Phi | Plo] . [V ; V]). ``plain``
         (llama.cpp without flash attention): Q and the probabilities rounded to f16 first, as
-        mul_mat(k_f16, q) and mul_mat(v_f16, kq) do (their lo parts are then 0)."""
+        mul_mat(k_f16, q) and mul_mat(v_f16, kq) do (their lo parts are then 0). ``out_kind``: the
+        attention output product's 16-bit operand, made while the heads are merged and left in half_matmul's
+        cache (without ``need_f32`` the float32 o is then not written: o only names those bits)."""
         if "attention" in self.fused_failures:
             return None
         cp = self.xp
         try:
             T, H, d = q.shape[-3:]
             Hkv, dv = k.shape[-2], v.shape[-1]
-            if H % Hkv or T > 16 * 1024 or q.size == 0:
+            if H % Hkv or T > 16 * 1024 or q.size == 0 or max(q.size, k.size, v.size) >= 1 << 31:
                 return None
             g = H // Hkv
             q = cp.ascontiguousarray(q, dtype=cp.float32).reshape(n_seq, T, H, d)
             k = cp.ascontiguousarray(k, dtype=cp.float32).reshape(n_seq, T, Hkv, d)
             v = cp.ascontiguousarray(v, dtype=cp.float32).reshape(n_seq, T, Hkv, dv)
-            o = self._attention_tc(q, k, v, n_seq, T, H, Hkv, g, d, dv, float(scale), int(window), bool(plain))
+            o4 = self._attention_tc(q, k, v, n_seq, T, H, Hkv, g, d, dv, float(scale), int(window), bool(plain))
         except Exception as e:
             self._failed("attention", e)
             return None
+        first = "attention" not in self._verified
+        o = self._merge_bits(o4, n_seq, T, H, g, dv, out_kind, need_f32 or first) if out_kind else None
+        if o is None:
+            o = self._merge_heads(o4, n_seq, T, H, Hkv, g, dv)
         args = (q, k, v, n_seq, T, H, Hkv, g, d, dv, float(scale), int(window), bool(plain))
         if self._checked("attention", o, lambda: self._attention_ref(*args), 1e-4):
             return o
+        self._last_bits = None
         return self._attention_ref(*args)
+
+    def _merge_bits(self, o4, n_seq, T, H, g, dv, kind, write: bool):
+        """_merge_heads and the 16-bit operand bits of the merged o in one pass (merge_heads_bits), the
+        bits in half_matmul's cache; None when not available (self-checked on first use)."""
+        cp = self.xp
+        if "merge_bits" in self.fused_failures or kind not in HALF_KINDS or o4.size >= 1 << 31:
+            return None
+        try:
+            n = o4.size
+            out = cp.empty((n_seq * T, H * dv), dtype=cp.float32)
+            b = cp.empty((n_seq * T, H * dv), dtype=cp.uint16)
+            self._kernel("merge_heads_bits")(((n + 255) // 256,), (256,), (
+                o4, out, b, np.int64(n), np.int32(T), np.int32(H), np.int32(g), np.int32(dv),
+                np.int32(kind == "f16"), np.int32(write)))
+        except Exception as e:
+            self._failed("merge_bits", e)
+            return None
+        if "merge_bits" not in self._verified:
+            ref = self._merge_heads(o4, n_seq, T, H, H // g, g, dv)
+            rb = self.to_bf16_bits(ref) if kind == "bf16" else ref.astype(cp.float16).view(cp.uint16)
+            if not (bool((out == ref).all()) and bool((b == rb).all())):
+                self._failed("merge_bits", RuntimeError("self-check: merged values or bits differ"))
+                return None
+            self._verified.add("merge_bits")
+        self._last_bits = (out, kind, b)
+        return out
 
     def _attention_tc(self, q, k, v, n_seq, T, H, Hkv, g, d, dv, scale, window, plain):
         cp = self.xp
@@ -381,7 +471,7 @@ class Cuda:
         # O_b (gT x dv) = P_b (gT x 2T) . Vc_b (2T x dv), the probabilities' 2^14 taken back by alpha
         self.gemm_strided(False, dv, g * T, 2 * T, 2.0 ** -14, vc, dv, 2 * T * dv, p, 2 * T, g * T * 2 * T,
                           o, dv, g * T * dv, B, _CUDA_R_16F)
-        return self._merge_heads(o, n_seq, T, H, Hkv, g, dv)
+        return o
 
     def _merge_heads(self, o, n_seq, T, H, Hkv, g, dv):
         """(n_seq, Hkv, g*T, dv) -> (n_seq * T, H * dv), as forward._attention lays o out."""
@@ -602,10 +692,10 @@ extern "C" __global__ void masked_softmax(float* s, int T, float scale, int wind
 
 extern "C" __global__ void rope(const float* x, float* y, const float* c, const float* s, long long n,
                                 int T, int H, int hd, int n_rot, int neox) {
-    long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (k >= n) return;
-    int d = (int)(k % hd);
-    int t = (int)((k / ((long long)hd * H)) % T);
+    unsigned int k = blockIdx.x * blockDim.x + threadIdx.x;  // the caller keeps n < 2^31 (32-bit division)
+    if ((long long)k >= n) return;
+    int d = (int)(k % (unsigned)hd);
+    int t = (int)((k / ((unsigned)hd * (unsigned)H)) % (unsigned)T);
     if (d >= n_rot) { y[k] = x[k]; return; }
     int h = n_rot / 2;
     if (neox) {
@@ -620,7 +710,8 @@ extern "C" __global__ void rope(const float* x, float* y, const float* c, const 
 """
 
 # attention on tensor cores and the NLL (a module of their own: a failure there leaves the kernels above)
-_SRC2_KERNELS = ("attn_pack_q", "attn_pack_kv", "attn_softmax16", "row_nll", "silu_mul_bits")
+_SRC2_KERNELS = ("attn_pack_q", "attn_pack_kv", "attn_softmax16", "row_nll", "silu_mul_bits", "add_rms_norm_bits",
+                 "merge_heads_bits")
 _CUDA_SRC2 = _CUDA_COMMON + r"""
 #define QK_PER 16  /* scores per thread held in registers: T <= 16 * blockDim.x */
 __device__ __forceinline__ unsigned short qk_f2h(float x) {
@@ -689,16 +780,17 @@ extern "C" __global__ void attn_pack_q(const float* q, unsigned short* qs, float
 }
 
 // k (n_seq, T, Hkv, w) -> mode 0: (n_seq, Hkv, T, 2w) [k | k]; mode 1: (n_seq, Hkv, 2T, w) [v ; v]; f16
+// (32-bit index arithmetic: the caller keeps n < 2^31; 64-bit division is emulated, several times slower)
 extern "C" __global__ void attn_pack_kv(const float* x, unsigned short* y, long long n, int T, int Hkv, int w,
                                         int mode) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    int c = (int)(i % w);
-    long long r = i / w;
-    int kvh = (int)(r % Hkv);
-    r /= Hkv;
-    int t = (int)(r % T);
-    long long s = r / T;
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if ((long long)i >= n) return;
+    unsigned int c = i % (unsigned)w;
+    unsigned int r = i / (unsigned)w;
+    unsigned int kvh = r % (unsigned)Hkv;
+    r /= (unsigned)Hkv;
+    unsigned int t = r % (unsigned)T;
+    long long s = r / (unsigned)T;
     unsigned short hv = qk_f2h(x[i]);
     long long b = s * Hkv + kvh;
     if (mode == 0) {
@@ -757,22 +849,72 @@ extern "C" __global__ void attn_softmax16(const float* s, const float* rs, unsig
 
 // h = silu(g) * u (as silu_mul computes it; written when write_h) and its 16-bit bits: bf16 rounded to
 // nearest even as quantkit_f32_to_bf16 (kind 0), f16 (kind 1)
-extern "C" __global__ void silu_mul_bits(const float* g, const float* u, float* h, unsigned short* b, long long n,
-                                         int kind, int write_h) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float x = g[i];
-    float y = x / (1.0f + expf(-x)) * u[i];
-    if (write_h) h[i] = y;
-    unsigned short r;
+__device__ __forceinline__ unsigned short qk_bits(float y, int kind) {  // half_matmul's operand rounding
     if (kind == 0) {
         unsigned int w = __float_as_uint(y);
         w = w + (0x7FFFu + ((w >> 16) & 1u));
-        r = (unsigned short)(w >> 16);
-    } else {
-        r = qk_f2h(y);
+        return (unsigned short)(w >> 16);
     }
-    b[i] = r;
+    return qk_f2h(y);
+}
+// four values per thread (n % 4 == 0, the arrays 16-byte aligned as CuPy allocates them)
+extern "C" __global__ void silu_mul_bits(const float* g, const float* u, float* h, unsigned short* b, long long n,
+                                         int kind, int write_h) {
+    long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 4;
+    if (i >= n) return;
+    float4 x = *reinterpret_cast<const float4*>(g + i);
+    float4 v = *reinterpret_cast<const float4*>(u + i);
+    float4 y;
+    y.x = x.x / (1.0f + expf(-x.x)) * v.x;
+    y.y = x.y / (1.0f + expf(-x.y)) * v.y;
+    y.z = x.z / (1.0f + expf(-x.z)) * v.z;
+    y.w = x.w / (1.0f + expf(-x.w)) * v.w;
+    if (write_h) *reinterpret_cast<float4*>(h + i) = y;
+    ushort4 r;
+    r.x = qk_bits(y.x, kind);
+    r.y = qk_bits(y.y, kind);
+    r.z = qk_bits(y.z, kind);
+    r.w = qk_bits(y.w, kind);
+    *reinterpret_cast<ushort4*>(b + i) = r;
+}
+
+// s = x + y (has_y; else s = x), its RMSNorm (times w: has_w) as rms_norm computes it, written as float32
+// (write_f) and as the next products' 16-bit operand bits; one block per row
+extern "C" __global__ void add_rms_norm_bits(const float* x, const float* y, float* s, const float* w, float* out,
+                                             unsigned short* bits, int n, float eps, int has_y, int has_w, int kind,
+                                             int write_f) {
+    long long o = (long long)blockIdx.x * n;
+    float acc = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        float v = has_y ? x[o + j] + y[o + j] : x[o + j];
+        if (has_y) s[o + j] = v;
+        acc += v * v;
+    }
+    acc = block_reduce(acc, false);
+    float inv = 1.0f / sqrtf(acc / (float)n + eps);
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        float v = (has_y ? x[o + j] + y[o + j] : x[o + j]) * inv;
+        if (has_w) v = v * w[j];
+        if (write_f) out[o + j] = v;
+        bits[o + j] = qk_bits(v, kind);
+    }
+}
+
+// o (n_seq, Hkv, g*T, dv) -> (n_seq * T, H * dv) (forward._attention's layout), float32 (write_f) and the
+// attention output product's 16-bit operand bits; n < 2^31 (32-bit index arithmetic)
+extern "C" __global__ void merge_heads_bits(const float* o, float* out, unsigned short* bits, long long n, int T,
+                                            int H, int g, int dv, int kind, int write_f) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if ((long long)i >= n) return;
+    unsigned int c = i % (unsigned)dv, r = i / (unsigned)dv;
+    unsigned int h = r % (unsigned)H;
+    r /= (unsigned)H;
+    unsigned int t = r % (unsigned)T, sq = r / (unsigned)T;
+    unsigned int Hkv = (unsigned)H / (unsigned)g, kvh = h / (unsigned)g, gi = h % (unsigned)g;
+    unsigned int src = (((sq * Hkv + kvh) * (unsigned)g + gi) * (unsigned)T + t) * (unsigned)dv + c;
+    float v = o[src];
+    if (write_f) out[i] = v;
+    bits[i] = qk_bits(v, kind);
 }
 
 // -log softmax(x)[target] per row: row r at (r / L) * seq_stride + (r % L) * V; one pass (running max

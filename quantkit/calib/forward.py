@@ -448,7 +448,9 @@ class Model:
         fused_attn = getattr(self.dev, "attention", None) if self.dev is not None else None
         if fused_attn is not None and self.kv_f16 and not plan.attn_softcap and not self.graph.sinks:
             # tensor cores; K/V (and, plain, Q) rounded to f16 as below, by its own packing kernels
-            o = fused_attn(q, k, v, n_seq, plan.kq_scale, layer.window, self.attn == "plain")
+            o = fused_attn(q, k, v, n_seq, plan.kq_scale, layer.window, self.attn == "plain",
+                           self.w.kind(p + "attn_output.weight") if p + "attn_output.weight" in self.w else None,
+                           hook is not None)
             if o is not None:
                 return self._lin(p + "attn_output", o, hook)
         if self.kv_f16:  # the F16 KV cache
@@ -570,13 +572,44 @@ class Model:
 
     # -- whole model
 
-    def _residual(self, x: np.ndarray, y: np.ndarray, post: str | None) -> np.ndarray:
-        """x + y, y first post-normed (sandwich/post graphs) or scaled (granite)."""
+    def _branch(self, y: np.ndarray, post: str | None) -> np.ndarray:
+        """A residual branch as it is added: post-normed (sandwich/post graphs) or scaled (granite)."""
         if post is not None:
             y = rms_norm(y, self.w[post], self.hp.eps)
         if self.plan.residual_scale:
             y = y * np.float32(self.plan.residual_scale)
-        return x + y
+        return y
+
+    def _residual(self, x: np.ndarray, y: np.ndarray, post: str | None) -> np.ndarray:
+        """x + y, y first post-normed (sandwich/post graphs) or scaled (granite)."""
+        return x + self._branch(y, post)
+
+    def _in_kind(self, i: int, which: str) -> str | None:
+        """On a GPU: the 16-bit operand kind shared by every product that reads block i's normed input
+        ``which`` ("attn": q/k/v, "ffn": gate/up) and nothing else reads it; None otherwise (F32 or
+        requantized weights, mixed kinds, MoE, whose router and experts read the input too)."""
+        if self.dev is None or (which == "ffn" and self.routing is not None):
+            return None
+        if which == "attn":
+            names = ("attn_qkv",) if self.graph.fused_qkv else ("attn_q", "attn_k", "attn_v")
+        else:
+            names = ("ffn_up",) if self.graph.fused_gate_up else ("ffn_gate", "ffn_up")
+        kinds = {self.w.kind(f"blk.{i}.{n}.weight") if f"blk.{i}.{n}.weight" in self.w else None for n in names}
+        return kinds.pop() if len(kinds) == 1 else None
+
+    def _norm_in(self, x: np.ndarray, carry: np.ndarray | None, norm_w: str, kind: str | None,
+                 hook: Hook | None) -> tuple[np.ndarray, np.ndarray]:
+        """(x + carry, its RMSNorm): on a GPU with a 16-bit ``kind`` one pass that also makes the next
+        products' operand (Cuda.norm_bits; the float32 norm only written when a hook reads it)."""
+        w = self.w[norm_w]
+        fused = getattr(self.dev, "norm_bits", None) if kind is not None else None
+        if fused is not None:
+            r = fused(x, carry, w, self.hp.eps, kind, hook is not None)
+            if r is not None:
+                return r
+        if carry is not None:
+            x = x + carry
+        return x, rms_norm(x, w, self.hp.eps)
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         """Token embeddings (n_tokens, n_embd) of token ids (any shape, flattened)."""
@@ -593,23 +626,37 @@ class Model:
 
     def block(self, i: int, x: np.ndarray, hook: Hook | None = None, n_seq: int = 1) -> np.ndarray:
         """Block i on hidden states x (n_seq * T, n_embd)."""
-        hp, w, norm = self.hp, self.w, self.graph.norm
+        x, y = self._block_parts(i, x, None, hook, n_seq)
+        return x + y
+
+    def _block_parts(self, i: int, x: np.ndarray, carry: np.ndarray | None, hook: Hook | None,
+                     n_seq: int) -> tuple[np.ndarray, np.ndarray]:
+        """Block i on x + carry (the previous block's last residual branch, not yet added): (x, y) with
+        the block's output x + y, the add left to the next block's norm (one pass on a GPU)."""
+        norm = self.graph.norm
         p = f"blk.{i}."
         post_a = p + "post_attention_norm.weight" if norm in ("sandwich", "post") else None
         post_f = p + "post_ffw_norm.weight" if norm in ("sandwich", "post") else None
-        h = x if norm == "post" else rms_norm(x, w[p + "attn_norm.weight"], hp.eps)
-        x = self._residual(x, self._attention(i, h, hook, n_seq), post_a)
-        h = x if norm == "post" else rms_norm(x, w[p + self.graph.ffn_norm + ".weight"], hp.eps)
-        return self._residual(x, self._ffn(i, h, hook), post_f)
+        if norm == "post":
+            x = x if carry is None else x + carry
+            x = x + self._branch(self._attention(i, x, hook, n_seq), post_a)
+            h = x
+        else:
+            x, h = self._norm_in(x, carry, p + "attn_norm.weight", self._in_kind(i, "attn"), hook)
+            y = self._branch(self._attention(i, h, hook, n_seq), post_a)
+            x, h = self._norm_in(x, y, p + self.graph.ffn_norm + ".weight", self._in_kind(i, "ffn"), hook)
+        return x, self._branch(self._ffn(i, h, hook), post_f)
 
     def hidden(self, tokens: np.ndarray, hook: Hook | None = None) -> np.ndarray:
         """Final normed hidden states (T, n_embd) for one sequence of tokens; for
         tokens (n_seq, T), n_seq sequences at once: (n_seq * T, n_embd)."""
         tokens = np.asarray(tokens, dtype=np.int64)
         n_seq = tokens.shape[0] if tokens.ndim == 2 else 1
-        x = self.embed(tokens)
+        x, y = self.embed(tokens), None
         for i in range(self.hp.n_layer):
-            x = self.block(i, x, hook, n_seq)
+            x, y = self._block_parts(i, x, y, hook, n_seq)
+        if y is not None:
+            x = x + y
         return rms_norm(x, self.w.get("output_norm.weight"), self.hp.eps)
 
     def output_matrix(self) -> np.ndarray:
