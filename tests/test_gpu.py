@@ -285,6 +285,7 @@ def merge_heads_bits(grid, block, args):
 
 
 MIRRORS = {"attn_pack_q": pack_q, "attn_pack_kv": pack_kv, "attn_softmax16": softmax16, "row_nll": row_nll,
+           "attn_softmax16_warp": lambda grid, block, a: softmax16(grid, block, a[:3] + a[4:]),
            "silu_mul_bits": silu_mul_bits, "add_rms_norm_bits": add_rms_norm_bits,
            "merge_heads_bits": merge_heads_bits}
 
@@ -396,7 +397,7 @@ def test_device_paths_match_cpu(name, budget, random_checkpoint, text_file):
 
 ATTN_CASES = [  # n_seq, T, H, Hkv, d, dv, window, plain
     (2, 40, 6, 2, 16, 16, 0, False), (1, 33, 4, 4, 8, 12, 7, True), (3, 64, 8, 2, 32, 32, 0, False),
-    (2, 48, 4, 1, 16, 16, 5, False)]
+    (2, 48, 4, 1, 16, 16, 5, False), (1, 530, 2, 1, 8, 8, 0, False)]  # T > 512: the block-per-row softmax
 
 
 @pytest.mark.parametrize("case", ATTN_CASES)
@@ -415,6 +416,7 @@ def test_tensor_core_attention_layout_matches_plain(case):
     sq = (lambda a: a[0]) if n_seq == 1 else (lambda a: a)
     o = dev.attention(sq(q), sq(k), sq(v), n_seq, 0.125, window, plain)
     assert dev._verified == {"attention"} and not dev.fused_failures
+    assert ("attn_softmax16" if T > 512 else "attn_softmax16_warp") in dev.calls
     # forward._attention's own arithmetic (the numpy path), as the reference
     g = H // Hkv
     qq = q.astype(np.float16).astype(np.float32) if plain else q
@@ -443,7 +445,8 @@ def test_attention_self_check_falls_back():
         p.reshape(-1, 2 * T)[:, T:] = 0
         p.reshape(-1, 2 * T)[:, :T] = (p.reshape(-1, 2 * T)[:, :T].astype(np.float32) * 1.01).astype(np.float16)
 
-    dev = EmulatedCuda({"attn_softmax16": broken_softmax})
+    dev = EmulatedCuda({"attn_softmax16": broken_softmax,  # (T <= 512: the warp-per-row kernel, same arguments
+                        "attn_softmax16_warp": lambda grid, block, a: broken_softmax(grid, block, a[:3] + a[4:])})
     rng = np.random.default_rng(1)
     q = rng.standard_normal((2, 32, 4, 16)).astype(np.float32)
     k = rng.standard_normal((2, 32, 2, 16)).astype(np.float16).astype(np.float32)
@@ -489,7 +492,7 @@ def test_fused_device_paths_match_cpu(random_checkpoint, text_file):
         assert p_dev["n_tokens_scored"] == p_cpu["n_tokens_scored"]
         # (attention's ~1e-6 differences flip some bf16 roundings of the next products: 1.3e-5 measured)
         assert abs(p_dev["ppl"] / p_cpu["ppl"] - 1) < 1e-4, (p_dev["ppl"], p_cpu["ppl"])
-        assert hd.emu.calls["attn_softmax16"] > 0 and hd.emu.calls["row_nll"] == 2  # 6 chunks, batches of 4
+        assert hd.emu.calls["attn_softmax16_warp"] > 0 and hd.emu.calls["row_nll"] == 2  # 6 chunks, batches of 4
         assert hd.emu.calls["silu_mul_bits"] > 0  # perplexity: ffn_down's input only as its bf16 bits
         # residual + RMSNorm + the q/k/v and gate/up operand in one pass; the merged heads with attn_output's
         assert hd.emu.calls["add_rms_norm_bits"] > 0 and hd.emu.calls["merge_heads_bits"] > 0

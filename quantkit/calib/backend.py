@@ -463,9 +463,14 @@ class Cuda:
         self.gemm_strided(True, T, g * T, 2 * d, 1.0, kc, 2 * d, T * 2 * d, qs, 2 * d, g * T * 2 * d,
                           s, T, g * T * T, B, _CUDA_R_16F)
         p = cp.empty((n_seq, Hkv, g * T, 2 * T), dtype=f16)
-        threads = min(1024, max(128, -(-(-(-T // 16)) // 32) * 32))
-        self._kernel("attn_softmax16")((B * g * T,), (threads,),
-                                       (s, rs, p, np.int32(T), np.float32(scale), np.int32(window), np.int32(plain)))
+        rows = B * g * T
+        if T <= 32 * 16 and rows < 1 << 31:  # a warp per row (16 scores per lane), 4 rows per block
+            self._kernel("attn_softmax16_warp")(((rows + 3) // 4,), (128,), (
+                s, rs, p, np.int64(rows), np.int32(T), np.float32(scale), np.int32(window), np.int32(plain)))
+        else:
+            threads = min(1024, max(128, -(-(-(-T // 16)) // 32) * 32))
+            self._kernel("attn_softmax16")((rows,), (threads,), (
+                s, rs, p, np.int32(T), np.float32(scale), np.int32(window), np.int32(plain)))
         del s
         o = cp.empty((n_seq, Hkv, g * T, dv), dtype=cp.float32)
         # O_b (gT x dv) = P_b (gT x 2T) . Vc_b (2T x dv), the probabilities' 2^14 taken back by alpha
@@ -710,7 +715,7 @@ extern "C" __global__ void rope(const float* x, float* y, const float* c, const 
 """
 
 # attention on tensor cores and the NLL (a module of their own: a failure there leaves the kernels above)
-_SRC2_KERNELS = ("attn_pack_q", "attn_pack_kv", "attn_softmax16", "row_nll", "silu_mul_bits", "add_rms_norm_bits",
+_SRC2_KERNELS = ("attn_pack_q", "attn_pack_kv", "attn_softmax16", "attn_softmax16_warp", "row_nll", "silu_mul_bits", "add_rms_norm_bits",
                  "merge_heads_bits")
 _CUDA_SRC2 = _CUDA_COMMON + r"""
 #define QK_PER 16  /* scores per thread held in registers: T <= 16 * blockDim.x */
@@ -768,10 +773,11 @@ extern "C" __global__ void attn_pack_q(const float* q, unsigned short* qs, float
     int Hkv = H / g, kvh = h / g, gi = h % g;
     long long ro = (((s * Hkv + kvh) * g + gi) * T + t);
     unsigned short* y = qs + ro * 2 * d;
+    float p2 = ldexpf(1.0f, sh);
     for (int j = lane; j < d; j += 32) {
         float v = x[j];
         if (round16) v = qk_h2f(qk_f2h(v));
-        v = ldexpf(v, sh);
+        v = v * p2;  /* exact: p2 = 2^sh is a normal float, as ldexpf(v, sh) */
         unsigned short hi = qk_f2h(v);
         y[j] = hi;
         y[d + j] = qk_f2h(v - qk_h2f(hi));
@@ -836,6 +842,51 @@ extern "C" __global__ void attn_softmax16(const float* s, const float* rs, unsig
 #pragma unroll
     for (int c = 0; c < QK_PER; c++) {
         int j = threadIdx.x + c * blockDim.x;
+        if (j < T) {
+            float pv = v[c] / sum;
+            if (round16) pv = qk_h2f(qk_f2h(pv));
+            pv *= 16384.0f;
+            unsigned short hi = qk_f2h(pv);
+            out[j] = hi;
+            out[T + j] = qk_f2h(pv - qk_h2f(hi));
+        }
+    }
+}
+
+// attn_softmax16 for T <= 32 * QK_PER: one warp per row (lane l holds scores l, l + 32, ...), 4 rows per block
+// of 128 threads, warp reductions only; masked scores are not read
+extern "C" __global__ void attn_softmax16_warp(const float* s, const float* rs, unsigned short* p, long long rows,
+                                               int T, float scale, int window, int round16) {
+    unsigned int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if ((long long)r >= rows) return;  // the same r for the 32 lanes of a warp
+    int i = (int)(r % (unsigned)T);
+    const float* row = s + (long long)r * T;
+    unsigned short* out = p + (long long)r * 2 * T;
+    float f = rs[r] * scale;
+    int j0 = (window > 0 && i - window + 1 > 0) ? i - window + 1 : 0;
+    float v[QK_PER];
+    float m = QK_NEG_INF;
+#pragma unroll
+    for (int c = 0; c < QK_PER; c++) {
+        int j = lane + 32 * c;
+        float x = QK_NEG_INF;
+        if (j >= j0 && j <= i) x = row[j] * f;
+        v[c] = x;
+        m = fmaxf(m, x);
+    }
+    m = warp_max(m);
+    float sum = 0.0f;
+#pragma unroll
+    for (int c = 0; c < QK_PER; c++) {
+        float e = expf(v[c] - m);
+        v[c] = e;
+        sum += e;
+    }
+    sum = warp_sum(sum);
+#pragma unroll
+    for (int c = 0; c < QK_PER; c++) {
+        int j = lane + 32 * c;
         if (j < T) {
             float pv = v[c] / sum;
             if (round16) pv = qk_h2f(qk_f2h(pv));
