@@ -9,12 +9,15 @@ Stages, each in its own module:
      its Source, lazy tensors, as stream.source): open_source, then arch.to_stream
      for an HF checkpoint (a GGUF source becomes a ModelStream directly)
   3. stream passes (quantkit.passes.StreamPass: layer replication) -> ModelStream
-  4. the importance matrix (--imatrix, or --calib-text: calib.calibrate_cached)
+  4. the importance matrix (--imatrix, or --calib-text: calib.calibrate_cached; with
+     --optimize, calib.gram.grams_cached(imatrix=True): the imatrix and the Gram
+     matrices from one layer-major forward pass, both cached)
   5. quantkit.mix.make_plan(stream, type, mix)    -> Plan (per-tensor types)
   6. plan passes (quantkit.passes.PlanPass: replica typing, --optimize's
      error-feedback assignment)                   -> Plan (types, row encoders)
   7. the statistics the rows' encoders need beyond the diagonal (Gram matrices:
-     calib.gram.grams_cached, cached next to the output)
+     stage 4's, else calib.gram.grams_cached; cached next to the output, each
+     read from that file when its tensor is encoded)
   8. encode each tensor through its row's TensorEncoder (the registry's
      quant.quantize unless a plan pass chose another) and stream it to quantkit.writer
 

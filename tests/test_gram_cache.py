@@ -100,7 +100,7 @@ def test_one_pass_equals_the_two_passes(kq, text, ref, tmp_path):
 
 
 @pytest.mark.parametrize("workers", [1, 3])
-def test_collect_workers_and_order(kq, text, workers, tmp_path):
+def test_collect_workers_and_order(kq, text, ref, workers, tmp_path):
     """One chunk per thread or all on the main thread: the same sums (fed in chunk order)."""
     _, H, n, of, _ = ref
     from quantkit.calib import Collector, make_chunks
@@ -250,3 +250,78 @@ def test_convert_loads_the_model_once(kq, text, tmp_path, monkeypatch):
     assert (one / "d.gguf").read_bytes() == a
     hgs = [hg for t in plans[0] for _, _, hg in t.encs]
     assert "blk.0.attn_q.weight" in hgs and all(h is None or isinstance(h, str) for h in hgs)
+
+
+def _small_cache(path: Path):
+    from quantkit.calib.gram import GramWriter
+
+    rng = np.random.default_rng(0)
+    names = ["blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.ffn_down.weight"]
+    w = GramWriter(path, names, {"ctx": 16})
+    a, b = rng.standard_normal((8, 8)).astype(np.float32), rng.standard_normal((24, 24)).astype(np.float32)
+    w.add(names[0], a, 32, names[:2])
+    w.add(names[2], b, 32, names[2:])
+    return w.finish(), a, b
+
+
+def test_writer_reader_roundtrip_and_refusals(tmp_path):
+    """GramWriter's file through Grams.read; each refusal of a damaged index is one InputError line."""
+    import gguf
+
+    from quantkit.calib.gram import Grams
+
+    p = tmp_path / "s.gram.gguf"
+    g, a, b = _small_cache(p)
+    assert not p.with_name(p.name + ".partial").exists()
+    r = Grams.read(p)
+    assert np.array_equal(r.get("blk.0.attn_k.weight")[0], a) and np.array_equal(r.get("blk.0.ffn_down.weight")[0], b)
+    assert r.n == {"blk.0.attn_q.weight": 32, "blk.0.ffn_down.weight": 32}
+    # cut short after the index was read: get() refuses (one line), never returns garbage
+    data = p.read_bytes()
+    p.write_bytes(data[:-100])
+    with pytest.raises(InputError, match="truncated"):
+        r.get("blk.0.ffn_down.weight")
+    with pytest.raises((InputError, ValueError)):
+        Grams.read(p)
+    # an index naming a key with no tensor / keys and tokens of different lengths
+
+    def cache(keys, tokens, tensors):
+        w = gguf.GGUFWriter(str(p), arch="quantkit-gram")
+        w.add_array("quantkit.gram.keys", keys)
+        w.add_array("quantkit.gram.tokens", tokens)
+        w.add_array("quantkit.gram.names", keys)
+        w.add_array("quantkit.gram.of", keys)
+        for k, shape in tensors:
+            w.add_tensor(k, np.zeros(shape, np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    cache(["a", "b"], [1], [("a", (4, 4)), ("b", (4, 4))])
+    with pytest.raises(InputError, match="inconsistent Gram cache index"):
+        Grams.read(p)
+    cache(["a", "b"], [1, 2], [("a", (4, 4))])
+    with pytest.raises(InputError, match="Gram matrix b missing or cut short"):
+        Grams.read(p)
+    cache(["a"], [1], [("a", (4, 2))])
+    with pytest.raises(InputError, match="Gram matrix a missing or cut short"):
+        Grams.read(p)
+    cache(["a"], [1], [("a", (4, 4))])  # the old writer's format (gguf-py) still reads
+    assert Grams.read(p).get("a")[1] == 1
+
+
+def test_header_reservation_is_an_upper_bound():
+    """The reserved header area holds the header of any grouping of the names
+    (every weight its own key is the most); a header that would not fit is refused."""
+    from quantkit.calib.gram import _header, _reserve
+
+    names = [f"blk.{i}.{m}.weight" for i in range(3) for m in ("attn_q", "attn_k", "ffn_down")]
+    meta = {"dataset": "x" * 50, "ctx": 512}
+    R = _reserve(names, meta)
+    assert R % 32 == 0
+    full = _header(names, [2**40] * 9, [14336] * 9, [2**40] * 9, {n: n for n in names}, meta, R)
+    some = _header(names[::3], [1] * 3, [8] * 3, [0] * 3, {n: names[(i // 3) * 3] for i, n in enumerate(names)},
+                   meta, R)
+    assert len(full) == len(some) == R
+    with pytest.raises(ValueError, match="reserved"):
+        _header(names + ["blk.9.extra.weight"], [1] * 10, [8] * 10, [0] * 10, {n: n for n in names}, meta, R)
