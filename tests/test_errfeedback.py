@@ -111,6 +111,29 @@ def test_uncorrelated_inputs_give_ggml_bytes(t):
         assert ef.gram_error(H, W, w_hat) <= ef.gram_error(H, W, p)
 
 
+@pytest.mark.parametrize("t", TYPES)
+def test_tile_encoding_is_ggml(t):
+    """_sweep's per-tile encoder (_quantize_block: one scratch set of kquants' builders for the tile's
+    blocks; Q4_K/Q5_K rows in pairs, an odd tile's last row alone) writes quant.quantize's bytes for the
+    tile's slab, weighted and unweighted, at any row/block offset, leaving the rest of ``out`` alone."""
+    rng = np.random.default_rng(11)
+    n = ef.TILE - 1
+    X = np.zeros((ef.TILE, ef.QK_K), np.float32)
+    X[:n] = rng.standard_normal((n, ef.QK_K)) * rng.uniform(0.01, 4.0, (n, 1))
+    X[0, :32] = 0.0
+    sp, bsize = ef.spec(t), quant.type_size(t)
+    nmax, rmin, rdelta, nstep = ef._K4_REF.get(sp.kind, (0, 0.0, 0.0, 0))
+    for w in (None, rng.uniform(0.0, 2.0, ef.QK_K).astype(np.float32)):
+        out = np.full((n + 2, 3 * bsize), 0xA5, np.uint8)
+        qw = np.zeros(ef.QK_K, np.float32) if w is None else w
+        ef._quantize_block(sp.kind, w is not None, X, n, qw, out, 1, bsize, bsize, sp.kind == 5, nmax,
+                           ef.F(rmin), ef.F(rdelta), nstep)
+        assert np.array_equal(out[1:n + 1, bsize:2 * bsize], quant.quantize(X[:n], t, imatrix=w))
+        rest = out.copy()
+        rest[1:n + 1, bsize:2 * bsize] = 0xA5
+        assert (rest == 0xA5).all()
+
+
 @pytest.mark.parametrize("t", CI_TYPES)
 def test_correlated_inputs_lower_output_error_than_ggml_imatrix(t):
     W, X, H = _layer(5)

@@ -238,81 +238,52 @@ TILE = 16  # rows per tile: the feedback runs with the rows as the inner (vector
 
 
 @njit(cache=True, error_model="numpy")
-def _quantize_block(kind, impl, x, qw, y, pair_x, pair_y, pair, five, bsize, nmax, rmin, rdelta, nstep):
-    """ggml's encoding of one 256-value block x (float32) into y, exactly as
-    quant.quantize encodes a (rows, 256) slab: Q4_K/Q5_K solve two rows' blocks
-    per call (rows 2k, 2k+1: ``pair`` with pair_x/pair_y, the second row), a
-    lone last row alone (kquants._k4_*_rows)."""
+def _quantize_block(kind, impl, X, n, qw, out, r0, boff, bsize, five, nmax, rmin, rdelta, nstep):
+    """ggml's encoding of a tile's n 256-value blocks X[k] (float32) into out[r0 + k, boff:boff+bsize],
+    exactly as quant.quantize encodes a (rows, 256) slab: Q4_K/Q5_K solve two rows' blocks per call (rows 2k,
+    2k+1), a lone last row alone (kquants._k4_*_rows). One scratch set per call (kquants' _*_scratch, the
+    layout the row drivers use), shared by the tile's blocks."""
     if kind == 4 or kind == 5:
-        L = np.empty(QK_K, np.uint8)
-        xt = np.empty((32, 16), np.float32)
-        wt = np.empty((32, 16), np.float32)
-        Lt = np.empty((32, 16), np.uint8)
-        S = np.empty((QKX_ROWS, 16), np.float32)
-        scales = np.empty(16, np.float32)
-        mins = np.empty(16, np.float32)
-        if impl:
-            sw = np.empty(16, np.float32)
-            Ls = np.empty(8, np.uint8)
-            Lm = np.empty(8, np.uint8)
-            if pair:
-                _kq._k4_impl_tails(x, y, pair_x, pair_y, qw, bsize, nmax, five, L, scales, mins, sw, Ls, Lm,
-                                   xt, wt, Lt, S)
+        sc4 = _kq._k4_scratch()
+        k = 0
+        while k < n:
+            y = out[r0 + k, boff:boff + bsize]
+            if k + 1 < n:
+                y2 = out[r0 + k + 1, boff:boff + bsize]
+                if impl:
+                    _kq._k4_impl_tails(X[k], y, X[k + 1], y2, qw, bsize, nmax, five, sc4)
+                else:
+                    _kq._k4_ref_tails(X[k], y, X[k + 1], y2, bsize, nmax, rmin, rdelta, nstep, five, sc4)
+                k += 2
             else:
-                _kq._k4_impl_row(x, qw, y, bsize, nmax, five, L, scales, mins, sw, Ls, Lm, xt, wt, Lt, S, True)
-        else:
-            if pair:
-                _kq._k4_ref_tails(x, y, pair_x, pair_y, bsize, nmax, rmin, rdelta, nstep, five, L, scales, mins,
-                                  xt, wt, Lt, S)
-            else:
-                _kq._k4_ref_row(x, y, bsize, nmax, rmin, rdelta, nstep, five, L, scales, mins, xt, wt, Lt, S,
-                                True)
+                if impl:
+                    _kq._k4_impl_row(X[k], qw, y, bsize, nmax, five, sc4, True)
+                else:
+                    _kq._k4_ref_row(X[k], y, bsize, nmax, rmin, rdelta, nstep, five, sc4, True)
+                k += 1
     elif kind == 2:
-        L = np.empty(QK_K, np.uint8)
-        xt = np.empty((16, 16), np.float32)
-        wt = np.empty((16, 16), np.float32)
-        Lt = np.empty((16, 16), np.uint8)
-        S = np.empty((QKX_ROWS, 16), np.float32)
-        scales = np.empty(16, np.float32)
-        mins = np.empty(16, np.float32)
-        if impl:
-            sw = np.empty(16, np.float32)
-            Ls = np.empty(16, np.uint8)
-            Lm = np.empty(16, np.uint8)
-            _kq._q2_K_impl_block(x, qw, y, L, scales, mins, sw, Ls, Lm, xt, wt, Lt, S)
-        else:
-            _kq._q2_K_ref_block(x, y, L, scales, mins, xt, wt, Lt, S)
-    elif kind == 3:
-        L = np.empty(QK_K, np.int8)
-        scales = np.empty(16, np.float32)
-        if impl:
-            weight = np.empty(16, np.float32)
-            sw = np.empty(16, np.float32)
-            Ls = np.empty(16, np.int8)
-            wtmp = np.empty(16, np.float32)
-            ra = np.empty(48, np.float32)
-            rb = np.empty(24, np.float32)
-            _kq._q3_K_impl_block(x, qw, y, L, scales, weight, sw, Ls, wtmp, ra, rb)
-        else:
-            xt = np.empty((16, 16), np.float32)
-            Lt = np.empty((16, 16), np.int8)
-            Lq = np.empty((16, 16), np.float32)
-            S = np.empty((6, 16), np.float32)
-            _kq._q3_K_ref_block(x, y, L, scales, xt, Lt, Lq, S)
-    else:
-        L = np.empty(QK_K, np.int8)
-        scales = np.empty(16, np.float32)
-        wtmp = np.empty(16, np.float32)
-        ra = np.empty(48, np.float32)
-        rb = np.empty(24, np.float32)
-        for ib in range(QK_K // 16):
+        sc2 = _kq._q2_K_scratch()
+        for k in range(n):
             if impl:
-                scales[ib] = make_qx_quants(16, 32, x[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16], 1,
-                                            qw[16 * ib:16 * ib + 16], True, wtmp, ra, rb)
+                _kq._q2_K_impl_block(X[k], qw, out[r0 + k, boff:boff + bsize], sc2)
             else:
-                scales[ib] = make_qx_quants(16, 32, x[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16], 1, wtmp,
-                                            False, wtmp, ra, rb)
-        _kq._q6_K_finish(x, y, L, scales)
+                _kq._q2_K_ref_block(X[k], out[r0 + k, boff:boff + bsize], sc2)
+    elif kind == 3:
+        if impl:
+            sc3 = _kq._q3_K_impl_scratch()
+            for k in range(n):
+                _kq._q3_K_impl_block(X[k], qw, out[r0 + k, boff:boff + bsize], sc3)
+        else:
+            sc3r = _kq._q3_K_ref_scratch()
+            for k in range(n):
+                _kq._q3_K_ref_block(X[k], out[r0 + k, boff:boff + bsize], sc3r)
+    else:
+        sc6 = _kq._q6_K_scratch()
+        for k in range(n):
+            if impl:
+                _kq._q6_K_impl_block(X[k], qw, out[r0 + k, boff:boff + bsize], sc6)
+            else:
+                _kq._q6_K_ref_block(X[k], out[r0 + k, boff:boff + bsize], sc6)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
@@ -348,13 +319,7 @@ def _sweep(kind, impl, Wk, s, pend, has_pend, qw, Uh, lo, hi, out, boff, bsize, 
                 X[k, j] = F(Wk[r, s + j])
                 if not np.isfinite(X[k, j]):
                     bad[r] = 1
-        k = 0
-        while k < n:
-            pair = (kind == 4 or kind == 5) and k + 1 < n
-            _quantize_block(kind, impl, X[k], qw, out[r0 + k, boff:boff + bsize], X[k + 1 if pair else k],
-                            out[r0 + (k + 1 if pair else k), boff:boff + bsize], pair, five, bsize, nmax, rmin,
-                            rdelta, nstep)
-            k += 2 if pair else 1
+        _quantize_block(kind, impl, X, n, qw, out, r0, boff, bsize, five, nmax, rmin, rdelta, nstep)
         for k in range(n):
             y = out[r0 + k, boff:boff + bsize]
             _grid_block(kind, y, D[k], M[k])

@@ -8,7 +8,12 @@ Each type has the two encoders of ggml-quants.c side by side:
 (ggml's quantize_q?_K calls ``_ref`` when quant_weights is NULL, so the
 ``_impl`` kernels only implement the weighted branch.) The per-block code
 follows ggml operation by operation in float32 (see solvers.py); rows run in
-parallel with prange, one scratch set per row.
+parallel with prange, one scratch set per row (or row pair).
+
+Scratch: each type's working arrays are declared once, in its ``_*_scratch()``
+builder (a tuple, allocated once per parallel task); the block and row
+functions take that tuple. passes/errfeedback.py builds the same sets, once
+per tile of rows.
 
 fp16 fields are little-endian ggml_half. Offsets are bytes inside a block.
 """
@@ -99,7 +104,17 @@ def _q2_K_finish(x, y, L, dm, mm):
 
 
 @njit(cache=True, error_model="numpy")
-def _q2_K_ref_block(x, y, L, scales, mins, xt, wt, Lt, S):
+def _q2_K_scratch():
+    """Q2_K's block scratch (both paths): L (256 levels), scales, mins, sw (sub-block weight sums),
+    Ls, Lm (their quantized values), xt, wt, Lt (16 x 16 solver lanes), S (make_qkx_lanes' state)."""
+    return (np.empty(QK_K, np.uint8), np.empty(16, np.float32), np.empty(16, np.float32), np.empty(16, np.float32),
+            np.empty(16, np.uint8), np.empty(16, np.uint8), np.empty((16, 16), np.float32),
+            np.empty((16, 16), np.float32), np.empty((16, 16), np.uint8), np.empty((QKX_ROWS, 16), np.float32))
+
+
+@njit(cache=True, error_model="numpy")
+def _q2_K_ref_block(x, y, sc):
+    L, scales, mins, _sw, _Ls, _Lm, xt, wt, Lt, S = sc
     q4scale = _F15
     for j in range(QK_K // 16):
         for l in range(16):
@@ -137,7 +152,8 @@ def _q2_K_ref_block(x, y, L, scales, mins, xt, wt, Lt, S):
 
 
 @njit(cache=True, error_model="numpy")
-def _q2_K_impl_block(x, qw, y, L, scales, mins, sw, Ls, Lm, xt, wt, Lt, S):
+def _q2_K_impl_block(x, qw, y, sc):
+    L, scales, mins, sw, Ls, Lm, xt, wt, Lt, S = sc
     sumx2 = _F0
     for j in range(QK_K):
         sumx2 += x[j] * x[j]
@@ -171,15 +187,9 @@ def _q2_K_ref_rows(x, out):
     nrows, n = x.shape
     nb = n // QK_K
     for r in prange(nrows):
-        L = np.empty(QK_K, np.uint8)
-        xt = np.empty((16, 16), np.float32)
-        wt = np.empty((16, 16), np.float32)
-        Lt = np.empty((16, 16), np.uint8)
-        S = np.empty((QKX_ROWS, 16), np.float32)
-        scales = np.empty(16, np.float32)
-        mins = np.empty(16, np.float32)
+        sc = _q2_K_scratch()
         for i in range(nb):
-            _q2_K_ref_block(x[r, i * QK_K : (i + 1) * QK_K], out[r, i * 84 : (i + 1) * 84], L, scales, mins, xt, wt, Lt, S)
+            _q2_K_ref_block(x[r, i * QK_K : (i + 1) * QK_K], out[r, i * 84 : (i + 1) * 84], sc)
 
 
 @njit(cache=True, error_model="numpy", parallel=True, nogil=True)
@@ -187,20 +197,10 @@ def _q2_K_impl_rows(x, qw, out):
     nrows, n = x.shape
     nb = n // QK_K
     for r in prange(nrows):
-        L = np.empty(QK_K, np.uint8)
-        xt = np.empty((16, 16), np.float32)
-        wt = np.empty((16, 16), np.float32)
-        Lt = np.empty((16, 16), np.uint8)
-        S = np.empty((QKX_ROWS, 16), np.float32)
-        scales = np.empty(16, np.float32)
-        mins = np.empty(16, np.float32)
-        sw = np.empty(16, np.float32)
-        Ls = np.empty(16, np.uint8)
-        Lm = np.empty(16, np.uint8)
+        sc = _q2_K_scratch()
         for i in range(nb):
             _q2_K_impl_block(
-                x[r, i * QK_K : (i + 1) * QK_K], qw[i * QK_K : (i + 1) * QK_K], out[r, i * 84 : (i + 1) * 84],
-                L, scales, mins, sw, Ls, Lm, xt, wt, Lt, S,
+                x[r, i * QK_K : (i + 1) * QK_K], qw[i * QK_K : (i + 1) * QK_K], out[r, i * 84 : (i + 1) * 84], sc
             )
 
 
@@ -288,7 +288,23 @@ def _q3_K_finish(x, y, L):
 
 
 @njit(cache=True, error_model="numpy")
-def _q3_K_ref_block(x, y, L, scales, xt, Lt, Lq, S):
+def _q3_K_ref_scratch():
+    """Q3_K's _ref scratch: L (256 levels), scales, xt, Lt, Lq (16 x 16 lanes of make_q3_quants_lanes), S."""
+    return (np.empty(QK_K, np.int8), np.empty(16, np.float32), np.empty((16, 16), np.float32),
+            np.empty((16, 16), np.int8), np.empty((16, 16), np.float32), np.empty((6, 16), np.float32))
+
+
+@njit(cache=True, error_model="numpy")
+def _q3_K_impl_scratch():
+    """Q3_K's weighted-path scratch: L, scales, weight (one sub-block's), sw, Ls, and make_qx_quants'
+    wtmp, ra, rb."""
+    return (np.empty(QK_K, np.int8), np.empty(16, np.float32), np.empty(16, np.float32), np.empty(16, np.float32),
+            np.empty(16, np.int8), np.empty(16, np.float32), np.empty(48, np.float32), np.empty(24, np.float32))
+
+
+@njit(cache=True, error_model="numpy")
+def _q3_K_ref_block(x, y, sc):
+    L, scales, xt, Lt, Lq, S = sc
     for j in range(QK_K // 16):
         for l in range(16):
             xt[l, j] = x[16 * j + l]
@@ -322,7 +338,8 @@ def _q3_K_ref_block(x, y, L, scales, xt, Lt, Lq, S):
 
 
 @njit(cache=True, error_model="numpy")
-def _q3_K_impl_block(x, qw, y, L, scales, weight, sw, Ls, wtmp, ra, rb):
+def _q3_K_impl_block(x, qw, y, sc):
+    L, scales, weight, sw, Ls, wtmp, ra, rb = sc
     sumx2 = _F0
     for j in range(QK_K):
         sumx2 += x[j] * x[j]
@@ -349,14 +366,9 @@ def _q3_K_ref_rows(x, out):
     nrows, n = x.shape
     nb = n // QK_K
     for r in prange(nrows):
-        L = np.empty(QK_K, np.int8)
-        scales = np.empty(16, np.float32)
-        xt = np.empty((16, 16), np.float32)
-        Lt = np.empty((16, 16), np.int8)
-        Lq = np.empty((16, 16), np.float32)
-        S = np.empty((6, 16), np.float32)
+        sc = _q3_K_ref_scratch()
         for i in range(nb):
-            _q3_K_ref_block(x[r, i * QK_K : (i + 1) * QK_K], out[r, i * 110 : (i + 1) * 110], L, scales, xt, Lt, Lq, S)
+            _q3_K_ref_block(x[r, i * QK_K : (i + 1) * QK_K], out[r, i * 110 : (i + 1) * 110], sc)
 
 
 @njit(cache=True, error_model="numpy", parallel=True, nogil=True)
@@ -364,18 +376,10 @@ def _q3_K_impl_rows(x, qw, out):
     nrows, n = x.shape
     nb = n // QK_K
     for r in prange(nrows):
-        L = np.empty(QK_K, np.int8)
-        scales = np.empty(16, np.float32)
-        weight = np.empty(16, np.float32)
-        sw = np.empty(16, np.float32)
-        Ls = np.empty(16, np.int8)
-        wtmp = np.empty(16, np.float32)
-        ra = np.empty(48, np.float32)
-        rb = np.empty(24, np.float32)
+        sc = _q3_K_impl_scratch()
         for i in range(nb):
             _q3_K_impl_block(
-                x[r, i * QK_K : (i + 1) * QK_K], qw[i * QK_K : (i + 1) * QK_K], out[r, i * 110 : (i + 1) * 110],
-                L, scales, weight, sw, Ls, wtmp, ra, rb,
+                x[r, i * QK_K : (i + 1) * QK_K], qw[i * QK_K : (i + 1) * QK_K], out[r, i * 110 : (i + 1) * 110], sc
             )
 
 
@@ -541,10 +545,20 @@ def _k4_impl_finish(x, y, L, scales, mins, sw, Ls, Lm, Lt, c0, nmax, clamp63):
 
 
 @njit(cache=True, error_model="numpy")
-def _k4_ref_row(x, out, bsize, nmax, rmin, rdelta, nstep, five, L, scales, mins, xt, wt, Lt, S, tail=True):
+def _k4_scratch():
+    """Q4_K/Q5_K's scratch (both paths; two super-blocks per solver call, lanes 0-7 and 8-15): L (256 levels),
+    scales, mins, sw (16 lanes), Ls, Lm (one block's 8 quantized scales/mins), xt, wt, Lt (32 x 16), S."""
+    return (np.empty(QK_K, np.uint8), np.empty(16, np.float32), np.empty(16, np.float32), np.empty(16, np.float32),
+            np.empty(8, np.uint8), np.empty(8, np.uint8), np.empty((32, 16), np.float32),
+            np.empty((32, 16), np.float32), np.empty((32, 16), np.uint8), np.empty((QKX_ROWS, 16), np.float32))
+
+
+@njit(cache=True, error_model="numpy")
+def _k4_ref_row(x, out, bsize, nmax, rmin, rdelta, nstep, five, sc, tail=True):
     """One row of Q4_K/Q5_K, _ref path. Two super-blocks share one call of the
     solver (16 lanes; an odd last block is solved twice, once ignored; without
     ``tail`` it is left to _k4_ref_tails, which pairs it with another row's)."""
+    L, scales, mins, _sw, _Ls, _Lm, xt, wt, Lt, S = sc
     nb = x.shape[0] // QK_K
     for i in range(0, nb if tail else nb - nb % 2, 2):
         i2 = i + 1 if i + 1 < nb else i
@@ -563,8 +577,9 @@ def _k4_ref_row(x, out, bsize, nmax, rmin, rdelta, nstep, five, L, scales, mins,
 
 
 @njit(cache=True, error_model="numpy")
-def _k4_impl_row(x, qw, out, bsize, nmax, five, L, scales, mins, sw, Ls, Lm, xt, wt, Lt, S, tail=True):
+def _k4_impl_row(x, qw, out, bsize, nmax, five, sc, tail=True):
     """One row of Q4_K/Q5_K, weighted path (two super-blocks per solver call; ``tail`` as _k4_ref_row)."""
+    L, scales, mins, sw, Ls, Lm, xt, wt, Lt, S = sc
     nb = x.shape[0] // QK_K
     for i in range(0, nb if tail else nb - nb % 2, 2):
         i2 = i + 1 if i + 1 < nb else i
@@ -623,7 +638,8 @@ def _k4_pack(L, y, five):
 # lanes idle) go in pairs: each row's even pairs as before, then the two rows' last blocks in one solver
 # call (lanes 0-7 and 8-15 are independent, so every block's bytes are the same as solved alone).
 @njit(cache=True, error_model="numpy")
-def _k4_ref_tails(xa, ya, xb, yb, bsize, nmax, rmin, rdelta, nstep, five, L, scales, mins, xt, wt, Lt, S):
+def _k4_ref_tails(xa, ya, xb, yb, bsize, nmax, rmin, rdelta, nstep, five, sc):
+    L, scales, mins, _sw, _Ls, _Lm, xt, wt, Lt, S = sc
     i = xa.shape[0] // QK_K - 1
     _k4_ref_prep(xa[i * QK_K : (i + 1) * QK_K], xt, wt, 0)
     _k4_ref_prep(xb[i * QK_K : (i + 1) * QK_K], xt, wt, 8)
@@ -636,7 +652,8 @@ def _k4_ref_tails(xa, ya, xb, yb, bsize, nmax, rmin, rdelta, nstep, five, L, sca
 
 
 @njit(cache=True, error_model="numpy")
-def _k4_impl_tails(xa, ya, xb, yb, qw, bsize, nmax, five, L, scales, mins, sw, Ls, Lm, xt, wt, Lt, S):
+def _k4_impl_tails(xa, ya, xb, yb, qw, bsize, nmax, five, sc):
+    L, scales, mins, sw, Ls, Lm, xt, wt, Lt, S = sc
     i = xa.shape[0] // QK_K - 1
     _k4_impl_prep(xa[i * QK_K : (i + 1) * QK_K], qw[i * QK_K : (i + 1) * QK_K], xt, wt, sw, 0)
     _k4_impl_prep(xb[i * QK_K : (i + 1) * QK_K], qw[i * QK_K : (i + 1) * QK_K], xt, wt, sw, 8)
@@ -653,22 +670,14 @@ def _k4_ref_rows(x, out, bsize, nmax, rmin, rdelta, nstep, five):
     nr = x.shape[0]
     step = 2 if (x.shape[1] // QK_K) % 2 else 1  # odd super-blocks per row: rows in pairs
     for p in prange((nr + step - 1) // step):
-        L = np.empty(QK_K, np.uint8)
-        xt = np.empty((32, 16), np.float32)
-        wt = np.empty((32, 16), np.float32)
-        Lt = np.empty((32, 16), np.uint8)
-        S = np.empty((QKX_ROWS, 16), np.float32)
-        scales = np.empty(16, np.float32)
-        mins = np.empty(16, np.float32)
+        sc = _k4_scratch()
         r0 = p * step
         r1 = min(r0 + step, nr)
         pair = r1 - r0 == 2
         for r in range(r0, r1):
-            _k4_ref_row(x[r], out[r], bsize, nmax, rmin, rdelta, nstep, five, L, scales, mins, xt, wt, Lt, S,
-                        not pair)
+            _k4_ref_row(x[r], out[r], bsize, nmax, rmin, rdelta, nstep, five, sc, not pair)
         if pair:
-            _k4_ref_tails(x[r0], out[r0], x[r0 + 1], out[r0 + 1], bsize, nmax, rmin, rdelta, nstep, five, L,
-                          scales, mins, xt, wt, Lt, S)
+            _k4_ref_tails(x[r0], out[r0], x[r0 + 1], out[r0 + 1], bsize, nmax, rmin, rdelta, nstep, five, sc)
 
 
 @njit(cache=True, error_model="numpy", parallel=True, nogil=True)
@@ -676,24 +685,14 @@ def _k4_impl_rows(x, qw, out, bsize, nmax, five):
     nr = x.shape[0]
     step = 2 if (x.shape[1] // QK_K) % 2 else 1  # as _k4_ref_rows
     for p in prange((nr + step - 1) // step):
-        L = np.empty(QK_K, np.uint8)
-        xt = np.empty((32, 16), np.float32)
-        wt = np.empty((32, 16), np.float32)
-        Lt = np.empty((32, 16), np.uint8)
-        S = np.empty((QKX_ROWS, 16), np.float32)
-        scales = np.empty(16, np.float32)
-        mins = np.empty(16, np.float32)
-        sw = np.empty(16, np.float32)
-        Ls = np.empty(8, np.uint8)
-        Lm = np.empty(8, np.uint8)
+        sc = _k4_scratch()
         r0 = p * step
         r1 = min(r0 + step, nr)
         pair = r1 - r0 == 2
         for r in range(r0, r1):
-            _k4_impl_row(x[r], qw, out[r], bsize, nmax, five, L, scales, mins, sw, Ls, Lm, xt, wt, Lt, S, not pair)
+            _k4_impl_row(x[r], qw, out[r], bsize, nmax, five, sc, not pair)
         if pair:
-            _k4_impl_tails(x[r0], out[r0], x[r0 + 1], out[r0 + 1], qw, bsize, nmax, five, L, scales, mins, sw, Ls,
-                           Lm, xt, wt, Lt, S)
+            _k4_impl_tails(x[r0], out[r0], x[r0 + 1], out[r0 + 1], qw, bsize, nmax, five, sc)
 
 
 @njit(cache=True, error_model="numpy", parallel=True, nogil=True)
@@ -797,21 +796,38 @@ def _q6_K_finish(x, y, L, scales):
             )
 
 
+@njit(cache=True, error_model="numpy")
+def _q6_K_scratch():
+    """Q6_K's scratch (both paths): L (256 levels), scales, and make_qx_quants' wtmp, ra, rb."""
+    return (np.empty(QK_K, np.int8), np.empty(16, np.float32), np.empty(16, np.float32), np.empty(48, np.float32),
+            np.empty(24, np.float32))
+
+
+@njit(cache=True, error_model="numpy")
+def _q6_K_ref_block(x, y, sc):
+    L, scales, wtmp, ra, rb = sc
+    for ib in range(QK_K // 16):
+        scales[ib] = make_qx_quants(16, 32, x[16 * ib : 16 * ib + 16], L[16 * ib : 16 * ib + 16], 1, wtmp, False, wtmp, ra, rb)
+    _q6_K_finish(x, y, L, scales)
+
+
+@njit(cache=True, error_model="numpy")
+def _q6_K_impl_block(x, qw, y, sc):
+    L, scales, wtmp, ra, rb = sc
+    for ib in range(QK_K // 16):
+        o = 16 * ib
+        scales[ib] = make_qx_quants(16, 32, x[o : o + 16], L[o : o + 16], 1, qw[o : o + 16], True, wtmp, ra, rb)
+    _q6_K_finish(x, y, L, scales)
+
+
 @njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def _q6_K_ref_rows(x, out):
     nrows, n = x.shape
     nb = n // QK_K
     for r in prange(nrows):
-        L = np.empty(QK_K, np.int8)
-        scales = np.empty(16, np.float32)
-        wtmp = np.empty(16, np.float32)
-        ra = np.empty(48, np.float32)
-        rb = np.empty(24, np.float32)
+        sc = _q6_K_scratch()
         for i in range(nb):
-            xb = x[r, i * QK_K : (i + 1) * QK_K]
-            for ib in range(QK_K // 16):
-                scales[ib] = make_qx_quants(16, 32, xb[16 * ib : 16 * ib + 16], L[16 * ib : 16 * ib + 16], 1, wtmp, False, wtmp, ra, rb)
-            _q6_K_finish(xb, out[r, i * 210 : (i + 1) * 210], L, scales)
+            _q6_K_ref_block(x[r, i * QK_K : (i + 1) * QK_K], out[r, i * 210 : (i + 1) * 210], sc)
 
 
 @njit(cache=True, error_model="numpy", parallel=True, nogil=True)
@@ -819,17 +835,10 @@ def _q6_K_impl_rows(x, qw, out):
     nrows, n = x.shape
     nb = n // QK_K
     for r in prange(nrows):
-        L = np.empty(QK_K, np.int8)
-        scales = np.empty(16, np.float32)
-        wtmp = np.empty(16, np.float32)
-        ra = np.empty(48, np.float32)
-        rb = np.empty(24, np.float32)
+        sc = _q6_K_scratch()
         for i in range(nb):
-            xb = x[r, i * QK_K : (i + 1) * QK_K]
-            for ib in range(QK_K // 16):
-                o = i * QK_K + 16 * ib
-                scales[ib] = make_qx_quants(16, 32, xb[16 * ib : 16 * ib + 16], L[16 * ib : 16 * ib + 16], 1, qw[o : o + 16], True, wtmp, ra, rb)
-            _q6_K_finish(xb, out[r, i * 210 : (i + 1) * 210], L, scales)
+            _q6_K_impl_block(x[r, i * QK_K : (i + 1) * QK_K], qw[i * QK_K : (i + 1) * QK_K],
+                             out[r, i * 210 : (i + 1) * 210], sc)
 
 
 @njit(cache=True, error_model="numpy", parallel=True, nogil=True)
