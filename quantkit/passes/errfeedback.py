@@ -38,7 +38,7 @@ from .. import quant
 from ..errors import UnsupportedError
 from ..quant import kquants as _kq
 from ..quant.kquants import _pack_2bit, _q4_K_pack, _q5_K_pack
-from ..quant.solvers import QKX_ROWS, F, clampi, get_scale_min_k4, load_fp16, make_qx_quants, nearest_int
+from ..quant.solvers import F, clampi, get_scale_min_k4, load_fp16, nearest_int
 
 QK_K = quant.block_size("Q4_K")  # every K-quant's super-block (the registry's record)
 _F0 = F(0.0)
