@@ -266,16 +266,23 @@ class Cuda:
             ref = self.silu_mul(gate, up)
             if ref is None:
                 ref = gate / (1 + cp.exp(-gate)) * up
-            ok = self._checked("silu_mul_bits", h, lambda: ref, 1e-6)
-            rb = self.to_bf16_bits(ref) if kind == "bf16" else ref.astype(cp.float16).view(cp.uint16)
-            if ok and not bool((self.expand_half(b, kind) == self.expand_half(rb, kind)).all()):
-                self._verified.discard("silu_mul_bits")
-                self._failed("silu_mul_bits", RuntimeError("self-check: 16-bit bits differ from half_matmul's"))
-                ok = False
-            if not ok:
+            if not self._check_bits("silu_mul_bits", h, b, ref, kind):
                 return None
         self._last_bits = (h, kind, b)
         return h
+
+    def _check_bits(self, name: str, h, b, ref, kind: str) -> bool:
+        """First use of a fused path that makes float32 values h and their 16-bit bits b: h within 1e-6 of
+        ``ref`` (the plain ops' values) and b exactly half_matmul's rounding of ref; else the path is off."""
+        cp = self.xp
+        if not self._checked(name, h, lambda: ref, 1e-6):
+            return False
+        rb = self.to_bf16_bits(ref) if kind == "bf16" else ref.astype(cp.float16).view(cp.uint16)
+        if not bool((self.expand_half(b, kind) == self.expand_half(rb, kind)).all()):
+            self._verified.discard(name)
+            self._failed(name, RuntimeError("self-check: 16-bit bits differ from half_matmul's"))
+            return False
+        return True
 
     def norm_bits(self, x, y, w, eps: float, kind: str, need_f32: bool):
         """(s, h): s = x + y (y None: s is x), h = rms_norm(s, w) as rms_norm computes it, and h's 16-bit
@@ -311,13 +318,7 @@ class Cuda:
                 ms = cp.mean(cp.square(ref_s), axis=-1, keepdims=True)
                 ref = ref_s * (1.0 / cp.sqrt(ms + np.float32(eps))).astype(cp.float32)
                 ref = ref * w if w is not None else ref
-            ok = ok and self._checked("norm_bits", h, lambda: ref, 1e-6)
-            rb = self.to_bf16_bits(ref) if kind == "bf16" else ref.astype(cp.float16).view(cp.uint16)
-            if ok and not bool((self.expand_half(b, kind) == self.expand_half(rb, kind)).all()):
-                self._verified.discard("norm_bits")
-                self._failed("norm_bits", RuntimeError("self-check: 16-bit bits differ from half_matmul's"))
-                ok = False
-            if not ok:
+            if not (ok and self._check_bits("norm_bits", h, b, ref, kind)):
                 self.fused_failures.setdefault("norm_bits", "self-check failed")
                 return None
         self._last_bits = (h, kind, b)
@@ -809,28 +810,22 @@ extern "C" __global__ void attn_pack_kv(const float* x, unsigned short* y, long 
     }
 }
 
-// scores s (rows, T) (rows in (..., T) order: row r is query r % T), times rs[r] * scale, the causal
-// (sliding-window) mask, softmax; p (rows, 2T) f16 [hi | lo] of the probabilities times 2^14
-// (round16: the probability first rounded to f16, lo 0). Reads only the unmasked scores.
-extern "C" __global__ void attn_softmax16(const float* s, const float* rs, unsigned short* p, int T, float scale,
-                                          int window, int round16) {
-    long long r = blockIdx.x;
-    int i = (int)(r % T);
-    const float* row = s + r * T;
-    unsigned short* out = p + r * 2 * (long long)T;
-    float f = rs[r] * scale;
-    int j0 = (window > 0 && i - window + 1 > 0) ? i - window + 1 : 0;
-    float v[QK_PER];
+// a row's scores held QK_PER to a thread (score j = first + c * step), read unmasked only and scaled by f;
+// their exponentials; the probabilities written as f16 [hi | lo] of p * 2^14 (round16: p first rounded to f16)
+__device__ __forceinline__ float qk_load_scores(const float* row, float f, int i, int j0, int first, int step,
+                                                float* v) {
     float m = QK_NEG_INF;
 #pragma unroll
     for (int c = 0; c < QK_PER; c++) {
-        int j = threadIdx.x + c * blockDim.x;
+        int j = first + c * step;
         float x = QK_NEG_INF;
         if (j >= j0 && j <= i) x = row[j] * f;
         v[c] = x;
         m = fmaxf(m, x);
     }
-    m = block_reduce(m, true);
+    return m;
+}
+__device__ __forceinline__ float qk_exp_scores(float* v, float m) {
     float sum = 0.0f;
 #pragma unroll
     for (int c = 0; c < QK_PER; c++) {
@@ -838,10 +833,13 @@ extern "C" __global__ void attn_softmax16(const float* s, const float* rs, unsig
         v[c] = e;
         sum += e;
     }
-    sum = block_reduce(sum, false);
+    return sum;
+}
+__device__ __forceinline__ void qk_store_probs(unsigned short* out, const float* v, float sum, int T, int first,
+                                               int step, int round16) {
 #pragma unroll
     for (int c = 0; c < QK_PER; c++) {
-        int j = threadIdx.x + c * blockDim.x;
+        int j = first + c * step;
         if (j < T) {
             float pv = v[c] / sum;
             if (round16) pv = qk_h2f(qk_f2h(pv));
@@ -853,49 +851,33 @@ extern "C" __global__ void attn_softmax16(const float* s, const float* rs, unsig
     }
 }
 
+// scores s (rows, T) (rows in (..., T) order: row r is query r % T), times rs[r] * scale, the causal
+// (sliding-window) mask, softmax; p (rows, 2T) f16 [hi | lo] of the probabilities times 2^14
+// (round16: the probability first rounded to f16, lo 0). Reads only the unmasked scores. A block per row.
+extern "C" __global__ void attn_softmax16(const float* s, const float* rs, unsigned short* p, int T, float scale,
+                                          int window, int round16) {
+    long long r = blockIdx.x;
+    int i = (int)(r % T);
+    int j0 = (window > 0 && i - window + 1 > 0) ? i - window + 1 : 0;
+    float v[QK_PER];
+    float m = block_reduce(qk_load_scores(s + r * T, rs[r] * scale, i, j0, threadIdx.x, blockDim.x, v), true);
+    float sum = block_reduce(qk_exp_scores(v, m), false);
+    qk_store_probs(p + r * 2 * (long long)T, v, sum, T, threadIdx.x, blockDim.x, round16);
+}
+
 // attn_softmax16 for T <= 32 * QK_PER: one warp per row (lane l holds scores l, l + 32, ...), 4 rows per block
-// of 128 threads, warp reductions only; masked scores are not read
+// of 128 threads, warp reductions only
 extern "C" __global__ void attn_softmax16_warp(const float* s, const float* rs, unsigned short* p, long long rows,
                                                int T, float scale, int window, int round16) {
     unsigned int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     int lane = threadIdx.x & 31;
     if ((long long)r >= rows) return;  // the same r for the 32 lanes of a warp
     int i = (int)(r % (unsigned)T);
-    const float* row = s + (long long)r * T;
-    unsigned short* out = p + (long long)r * 2 * T;
-    float f = rs[r] * scale;
     int j0 = (window > 0 && i - window + 1 > 0) ? i - window + 1 : 0;
     float v[QK_PER];
-    float m = QK_NEG_INF;
-#pragma unroll
-    for (int c = 0; c < QK_PER; c++) {
-        int j = lane + 32 * c;
-        float x = QK_NEG_INF;
-        if (j >= j0 && j <= i) x = row[j] * f;
-        v[c] = x;
-        m = fmaxf(m, x);
-    }
-    m = warp_max(m);
-    float sum = 0.0f;
-#pragma unroll
-    for (int c = 0; c < QK_PER; c++) {
-        float e = expf(v[c] - m);
-        v[c] = e;
-        sum += e;
-    }
-    sum = warp_sum(sum);
-#pragma unroll
-    for (int c = 0; c < QK_PER; c++) {
-        int j = lane + 32 * c;
-        if (j < T) {
-            float pv = v[c] / sum;
-            if (round16) pv = qk_h2f(qk_f2h(pv));
-            pv *= 16384.0f;
-            unsigned short hi = qk_f2h(pv);
-            out[j] = hi;
-            out[T + j] = qk_f2h(pv - qk_h2f(hi));
-        }
-    }
+    float m = warp_max(qk_load_scores(s + (long long)r * T, rs[r] * scale, i, j0, lane, 32, v));
+    float sum = warp_sum(qk_exp_scores(v, m));
+    qk_store_probs(p + (long long)r * 2 * T, v, sum, T, lane, 32, round16);
 }
 
 // h = silu(g) * u (as silu_mul computes it; written when write_h) and its 16-bit bits: bf16 rounded to

@@ -422,6 +422,15 @@ class _Record:
         self.calls, self._copies = [], {}
 
 
+def _step(model: Model, i: int, x, carry, hook, n_seq: int):
+    """Block i as Model.hidden runs it: (x, y), the block's output x + y with the
+    add left to the next block's norm (Model._block_parts; one pass on a GPU)."""
+    parts = getattr(model, "_block_parts", None)
+    if parts is None:
+        return model.block(i, x if carry is None else x + carry, hook, n_seq), None
+    return parts(i, x, carry, hook, n_seq)
+
+
 def block_matrices(model: Model) -> list[str]:
     return [n for n in model.w if _BLOCK_MATRIX.match(n) and np.ndim(model.w[n]) == 2]
 
@@ -430,7 +439,8 @@ def collect(model: Model, chunks: list[np.ndarray], collector=None, writer: Gram
             names=None, progress: Callable[[int], None] | None = None, workers: int | None = None) -> None:
     """One float forward pass of ``model`` over ``chunks``, layer-major: the
     chunks' hidden states held (n_tokens x n_embd), block i run over all of
-    them, then block i+1. ``collector`` (calib.Collector) sees every input as
+    them, then block i+1 (as Model.hidden steps: Model._block_parts, the last
+    residual add carried into the next block). ``collector`` (calib.Collector) sees every input as
     Model.forward's hook does (the imatrix sums); ``writer`` receives each
     layer's Gram matrices (of ``names``, default every block matrix) once the
     layer is done, so only one layer's are in memory. On a GPU (model.dev) the
@@ -449,6 +459,7 @@ def collect(model: Model, chunks: list[np.ndarray], collector=None, writer: Gram
     gpu = model.dev is not None
     runs = [b for _, b in gpu_batches(chunks, len(chunks[0]))] if gpu else chunks
     xs = [model.embed(c) for c in runs]
+    ys = [None] * len(runs)  # each chunk's last residual branch, not yet added (_step)
     n_seq = [c.shape[0] if c.ndim == 2 else 1 for c in runs]
     n_workers = 1 if gpu else max(1, min(len(runs), workers or os.cpu_count() or 1))
     if n_workers > 1:
@@ -465,15 +476,16 @@ def collect(model: Model, chunks: list[np.ndarray], collector=None, writer: Gram
                     for j in idx:
                         if gcol is not None:
                             gcol.new_chunk()
-                        xs[j] = model.block(i, xs[j], hook, n_seq[j])
+                        xs[j], ys[j] = _step(model, i, xs[j], ys[j], hook, n_seq[j])
                         if progress:
                             progress(runs[j].size)
                     continue
                 recs = [_Record() for _ in idx]
                 with blas_threads(1):
-                    outs = list(ex.map(lambda jr: model.block(i, xs[jr[0]], jr[1], n_seq[jr[0]]), zip(idx, recs)))
-                for j, r, y in zip(idx, recs, outs):  # in chunk order, BLAS threads back for X^T X
-                    xs[j] = y
+                    outs = list(ex.map(lambda jr: _step(model, i, xs[jr[0]], ys[jr[0]], jr[1], n_seq[jr[0]]),
+                                       zip(idx, recs)))
+                for j, r, xy in zip(idx, recs, outs):  # in chunk order, BLAS threads back for X^T X
+                    xs[j], ys[j] = xy
                     if gcol is not None:
                         gcol.new_chunk()
                     r.replay(hook)

@@ -414,6 +414,24 @@ def pack(t: str, blocks: np.ndarray, U: np.ndarray) -> np.ndarray:
 _K4_REF = {4: (15, -1.0, 0.1, 20), 5: (31, -0.5, 0.1, 15)}
 
 
+def _stopwatch(timings: dict | None):
+    """lap(stage): adds the [cpu s, wall s] since the previous lap to timings[stage] (None: does nothing)."""
+    import time
+
+    clock = (time.process_time, time.perf_counter)
+    c0 = [f() for f in clock]
+
+    def lap(stage):
+        if timings is not None:
+            c1 = [f() for f in clock]
+            v = timings.setdefault(stage, [0.0, 0.0])
+            v[0] += c1[0] - c0[0]
+            v[1] += c1[1] - c0[1]
+            c0[:] = c1
+
+    return lap
+
+
 def encode(W: np.ndarray, t: str, U: np.ndarray, weights: np.ndarray | None = None, *,
            timings: dict | None = None, device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Encode W (rows, cols) as type ``t`` with error feedback through the
@@ -428,18 +446,7 @@ def encode(W: np.ndarray, t: str, U: np.ndarray, weights: np.ndarray | None = No
     ``timings``: a dict that gets {stage: [cpu s, wall s]} added ("sweep",
     "gemm", "other"). ``device`` "cuda": the lazy batches on the GPU
     (_encode_lazy; U may then be a device array, as inverse_factor gives it)."""
-    import time
-
-    clock = (time.process_time, time.perf_counter)
-    c0 = [f() for f in clock]
-
-    def lap(stage):
-        if timings is not None:
-            c1 = [f() for f in clock]
-            v = timings.setdefault(stage, [0.0, 0.0])
-            v[0] += c1[0] - c0[0]
-            v[1] += c1[1] - c0[1]
-            c0[:] = c1
+    lap = _stopwatch(timings)
 
     if device not in (None, "cpu"):
         from ..calib import backend
@@ -490,18 +497,7 @@ def _encode_lazy(W, t: str, U, weights, xp, timings: dict | None = None) -> tupl
     scale search, the grid, the in-block column loop, the pack: numba on the CPU cores); its scaled errors E
     go back and one GEMM updates every later column, Wk[:, e:] -= E @ U[s:e, e:]. With xp = numpy the
     operations, and so the bytes, are encode()'s (the pending batch subtracted in the same order)."""
-    import time
-
-    clock = (time.process_time, time.perf_counter)
-    c0 = [f() for f in clock]
-
-    def lap(stage):
-        if timings is not None:
-            c1 = [f() for f in clock]
-            v = timings.setdefault(stage, [0.0, 0.0])
-            v[0] += c1[0] - c0[0]
-            v[1] += c1[1] - c0[1]
-            c0[:] = c1
+    lap = _stopwatch(timings)
 
     sp = spec(t)
     W = np.asarray(W)
