@@ -28,7 +28,7 @@ from gguf.tensor_mapping import TensorNameMap
 
 from ..errors import InputError
 from ..model import KV
-from ..sources.base import TensorRef, transformed_half
+from ..sources.base import TensorRef
 
 # ---------------------------------------------------------------------------
 # hparams
@@ -363,9 +363,6 @@ def mapped(ref: TensorRef, new_name: str, transform: Callable[[np.ndarray], np.n
     def load(ref=ref, f=transform):
         return f(ref.load())
 
-    half = transformed_half(ref, (transform,))  # an index_only transform carries the stored bits
-    if half is not None:
-        load.half = half  # type: ignore[attr-defined]
     return TensorRef(new_name, ref.shape, dtype, load)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from gguf import GGUFWriter, MODEL_TENSOR
 
 from ..errors import InputError, UnsupportedError
-from ..sources.base import TensorRef, index_only
+from ..sources.base import TensorRef
 from . import vocab
 from .common import add_text_parameters, tensor_name
 from .spec import ExpertStack, Model, TensorRule
@@ -211,7 +211,6 @@ def permute_qk(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
 def _permute_rule(ref: TensorRef, n_head: int, n_head_kv: int | None):
     """permute_qk as a rule fn; on a 2-D weight it is local to each head's rows, so
     it carries ``row_group`` (spec.Model._mapped reads such a tensor in row chunks)."""
-    @index_only  # a row permutation: the same on the stored 16-bit bits (sources.base)
     def fn(w, h=n_head, k=n_head_kv):
         return permute_qk(w, h, k)
 

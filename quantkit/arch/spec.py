@@ -23,7 +23,7 @@ from gguf import GGUFWriter, MODEL_ARCH
 
 from ..errors import InputError
 from ..model import KV
-from ..sources.base import TensorRef, stacked_half, transformed_half
+from ..sources.base import TensorRef
 from .common import (HPARAM_KEYS, add_general_metadata, converter_keeps_f32, effective_hparams, hf_name_filter,
                      name_map, new_recorder, param_counts, quiet_gguf_logs, recorded, require_int, rope_parameters,
                      skip_hf_tensor)
@@ -61,17 +61,6 @@ def _grouped_rows(ref: TensorRef, groups: list) -> Callable[[int, int], np.ndarr
             x = part(x)
         return x[r0 - a0:r1 - a0]
     return rows
-
-
-def _part_loader(ref: TensorRef, fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[], np.ndarray]:
-    """A split's part: ``fn`` of ``ref``'s values (its stored bits too when ``fn`` is index_only)."""
-    def load() -> np.ndarray:
-        return fn(ref.load())
-
-    half = transformed_half(ref, (fn,))
-    if half is not None:
-        load.half = half  # type: ignore[attr-defined]
-    return load
 
 
 @dataclass(frozen=True)
@@ -286,9 +275,6 @@ class Model:
         groups = [getattr(f, "row_group", None) for f in fns]
         if ref.reads_rows and len(shape) == 2 and all(groups):  # row-local rules: a row range is read alone
             load.rows = _grouped_rows(ref, groups)  # type: ignore[attr-defined]
-        half = transformed_half(ref, fns)  # index_only rules (q/k permutation): the same on the stored bits
-        if half is not None:
-            load.half = half  # type: ignore[attr-defined]
         return TensorRef(new, shape, dtype, load)
 
     def tensors(self) -> list[TensorRef]:
@@ -362,7 +348,8 @@ class Model:
             if re.search(pattern, hf):
                 got = split(self, TensorRef(hf, tuple(ref.shape), ref.dtype, ref.loader))
                 if got is not None:
-                    return [(name, TensorRef(name, shape, ref.dtype, _part_loader(ref, fn))) for name, shape, fn in got]
+                    return [(name, TensorRef(name, shape, ref.dtype, lambda r=ref, f=fn: f(r.load())))
+                            for name, shape, fn in got]
         return None
 
     def expert_count(self) -> int:
@@ -453,9 +440,6 @@ class _Experts:
                 out[i] = r.load()
             return out
 
-        half = stacked_half(refs, shape)  # experts of one 16-bit kind: their stored bits stacked
-        if half is not None:
-            load.half = half  # type: ignore[attr-defined]
         return name, TensorRef(name, (len(refs), *shape), dtype, load)
 
     def finish(self) -> None:

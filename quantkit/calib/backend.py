@@ -1014,12 +1014,8 @@ class DeviceWeights:
         s = self.src[name]
         if isinstance(s, np.ndarray) and (s.dtype == np.uint16 or name not in self.half):
             return np.ascontiguousarray(s, dtype=np.uint16 if name in self.half else np.float32)
-        k = self.half.get(name)
-        if k is not None and not isinstance(s, np.ndarray) and getattr(s, "half_kind", None) == k:
-            c = s.half()[1]  # the stored bits as they are in the file (sources.base TensorRef.half)
-        else:
-            a = self.host(name)
-            c = host_half(a, k) if k is not None else np.ascontiguousarray(a, dtype=np.float32)
+        a = self.host(name)
+        c = host_half(a, self.half[name]) if name in self.half else np.ascontiguousarray(a, dtype=np.float32)
         if self.streamed:
             self.src[name] = c
         return c
@@ -1031,10 +1027,8 @@ class DeviceWeights:
         if a is not None:
             self._dev.move_to_end(name)
             return a
-        s = self.src[name]
-        if self.streamed or isinstance(s, np.ndarray) or (
-                name in self.half and getattr(s, "half_kind", None) == self.half[name]):
-            c = self._compact(name)  # a tensor stored as its GEMM kind: its file bits go up as they are
+        if self.streamed or isinstance(self.src[name], np.ndarray):
+            c = self._compact(name)
             nb = c.nbytes
         else:  # loaded once: float32 up, 16-bit bits made on the device (the values are exact)
             c = self.host(name)

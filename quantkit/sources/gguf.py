@@ -25,7 +25,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 
 from ..errors import InputError
-from .base import HALF_DTYPES, Source, TensorRef, half_of
+from .base import Source, TensorRef
 from .gguf_header import GGUF_MAGIC, SPLIT_KEYS, GGUFHeader, TensorInfo, read_header
 
 if TYPE_CHECKING:
@@ -106,8 +106,6 @@ class GGUFSource(Source):
 
         # the stored bytes, for a plan that keeps the type (a renamed ref, e.g. a replica, keeps them)
         load.raw = lambda: np.array(self.raw_bytes(t.name))  # type: ignore[attr-defined]
-        if t.ggml_type.name in HALF_DTYPES:  # F16 / BF16: the stored bits, undecoded
-            load.half = half_of(HALF_DTYPES[t.ggml_type.name], lambda: self.half(t.name))  # type: ignore[attr-defined]
         if self._row_bytes(t):
             load.rows = lambda r0, r1: self.load_rows(t.name, r0, r1)  # type: ignore[attr-defined]
             load.raw_rows = lambda r0, r1: self.raw_rows(t.name, r0, r1)  # type: ignore[attr-defined]
@@ -138,15 +136,6 @@ class GGUFSource(Source):
         if t.ggml_type == GGMLQuantizationType.F32:  # the bytes read are the array (no copy)
             return np.frombuffer(buf, dtype="<f4").reshape(shape)
         return dequantize(np.frombuffer(buf, dtype=np.uint8), t.ggml_type, shape, f"{self.path}: {t.name}")
-
-    def half(self, name: str) -> np.ndarray:
-        """An F16/BF16 tensor's stored bits as uint16 of its numpy shape, read from the file."""
-        from .safetensors_ import read_into
-
-        t = self._infos[name]
-        out = np.empty(t.shape, np.uint16)  # t.n_bytes is 2 per element (read_gguf_header: nbytes(type, ne))
-        read_into(t.file or self.path, t.offset, out)
-        return out
 
     def tensor_info(self, name: str) -> GGUFTensorInfo:
         return self._infos[name]

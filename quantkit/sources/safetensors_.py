@@ -11,11 +11,6 @@ opened, so a truncated file or a corrupt header is an ``InputError`` naming
 the file before any tensor is read. ``load()`` of a tensor reads exactly its
 byte range and nothing else (one tensor in memory at a time); ``load_rows``
 reads a row range of it, so a big tensor is never whole in memory.
-
-A BF16 tensor is read straight into the upper half of its float32 array and
-widened there in one pass (``_widen_bf16``: no separate byte buffer, no
-uint32 temporary); ``ref(name).half()`` of a BF16/F16 tensor gives its
-stored bits as they are, undecoded (sources.base).
 """
 from __future__ import annotations
 
@@ -27,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, UnsupportedError
-from .base import HALF_DTYPES, TensorRef, half_of
+from .base import TensorRef
 
 # safetensors dtype name -> (numpy storage dtype, item size)
 DTYPES: dict[str, tuple[str, int]] = {
@@ -58,49 +53,6 @@ def read_range(path: Path, offset: int, nbytes: int) -> bytearray:
     return buf
 
 
-def read_into(path: Path, offset: int, out: np.ndarray) -> None:
-    """Fill the C-contiguous array ``out`` with exactly its size in bytes at ``offset``."""
-    nbytes = out.nbytes
-    with open(path, "rb") as f:
-        f.seek(offset)
-        got = f.readinto(memoryview(out).cast("B")) if nbytes else 0
-    if got != nbytes:
-        raise InputError(f"{path}: truncated file (wanted {nbytes} bytes at offset {offset}, got {got})")
-
-
-_widen = None
-
-
-def _widen_bf16(w: np.ndarray, n: int) -> None:
-    """w: uint32[n] whose bytes [2n, 4n) hold n BF16 values -> w[i] = bf16[i] << 16,
-    in place. Ascending i only overwrites values already read (4i+3 < 2n+2j for
-    every j > i), so one serial pass is exact; it runs at memory speed."""
-    global _widen
-    if _widen is None:
-        from .. import quant  # noqa: F401  (first: points numba's cache outside the package, quant._jitcache)
-        from numba import njit
-
-        @njit(cache=True, nogil=True)
-        def widen(w, h, n):
-            for i in range(n):
-                w[i] = np.uint32(h[n + i]) << np.uint32(16)
-
-        _widen = widen
-    _widen(w, w.view(np.uint16), n)
-
-
-def read_bf16_as_float32(path: Path, offset: int, shape: tuple[int, ...]) -> np.ndarray:
-    """A BF16 tensor's bytes at ``offset`` -> float32 array of ``shape`` (read in place, widened)."""
-    n = 1
-    for d in shape:
-        n *= int(d)
-    w = np.empty(n, np.uint32)
-    read_into(path, offset, w.view(np.uint16)[n:])
-    if n:
-        _widen_bf16(w, n)
-    return w.view(np.float32).reshape(shape)
-
-
 def to_float32(buf, dtype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
     """Raw little-endian bytes of a ``dtype`` tensor -> float32 array of ``shape``."""
     try:
@@ -110,9 +62,9 @@ def to_float32(buf, dtype: str, shape: tuple[int, ...], where: str) -> np.ndarra
     raw = np.frombuffer(buf, dtype=npdt)
     if dtype == "F32":
         out = raw
-    elif dtype == "BF16":  # one pass: widened and shifted by the same ufunc
-        out = np.empty(raw.shape, np.uint32)
-        np.left_shift(raw, np.uint32(16), out=out, dtype=np.uint32)
+    elif dtype == "BF16":
+        out = raw.astype(np.uint32)
+        out <<= np.uint32(16)
         out = out.view(np.float32)
     else:
         out = raw.astype(np.float32)
@@ -189,8 +141,6 @@ class SafetensorsFile:
 
     def load(self, name: str) -> np.ndarray:
         dtype, shape, b, e = self.entries[name]
-        if dtype == "BF16":
-            return read_bf16_as_float32(self.path, self.data_start + b, shape)
         buf = read_range(self.path, self.data_start + b, e - b)
         return to_float32(buf, dtype, shape, f"{self.path}: {name}")
 
@@ -202,19 +152,8 @@ class SafetensorsFile:
         rb = n * DTYPES[dtype][1] if dtype in DTYPES else 0
         if not rb or r0 < 0 or r1 < r0 or b + r1 * rb > e:
             return np.ascontiguousarray(self.load(name).reshape(-1, n)[r0:r1])  # errors as load() words them
-        if dtype == "BF16":
-            return read_bf16_as_float32(self.path, self.data_start + b + r0 * rb, (r1 - r0, n))
         buf = read_range(self.path, self.data_start + b + r0 * rb, (r1 - r0) * rb)
         return to_float32(buf, dtype, (r1 - r0, n), f"{self.path}: {name}")
-
-    def half(self, name: str) -> np.ndarray:
-        """The stored bits of a BF16/F16 tensor, undecoded: uint16 of its shape."""
-        dtype, shape, b, _ = self.entries[name]
-        if dtype not in HALF_DTYPES:
-            raise UnsupportedError(f"{self.path}: {name}: {dtype} has no 16-bit bits")
-        out = np.empty(shape, np.uint16)
-        read_into(self.path, self.data_start + b, out)
-        return out
 
     def ref(self, name: str) -> TensorRef:
         dtype, shape, _, _ = self.entries[name]
@@ -223,8 +162,6 @@ class SafetensorsFile:
             return self.load(name)
 
         load.rows = lambda r0, r1: self.load_rows(name, r0, r1)  # type: ignore[attr-defined]
-        if dtype in HALF_DTYPES:
-            load.half = half_of(HALF_DTYPES[dtype], lambda: self.half(name))  # type: ignore[attr-defined]
         return TensorRef(name=name, shape=shape, dtype=dtype, loader=load)
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, UnsafePickleError, UnsupportedError
-from .base import HALF_DTYPES, TensorRef, half_of
+from .base import TensorRef
 from .safetensors_ import DTYPES, read_range, to_float32
 
 
@@ -241,37 +241,21 @@ class TorchZipFile:
             raise InputError(f"{self.path}: truncated zip entry {info.filename}")
         return b
 
-    def _raw(self, name: str) -> np.ndarray:
-        """The tensor's stored elements (storage dtype), C-contiguous, of its size."""
+    def load(self, name: str) -> np.ndarray:
         spec = self.tensors[name]
         st = spec.storage
         npdt, isz = DTYPES[st.dtype]
         if 0 in spec.size:
-            return np.zeros(spec.size, dtype=npdt)
+            return np.zeros(spec.size, dtype=np.float32)
         extent = 1 + sum((s - 1) * d for s, d in zip(spec.size, spec.stride))
         buf = self._read(st.key, spec.offset * isz, extent * isz)
         flat = np.frombuffer(buf, dtype=npdt)
         view = np.lib.stride_tricks.as_strided(
             flat, shape=spec.size, strides=tuple(d * isz for d in spec.stride), writeable=False
         )
-        return np.ascontiguousarray(view)
-
-    def load(self, name: str) -> np.ndarray:
-        spec = self.tensors[name]
-        if 0 in spec.size:
-            return np.zeros(spec.size, dtype=np.float32)
-        return to_float32(self._raw(name), spec.storage.dtype, spec.size, f"{self.path}: {name}")
-
-    def half(self, name: str) -> np.ndarray:
-        """A BF16/F16 tensor's stored bits, undecoded (uint16 of its size)."""
-        return self._raw(name).view(np.uint16)
+        raw = np.ascontiguousarray(view)
+        return to_float32(raw, st.dtype, spec.size, f"{self.path}: {name}")
 
     def ref(self, name: str) -> TensorRef:
         spec = self.tensors[name]
-
-        def load() -> np.ndarray:
-            return self.load(name)
-
-        if spec.storage.dtype in HALF_DTYPES:
-            load.half = half_of(HALF_DTYPES[spec.storage.dtype], lambda: self.half(name))  # type: ignore[attr-defined]
-        return TensorRef(name=name, shape=spec.size, dtype=spec.storage.dtype, loader=load)
+        return TensorRef(name=name, shape=spec.size, dtype=spec.storage.dtype, loader=lambda: self.load(name))
