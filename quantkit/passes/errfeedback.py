@@ -414,6 +414,23 @@ def pack(t: str, blocks: np.ndarray, U: np.ndarray) -> np.ndarray:
 _K4_REF = {4: (15, -1.0, 0.1, 20), 5: (31, -0.5, 0.1, 15)}
 
 
+def _inputs(W, U, weights) -> tuple[np.ndarray, np.ndarray, bool]:
+    """encode()'s refusals (one line each) and its inputs: (W, the scale search's float32 importance
+    (zeros when unweighted), whether it is weighted)."""
+    W = np.asarray(W)
+    cols = W.shape[1]
+    if cols % QK_K:
+        raise UnsupportedError(f"error feedback needs rows of a multiple of {QK_K} values, not {cols}")
+    if tuple(U.shape) != (cols, cols):
+        raise UnsupportedError(f"factor of shape {tuple(U.shape)} for {cols} columns")
+    quant.check_finite(np.asarray(W, dtype=np.float32))
+    impl = weights is not None
+    qw = (np.ascontiguousarray(weights, dtype=np.float32).reshape(-1) if impl else np.zeros(cols, np.float32))
+    if qw.shape[0] != cols:
+        raise UnsupportedError(f"importance vector has {qw.shape[0]} entries, row has {cols}")
+    return W, qw, impl
+
+
 def _stopwatch(timings: dict | None):
     """lap(stage): adds the [cpu s, wall s] since the previous lap to timings[stage] (None: does nothing)."""
     import time
@@ -453,20 +470,11 @@ def encode(W: np.ndarray, t: str, U: np.ndarray, weights: np.ndarray | None = No
 
         return _encode_lazy(W, t, U, weights, backend.get(device).xp, timings)
     sp = spec(t)
-    W = np.asarray(W)
+    W, qw, impl = _inputs(W, U, weights)
     rows, cols = W.shape
-    if cols % QK_K:
-        raise UnsupportedError(f"error feedback needs rows of a multiple of {QK_K} values, not {cols}")
-    if U.shape != (cols, cols):
-        raise UnsupportedError(f"factor of shape {U.shape} for {cols} columns")
-    quant.check_finite(np.asarray(W, dtype=np.float32))
     nb = cols // QK_K
     Wk = np.array(W, dtype=np.float64, copy=True, order="C")
     bsize = quant.type_size(t)
-    impl = weights is not None
-    qw = (np.ascontiguousarray(weights, dtype=np.float32).reshape(-1) if impl else np.zeros(cols, np.float32))
-    if qw.shape[0] != cols:
-        raise UnsupportedError(f"importance vector has {qw.shape[0]} entries, row has {cols}")
     out = np.zeros((rows, nb * bsize), np.uint8)
     w_hat = np.empty((rows, cols), np.float32)
     E = np.empty((rows, QK_K), np.float64)
@@ -499,18 +507,11 @@ def _encode_lazy(W, t: str, U, weights, xp, timings: dict | None = None) -> tupl
     operations, and so the bytes, are encode()'s (the pending batch subtracted in the same order)."""
     lap = _stopwatch(timings)
 
+    from ..calib.backend import to_host
+
     sp = spec(t)
-    W = np.asarray(W)
+    W, qw, impl = _inputs(W, U, weights)
     rows, cols = W.shape
-    if cols % QK_K:
-        raise UnsupportedError(f"error feedback needs rows of a multiple of {QK_K} values, not {cols}")
-    if tuple(U.shape) != (cols, cols):
-        raise UnsupportedError(f"factor of shape {tuple(U.shape)} for {cols} columns")
-    quant.check_finite(np.asarray(W, dtype=np.float32))
-    impl = weights is not None
-    qw = (np.ascontiguousarray(weights, dtype=np.float32).reshape(-1) if impl else np.zeros(cols, np.float32))
-    if qw.shape[0] != cols:
-        raise UnsupportedError(f"importance vector has {qw.shape[0]} entries, row has {cols}")
     nb = cols // QK_K
     bsize = quant.type_size(t)
     Wk = xp.asarray(np.ascontiguousarray(W, dtype=np.float64))
@@ -525,10 +526,8 @@ def _encode_lazy(W, t: str, U, weights, xp, timings: dict | None = None) -> tupl
     lap("other")
     for b in range(nb):
         s, e = b * QK_K, (b + 1) * QK_K
-        slab = Wk[:, s:e]
-        slab = np.ascontiguousarray(slab.get() if hasattr(slab, "get") else slab)
-        Uh = Ud[s:e, s:e]
-        Uh = np.ascontiguousarray(Uh.get() if hasattr(Uh, "get") else Uh)
+        slab = np.ascontiguousarray(to_host(Wk[:, s:e]))
+        Uh = np.ascontiguousarray(to_host(Ud[s:e, s:e]))
         lap("transfer")
         _sweep(sp.kind, impl, slab, 0, none, False, qw[s:e], Uh, sp.lo, sp.hi, out, b * bsize, bsize, slab_hat, E,
                bad, sp.kind == 5, nmax, F(rmin), F(rdelta), nstep)
